@@ -1,0 +1,152 @@
+"""Trial configuration: plain dataclasses, one per section.
+
+`diffusion` knows nothing about YAML; the orchestrator turns these dataclasses into OmegaConf
+structured configs, which check key names and types. Value checks that need the registries
+(sampler names, schedules, ...) live in :func:`validate`, which raises :class:`ConfigError`.
+Every field's comment is its documentation: the README's option table is generated from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # data set: digits, swiss_roll, moons, gaussian_mixture, mnist, fashion_mnist, cifar10, image_folder
+    root: str = "data"  # where torchvision data sets and image_folder images live
+    download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into root
+    image_size: int = 32  # image_folder only: images are resized to image_size x image_size
+    n_points: int = 8000  # 2-D sets: number of points (train + test)
+    test_fraction: float = 0.2  # share held out as the test split (digits and 2-D sets)
+    split_seed: int = 0  # seed of the fixed train/test split
+
+
+@dataclass
+class ProcessConfig:
+    name: str = "vp"  # vp (DDPM, Ho et al. 2020) or ve (NCSN, Song & Ermon 2019)
+    schedule: str = "linear"  # vp: linear, cosine; ve: geometric
+    T: int = 1000  # number of discrete steps (ve: number of noise levels L)
+    beta_start: float = 1e-4  # linear: beta_1 at T=1000 (scaled by 1000/T for other T)
+    beta_end: float = 0.02  # linear: beta_T at T=1000 (scaled by 1000/T for other T)
+    cosine_s: float = 0.008  # cosine: offset s (Nichol & Dhariwal 2021)
+    max_beta: float = 0.999  # cosine (and linear with T < 20): betas are clipped at this value
+    sigma_min: float = 0.01  # geometric: smallest noise level
+    sigma_max: float = 10.0  # geometric: largest noise level
+
+
+@dataclass
+class ModelConfig:
+    parameterization: str = "eps"  # what the network predicts: eps or score
+    variance: str = "beta_tilde"  # reverse variance of ancestral sampling: beta or beta_tilde
+    arch: str = "auto"  # unet, mlp, or auto (unet for images, mlp for 2-D points)
+    channels: int = 32  # unet: base channel count
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])  # unet: channels per resolution
+    num_res_blocks: int = 1  # unet: ResNet blocks per resolution
+    attention: bool = True  # unet: self-attention at the lowest resolution
+    groups: int = 8  # unet: GroupNorm groups
+    dropout: float = 0.0  # unet: dropout inside ResNet blocks
+    hidden: int = 128  # mlp: hidden width
+    depth: int = 3  # mlp: hidden layers
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "simple"  # simple (Ho et al. eps-MSE) or sigma2 (Song & Ermon eq. 6)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 128  # examples per step
+    lr: float = 2e-4  # Adam learning rate
+    warmup: int = 100  # linear learning-rate warm-up steps
+    ema_decay: float = 0.999  # decay of the exponential moving average of the weights
+    grad_clip: float = 1.0  # clip the gradient norm at this value (0 disables)
+    log_every: int = 50  # record train_loss every this many steps
+    checkpoint_every: int = 1000  # save a resumable checkpoint every this many steps (0: only at the end)
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ancestral"  # ancestral (Ho et al. Alg. 2) or annealed_langevin (Song & Ermon Alg. 1)
+    n: int = 1000  # samples drawn per trial
+    batch_size: int = 500  # samples drawn per network call
+    steps_per_level: int = 100  # annealed_langevin: Langevin steps per noise level
+    step_size: float = 2e-5  # annealed_langevin: eps; level i uses eps * sigma_i^2 / sigma_min^2
+    denoise: bool = True  # annealed_langevin: final Tweedie denoising step x + sigma_min^2 * score
+    grid: int = 64  # samples shown in the logged image grid
+
+
+@dataclass
+class EvalConfig:
+    fid: bool = True  # compute FID (and fid_reference)
+    extractor: str = "auto"  # FID features: auto, classifier (offline CNN), inception (clean-fid), raw (2-D coordinates)
+    reference_split: str = "train"  # FID is measured against this split's statistics
+    fid_n: Optional[int] = None  # samples used for FID (default: min(sample.n, test split size))
+    classifier_steps: int = 1500  # training steps of the classifier feature extractor
+    cache_dir: str = "~/.cache/diffusion-orchestrator"  # where trained feature extractors are kept
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = 1.0  # CPUs reserved per trial
+    gpu: float = 0.0  # GPUs reserved per trial (fractions share a GPU)
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
+    amp: bool = True  # bfloat16/float16 autocast on CUDA (ignored on CPU)
+
+
+@dataclass
+class TrialConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    seed: int = 0  # seed of training, sampling and evaluation
+
+
+def _check(cond: bool, key: str, value, accepted: str) -> None:
+    if not cond:
+        raise ConfigError(key, value, accepted)
+
+
+def validate(cfg: TrialConfig) -> TrialConfig:
+    """Check every value of a trial config; raise ConfigError naming the first bad one."""
+    # Imported here: the registries import this module.
+    from . import data, losses, nets, parameterizations, processes, samplers, metrics
+
+    data.DATASETS.get(cfg.data.name)
+    _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a number in (0, 1)")
+    _check(cfg.data.n_points >= 10, "data.n_points", cfg.data.n_points, "an integer >= 10")
+    processes.validate(cfg.process)
+    parameterizations.PARAMETERIZATIONS.get(cfg.model.parameterization)
+    _check(cfg.model.variance in ("beta", "beta_tilde"), "model.variance", cfg.model.variance, "beta or beta_tilde")
+    nets.validate(cfg.model)
+    losses.WEIGHTINGS.get(cfg.loss.weighting)
+    for key in ("steps", "batch_size", "log_every"):
+        _check(getattr(cfg.train, key) >= 1, f"train.{key}", getattr(cfg.train, key), "an integer >= 1")
+    _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a positive number")
+    _check(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", cfg.train.ema_decay, "a number in [0, 1)")
+    _check(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "a number >= 0 (0 disables)")
+    _check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", cfg.train.checkpoint_every, "an integer >= 0")
+    _check(cfg.train.warmup >= 0, "train.warmup", cfg.train.warmup, "an integer >= 0")
+    samplers.SAMPLERS.get(cfg.sample.sampler)
+    for key in ("n", "batch_size", "steps_per_level"):
+        _check(getattr(cfg.sample, key) >= 1, f"sample.{key}", getattr(cfg.sample, key), "an integer >= 1")
+    _check(cfg.sample.step_size > 0, "sample.step_size", cfg.sample.step_size, "a positive number")
+    _check(cfg.sample.grid >= 0, "sample.grid", cfg.sample.grid, "an integer >= 0")
+    metrics.EXTRACTORS.get(cfg.eval.extractor)
+    _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")
+    _check(cfg.eval.reference_split in ("train", "test"), "eval.reference_split", cfg.eval.reference_split, "train or test")
+    if cfg.eval.fid_n is not None:
+        _check(cfg.eval.fid_n >= 2, "eval.fid_n", cfg.eval.fid_n, "an integer >= 2 or null")
+    _check(cfg.resources.cpu > 0, "resources.cpu", cfg.resources.cpu, "a positive number")
+    _check(cfg.resources.gpu >= 0, "resources.gpu", cfg.resources.gpu, "a number >= 0 (fractions allowed)")
+    _check(cfg.resources.device in ("auto", "cpu", "cuda"), "resources.device", cfg.resources.device, "auto, cpu or cuda")
+    return cfg

@@ -1,0 +1,218 @@
+"""Training: Adam, EMA of the weights, gradient clipping, exact resume from checkpoints.
+
+A :class:`Trainer` owns every piece of state that training touches, including its random
+generator, so that ``save`` then ``load`` into a fresh Trainer continues bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .config import TrialConfig
+from .data import Dataset
+from .denoiser import Denoiser, network_denoiser
+from .losses import WEIGHTINGS, diffusion_loss
+from .nets import build_network
+from .parameterizations import PARAMETERIZATIONS
+from .processes import build_process
+from .samplers import draw_samples
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float):
+        self.step, self.loss = step, loss
+        super().__init__(f"loss is {loss} at step {step}: training diverged")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("resources.device", name, "auto or cpu (no CUDA device is visible)")
+    return torch.device(name)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+
+
+class Trainer:
+    """Trains the network of one trial config on one data set."""
+
+    def __init__(self, cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.device = device or select_device(cfg.resources.device)
+        torch.manual_seed(cfg.seed)  # initial weights
+        self.process = build_process(cfg.process)
+        self.parameterization = PARAMETERIZATIONS.get(cfg.model.parameterization)
+        self.weighting = WEIGHTINGS.get(cfg.loss.weighting)
+        self.network = build_network(cfg.model, dataset.shape).to(self.device)
+        self.ema = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.train.lr)
+        warmup = cfg.train.warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.train_data = dataset.train.to(self.device)
+        self.step = 0
+        self.amp = cfg.resources.amp and self.device.type == "cuda"
+
+    # --- denoisers ---------------------------------------------------------------------------
+    def denoiser(self) -> Denoiser:
+        return network_denoiser(self.network, self.parameterization, self.process)
+
+    def ema_denoiser(self) -> Denoiser:
+        return network_denoiser(self.ema.module, self.parameterization, self.process)
+
+    # --- training ----------------------------------------------------------------------------
+    def train_step(self) -> float:
+        """One optimizer step on a random batch; returns the loss. Raises TrainingDiverged."""
+        self.network.train()
+        index = torch.randint(
+            len(self.train_data), (self.cfg.train.batch_size,), generator=self.generator, device=self.device
+        )
+        x0 = self.train_data[index]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(self.step + 1, value)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update_parameters(self.network)
+        self.step += 1
+        return value
+
+    def train(
+        self,
+        until: Optional[int] = None,
+        on_log: Optional[Callable[[int, float], None]] = None,
+        on_checkpoint: Optional[Callable[[int], None]] = None,
+    ) -> list[StepRecord]:
+        """Train until step ``until`` (default: train.steps). ``on_log(step, mean_loss)`` is called every
+        ``train.log_every`` steps with the mean loss since the last call; ``on_checkpoint(step)`` every
+        ``train.checkpoint_every`` steps."""
+        until = self.cfg.train.steps if until is None else until
+        history, window = [], []
+        while self.step < until:
+            window.append(self.train_step())
+            if self.step % self.cfg.train.log_every == 0 or self.step == until:
+                record = StepRecord(self.step, float(np.mean(window)))
+                history.append(record)
+                window = []
+                if on_log:
+                    on_log(record.step, record.loss)
+            every = self.cfg.train.checkpoint_every
+            if on_checkpoint and every and self.step % every == 0:
+                on_checkpoint(self.step)
+        return history
+
+    # --- sampling ----------------------------------------------------------------------------
+    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, int]:
+        """n samples from the EMA network; returns (samples on CPU, NFE per sample)."""
+        self.ema.module.eval()
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return draw_samples(
+                self.ema_denoiser(), self.cfg.sample, self.dataset.shape, n, generator, self.device,
+                variance=self.cfg.model.variance,
+            )
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {
+            "generator": self.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "python": torch.tensor(bytearray(repr(random.getstate()).encode())),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "network": self.network.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        self.step = int(state["step"])
+        self.network.load_state_dict(state["network"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
+        random.setstate(_literal(bytes(rng["python"].tolist()).decode()))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint atomically (a temporary file, then a rename)."""
+        save_atomic(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    def save_ema(self, path: str) -> None:
+        """The EMA weights alone: what a user needs to sample from the trained model."""
+        save_atomic({"network": self.ema.module.state_dict(), "step": self.step}, path)
+
+
+def save_atomic(obj, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _numpy_state_to_tensors(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+
+
+def _numpy_state_from_tensors(d: dict):
+    return ("MT19937", d["keys"].numpy().astype(np.uint32), int(d["pos"]), int(d["has_gauss"]), float(d["cached"]))
+
+
+def _literal(text: str):
+    import ast
+
+    return ast.literal_eval(text)

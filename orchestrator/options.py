@@ -1,0 +1,50 @@
+"""The option table (every trial-config key, its default and meaning), read from the schemas.
+
+The comments on the fields of ``diffusion.config`` are the documentation; this module turns them
+into the table that ``orchestrator options`` prints and that the README embeds (a test keeps the
+two equal).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+
+from diffusion import config
+
+FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=]+=\s*.*?#\s*(.+)$")
+
+
+def _comments(cls) -> dict[str, str]:
+    return {m.group(1): m.group(2).strip() for m in map(FIELD_LINE.match, inspect.getsource(cls).splitlines()) if m}
+
+
+def option_rows() -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) for every leaf of TrialConfig, in schema order."""
+    rows = []
+    hints = typing.get_type_hints(config.TrialConfig)
+    top = config.TrialConfig()
+    for section in dataclasses.fields(config.TrialConfig):
+        cls = hints[section.name]
+        if not dataclasses.is_dataclass(cls):
+            rows.append((section.name, _show(getattr(top, section.name)), _comments(config.TrialConfig)[section.name]))
+            continue
+        comments, instance = _comments(cls), cls()
+        for item in dataclasses.fields(cls):
+            rows.append((f"{section.name}.{item.name}", _show(getattr(instance, item.name)), comments.get(item.name, "")))
+    return rows
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def option_table() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | `{default}` | {meaning} |" for key, default, meaning in option_rows()]
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""Tests of diffusion.nets: shapes, time conditioning, gradient flow and config validation."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from diffusion import nets
+from diffusion.config import ModelConfig
+from diffusion.errors import ConfigError
+from diffusion.nets import MLP, SelfAttention, SinusoidalTimeEmbedding, UNet, build_network
+
+DIGITS = (1, 8, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These nets are too small to gain from a second thread, and on a busy machine OpenMP threads
+    waiting for each other make a batch-8 backward pass take seconds instead of milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomise_output_layer(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose zero-initialised output layer is random, so the output depends on everything."""
+    net = copy.deepcopy(net)
+    last = net.conv_out if isinstance(net, UNet) else net.output
+    torch.nn.init.normal_(last.weight, std=0.1)
+    torch.nn.init.normal_(last.bias, std=0.1)
+    return net
+
+
+@pytest.mark.parametrize("data_shape, channel_mult, channels, num_res_blocks", [
+    (DIGITS, [1, 2], 32, 1),  # 8 -> 4
+    (DIGITS, [1, 2, 2], 32, 1),  # 8 -> 4 -> 2
+    (DIGITS, [1, 2], 16, 2),
+    ((1, 28, 28), [1, 2, 2], 16, 1),  # 28 -> 14 -> 7
+    ((3, 32, 32), [1, 2, 2], 16, 1),  # 32 -> 16 -> 8
+    ((1, 7, 7), [1, 1, 1, 1], 8, 1),  # odd sizes: 7 -> 4 -> 2 -> 1 and back
+])
+def test_unet_output_shape(data_shape, channel_mult, channels, num_res_blocks):
+    torch.manual_seed(0)
+    cfg = ModelConfig(channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks)
+    net = _randomise_output_layer(build_network(cfg, data_shape))
+    assert isinstance(net, UNet)
+    x = torch.randn(3, *data_shape)
+    out = net(x, torch.rand(3))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert out.abs().mean() > 0
+
+
+def test_untrained_unet_outputs_zero():
+    net = build_network(ModelConfig(), DIGITS)
+    assert torch.count_nonzero(net(torch.randn(4, *DIGITS), torch.rand(4))) == 0
+
+
+def test_mlp_output_shape_and_auto_arch():
+    net = build_network(ModelConfig(hidden=32, depth=2), (2,))
+    assert isinstance(net, MLP)
+    assert len(net.hidden_layers) == 2 and net.hidden_layers[-1].out_features == 32
+    out = _randomise_output_layer(net)(torch.randn(5, 2), torch.rand(5))
+    assert out.shape == (5, 2) and out.abs().mean() > 0
+
+
+def test_explicit_arch_and_wrong_pairing():
+    assert isinstance(build_network(ModelConfig(arch="unet"), DIGITS), UNet)
+    assert isinstance(build_network(ModelConfig(arch="mlp"), (2,)), MLP)
+    for arch, shape in (("mlp", DIGITS), ("unet", (2,)), ("auto", (4, 4))):
+        with pytest.raises(ConfigError) as info:
+            build_network(ModelConfig(arch=arch), shape)
+        assert info.value.key == "model.arch"
+
+
+def test_sinusoidal_embedding_resolves_steps_of_one_thousandth():
+    embed = SinusoidalTimeEmbedding(64)
+    t = torch.linspace(0.0, 0.999, 101)
+    step = embed(t + 1e-3) - embed(t)
+    # every one of the 32 sin/cos pairs lies on the unit circle, so |embedding| = sqrt(32) ~ 5.7
+    assert embed(t).norm(dim=-1).allclose(torch.tensor(32.0).sqrt())
+    assert step.norm(dim=-1).min() > 1.0
+    # the same embedding fed the raw t with Ho et al.'s per-step frequencies (1 .. 1e-4) would not
+    naive = SinusoidalTimeEmbedding(64, max_frequency=1.0, min_frequency=1e-4)
+    assert (naive(t + 1e-3) - naive(t)).norm(dim=-1).max() < 0.01
+
+
+def test_network_time_embedding_separates_adjacent_steps():
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(), DIGITS)
+    t = torch.linspace(0.0, 0.999, 101)
+    embedding, shifted = net.time_embedding(t), net.time_embedding(t + 1e-3)
+    relative_change = (shifted - embedding).norm(dim=-1) / embedding.norm(dim=-1)
+    assert relative_change.min() > 0.05
+
+
+@pytest.mark.parametrize("data_shape", [DIGITS, (2,)])
+def test_output_depends_on_t(data_shape):
+    torch.manual_seed(0)
+    net = _randomise_output_layer(build_network(ModelConfig(), data_shape))
+    x = torch.randn(16, *data_shape)
+    early, late = net(x, torch.full((16,), 0.1)), net(x, torch.full((16,), 0.9))
+    assert (early - late).abs().mean() > 0.05 * early.abs().mean()
+    # a scalar t is broadcast over the batch
+    assert torch.allclose(net(x, torch.tensor(0.1)), early)
+
+
+def _nonzero_grads(net: torch.nn.Module, data_shape) -> dict[str, bool]:
+    net.zero_grad(set_to_none=True)
+    x = torch.randn(8, *data_shape)
+    (net(x, torch.rand(8)) - x).pow(2).mean().backward()
+    return {name: p.grad is not None and p.grad.abs().sum().item() > 0 for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("data_shape, cfg", [
+    (DIGITS, ModelConfig(channel_mult=[1, 2], num_res_blocks=2)),
+    (DIGITS, ModelConfig(channel_mult=[1, 2, 2], attention=False)),
+    ((2,), ModelConfig(hidden=32)),
+])
+def test_every_parameter_gets_a_gradient(data_shape, cfg):
+    torch.manual_seed(0)
+    net = build_network(cfg, data_shape)
+    assert all(_nonzero_grads(_randomise_output_layer(net), data_shape).values())
+
+    # with the zero-initialised output layer only that layer learns at first ...
+    first = _nonzero_grads(net, data_shape)
+    output_layer = "conv_out" if isinstance(net, UNet) else "output"
+    assert {name for name, nonzero in first.items() if nonzero} == {f"{output_layer}.weight", f"{output_layer}.bias"}
+    # ... and after one optimizer step every parameter does
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert [name for name, nonzero in _nonzero_grads(net, data_shape).items() if not nonzero] == []
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_attention_block_present_iff_configured(attention):
+    for channel_mult in ([1, 2], [1, 2, 2]):
+        net = build_network(ModelConfig(attention=attention, channel_mult=channel_mult), DIGITS)
+        blocks = [m for m in net.modules() if isinstance(m, SelfAttention)]
+        assert len(blocks) == int(attention)
+        if attention:  # it runs at the lowest resolution, on the widest features
+            assert blocks[0].norm.num_channels == 32 * channel_mult[-1]
+
+
+def test_multi_head_attention_keeps_shape_and_is_residual():
+    torch.manual_seed(0)
+    attention = SelfAttention(16, groups=4, num_heads=4)
+    x = torch.randn(2, 16, 3, 5)
+    assert attention(x).shape == x.shape
+    torch.nn.init.zeros_(attention.proj_out.weight)
+    torch.nn.init.zeros_(attention.proj_out.bias)
+    assert torch.equal(attention(x), x)
+
+
+def test_default_config_is_valid():
+    nets.validate(ModelConfig())
+    nets.validate(ModelConfig(arch="mlp", channels=12, groups=4, channel_mult=[1, 3], dropout=0.5))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("arch", "resnet"),
+    ("channels", 0),
+    ("channel_mult", []),
+    ("channel_mult", [1, 0]),
+    ("num_res_blocks", 0),
+    ("groups", 0),
+    ("groups", 5),  # does not divide 32
+    ("dropout", 1.0),
+    ("dropout", -0.1),
+    ("hidden", 0),
+    ("depth", 0),
+])
+def test_validate_names_the_bad_key(key, value):
+    with pytest.raises(ConfigError) as info:
+        nets.validate(replace(ModelConfig(), **{key: value}))
+    assert info.value.key == f"model.{key}"
+    assert repr(value) in str(info.value)
+
+
+def test_groups_error_lists_the_channel_counts():
+    with pytest.raises(ConfigError) as info:
+        nets.validate(ModelConfig(channels=12, groups=8, channel_mult=[1, 2]))
+    assert info.value.key == "model.groups" and "[12, 24]" in str(info.value)

@@ -1,0 +1,143 @@
+"""End to end with real Ray and a real MLflow tracking server on loopback."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import LocalServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "sweeps", "smoke.yaml")
+pytestmark = pytest.mark.integration
+
+
+def orchestrator(args, cwd, env_extra=None, timeout=600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(env_extra or {})
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One classifier feature-extractor cache for every sweep of this module."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LocalServer(str(tmp_path_factory.mktemp("mlflow"))).start()
+    yield srv
+    srv.stop()
+
+
+def child_runs(client, experiment_name):
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
+    """No MLFLOW_TRACKING_URI: the sweep starts a server over ./mlflow.db and ./mlartifacts, and a
+    later server over the same directory (what `mlflow ui` does) shows every run complete."""
+    result = orchestrator(["sweep", SMOKE, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fid_reference" in result.stdout  # the summary table
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
+
+    reader = LocalServer(str(tmp_path)).start()
+    try:
+        client = MlflowClient(reader.uri)
+        parents, children = child_runs(client, "smoke")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert sorted(r.data.tags["variant"] for r in children) == ["ddpm", "ncsn"]
+        for run in children:
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+            assert run.data.params["sample.sampler"] in ("ancestral", "annealed_langevin")
+            assert run.data.params["train.steps"] == "30"
+            for metric in ("fid", "fid_reference", "sample_nfe", "sample_seconds", "train_seconds"):
+                assert metric in run.data.metrics, metric
+            assert run.data.metrics["fid"] > 0 and run.data.metrics["fid_reference"] >= 0
+            assert run.data.tags["fid.extractor"] == "classifier"
+            history = client.get_metric_history(run.info.run_id, "train_loss")
+            assert [m.step for m in history] == [10, 20, 30]
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"samples.png", "config.yaml", "ema.pt"} <= artifacts
+            png = client.download_artifacts(run.info.run_id, "samples.png", str(tmp_path / run.info.run_id))
+            with open(png, "rb") as handle:
+                assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+        nfe = {r.data.tags["variant"]: r.data.metrics["sample_nfe"] for r in children}
+        assert nfe == {"ddpm": 20.0, "ncsn": 5 * 5 + 1}
+    finally:
+        reader.stop()
+
+
+def test_nan_trial_fails_while_other_finishes(tmp_path, server, cache_dir):
+    sweep = {
+        "name": "nan_check",
+        "base": yaml.safe_load(open(SMOKE))["base"],
+        "variants": {
+            "ok": {"process": {"name": "vp", "schedule": "linear", "T": 10}},
+            "diverges": {"process": {"name": "vp", "schedule": "linear", "T": 10},
+                         "train": {"lr": 1.0e30, "grad_clip": 0.0}},
+        },
+    }
+    sweep["base"]["eval"]["cache_dir"] = cache_dir
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = orchestrator(["sweep", str(path)], cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": server.uri})
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FAILED: diverges" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # the configured server was used
+    client = MlflowClient(server.uri)
+    parents, children = child_runs(client, "nan_check")
+    status = {r.data.tags["variant"]: r for r in children}
+    assert status["ok"].info.status == "FINISHED"
+    assert status["diverges"].info.status == "FAILED"
+    assert "diverged" in status["diverges"].data.tags["failure_reason"]
+    assert parents[0].info.status == "FAILED"
+
+
+def test_bad_sweep_file_exits_2_and_writes_nothing(tmp_path, server):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nbase: {sample: {sampler: foo}}\n")
+    before = set(os.listdir(tmp_path))
+    result = orchestrator(["sweep", str(bad)], cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": server.uri})
+    assert result.returncode == 2
+    assert "sample.sampler" in result.stderr and "'foo'" in result.stderr and "ancestral" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert set(os.listdir(tmp_path)) == before
+    assert MlflowClient(server.uri).get_experiment_by_name("bad") is None
+
+
+def test_ctrl_c_ends_every_run_killed(tmp_path, server, cache_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=server.uri, PYTHONPATH=ROOT)
+    args = [sys.executable, "-m", "orchestrator", "sweep", SMOKE, "name=interrupted", "base.train.steps=100000",
+            f"base.eval.cache_dir={cache_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(server.uri)
+    deadline = time.monotonic() + 180
+    running = []
+    while time.monotonic() < deadline and len(running) < 2:
+        time.sleep(2)
+        experiment = client.get_experiment_by_name("interrupted")
+        if experiment:
+            running = [r for r in client.search_runs([experiment.experiment_id])
+                       if "mlflow.parentRunId" in r.data.tags and "train_loss" in r.data.metrics]
+    assert len(running) == 2, "both trials should be training"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-3000:]
+    parents, children = child_runs(client, "interrupted")
+    assert [r.info.status for r in parents] == ["KILLED"]
+    assert sorted(r.info.status for r in children) == ["KILLED", "KILLED"]

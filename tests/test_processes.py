@@ -1,0 +1,105 @@
+"""Schedules against published constants and a second computation; q(x_t|x0) and the posterior."""
+import math
+
+import pytest
+import torch
+
+from diffusion.config import ProcessConfig
+from diffusion.errors import ConfigError
+from diffusion.processes import build_process, cosine_alphabar, linear_betas
+
+
+def test_linear_schedule_constants():
+    process = build_process(ProcessConfig(name="vp", schedule="linear", T=1000))
+    alphabar = process.alphas**2
+    # Published value for Ho et al.'s schedule: alphabar at the last step (index 999 counting from 0).
+    assert alphabar[1000].item() == pytest.approx(4.036e-5, rel=1e-3)
+    # Second computation: exp of the summed log(1 - beta), written out by hand.
+    betas = [1e-4 + (0.02 - 1e-4) * k / 999 for k in range(1000)]
+    assert alphabar[1000].item() == pytest.approx(math.exp(sum(math.log(1 - b) for b in betas)), rel=1e-9)
+    assert (process.sigmas**2 + alphabar).sub(1).abs().max() < 1e-12
+
+
+def test_cosine_schedule_constants():
+    process = build_process(ProcessConfig(name="vp", schedule="cosine", T=1000))
+    alphabar = process.alphas**2
+    beta_first = 1 - alphabar[1] / alphabar[0]
+    assert beta_first.item() == pytest.approx(4.128e-5, rel=1e-3)  # Nichol & Dhariwal's beta_0
+    assert alphabar[500].item() == pytest.approx(0.4938, abs=1e-4)  # alphabar_499 counting from 0
+    # Second computation: away from the clipped end the product of (1 - beta) is f(t)/f(0) itself.
+    grid = torch.arange(1001, dtype=torch.float64) / 1000
+    closed_form = cosine_alphabar(grid, 0.008)
+    assert (alphabar[:990] - closed_form[:990]).abs().max() < 1e-10
+    # Betas are clipped at 0.999 at the end.
+    betas = 1 - alphabar[1:] / alphabar[:-1]
+    assert betas.max().item() == pytest.approx(0.999, abs=1e-9)
+
+
+def test_linear_schedule_scales_with_T():
+    betas = linear_betas(ProcessConfig(T=100))
+    assert betas[0].item() == pytest.approx(1e-3) and betas[-1].item() == pytest.approx(0.2)
+
+
+def test_geometric_sigmas():
+    process = build_process(ProcessConfig(name="ve", schedule="geometric", T=10, sigma_min=0.01, sigma_max=1.0))
+    sigmas = process.sigmas[1:]
+    assert sigmas[0].item() == pytest.approx(0.01) and sigmas[-1].item() == pytest.approx(1.0)
+    ratios = sigmas[1:] / sigmas[:-1]
+    assert torch.allclose(ratios, torch.full_like(ratios, 100 ** (1 / 9)))
+    assert (process.alphas == 1).all()
+
+
+def test_marginal_equals_iterated_chain_in_distribution():
+    """x_t from the closed form q(x_t | x0) matches t steps of x_i = sqrt(1-beta_i) x_{i-1} + sqrt(beta_i) z."""
+    process = build_process(ProcessConfig(name="vp", schedule="linear", T=50))
+    betas = 1 - (process.alphas[1:] / process.alphas[:-1]) ** 2
+    g = torch.Generator().manual_seed(0)
+    n, step = 200_000, 30
+    x0 = torch.full((n,), 0.7, dtype=torch.float64)
+    x = x0.clone()
+    for i in range(step):
+        x = (1 - betas[i]).sqrt() * x + betas[i].sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
+    t = torch.full((n,), step / 50)
+    closed = process.marginal(x0.float(), t, torch.randn(n, generator=g))
+    se = 4 / math.sqrt(n)
+    assert abs(x.mean().item() - closed.double().mean().item()) < 2 * 4 * se
+    assert abs(x.var().item() - closed.double().var().item()) < 4 * math.sqrt(2 / n) * 2
+
+
+@pytest.mark.parametrize("name,schedule", [("vp", "linear"), ("ve", "geometric")])
+def test_posterior_matches_bayes_rule_1d(name, schedule):
+    """q(x_s | x_t, x0) ∝ q(x_t | x_s) q(x_s | x0), done by hand with 1-D Gaussian algebra."""
+    process = build_process(ProcessConfig(name=name, schedule=schedule, T=20, sigma_max=5.0))
+    s, t = torch.tensor([0.35]), torch.tensor([0.6])
+    x0, x_t = torch.tensor([0.3]), torch.tensor([-0.8])
+    a_s, sig_s = process.alphas[7].item(), process.sigmas[7].item()
+    a_t, sig_t = process.alphas[12].item(), process.sigmas[12].item()
+    a_ts = a_t / a_s
+    v_ts = sig_t**2 - a_ts**2 * sig_s**2
+    # product of N(x_s; a_s x0, sig_s^2) and N(x_t; a_ts x_s, v_ts) as a function of x_s
+    precision = 1 / sig_s**2 + a_ts**2 / v_ts
+    mean = (a_s * 0.3 / sig_s**2 + a_ts * -0.8 / v_ts) / precision
+    got_mean, got_var = process.posterior(x_t, x0, s, t)
+    assert got_mean.item() == pytest.approx(mean, rel=1e-5)
+    assert got_var.item() == pytest.approx(1 / precision, rel=1e-5)
+
+
+def test_vp_posterior_variance_is_beta_tilde():
+    process = build_process(ProcessConfig(T=1000))
+    alphabar = process.alphas**2
+    i = 500
+    beta = 1 - alphabar[i] / alphabar[i - 1]
+    beta_tilde = (1 - alphabar[i - 1]) / (1 - alphabar[i]) * beta  # Ho et al. eq. 7
+    _, var = process.posterior(torch.zeros(1), torch.zeros(1), torch.tensor([0.499]), torch.tensor([0.5]))
+    assert var.item() == pytest.approx(beta_tilde.item(), rel=1e-5)
+    assert process.transition(torch.tensor([0.499]), torch.tensor([0.5]))[1].item() == pytest.approx(beta.item())
+
+
+@pytest.mark.parametrize(
+    "changes,key",
+    [({"name": "foo"}, "process.name"), ({"schedule": "geometric"}, "process.schedule"),
+     ({"T": 0}, "process.T"), ({"name": "ve", "schedule": "geometric", "sigma_min": 50.0}, "process.sigma_min")],
+)
+def test_bad_process_config(changes, key):
+    with pytest.raises(ConfigError, match=key):
+        build_process(ProcessConfig(**changes))
