@@ -48,8 +48,8 @@ class ModelConfig:
     attention: bool = True  # unet: self-attention at the lowest resolution
     groups: int = 8  # unet: GroupNorm groups
     dropout: float = 0.0  # unet: dropout inside ResNet blocks
-    hidden: int = 128  # mlp: hidden width
-    depth: int = 3  # mlp: hidden layers
+    hidden: int = 256  # mlp: hidden width
+    depth: int = 4  # mlp: hidden layers
 
 
 @dataclass
@@ -64,6 +64,7 @@ class TrainConfig:
     lr: float = 2e-4  # Adam learning rate
     warmup: int = 100  # linear learning-rate warm-up steps
     ema_decay: float = 0.999  # decay of the exponential moving average of the weights
+    ema_warmup: bool = True  # use decay min(ema_decay, (1 + n) / (10 + n)) at update n, so early weights fade fast
     grad_clip: float = 1.0  # clip the gradient norm at this value (0 disables)
     log_every: int = 50  # record train_loss every this many steps
     checkpoint_every: int = 1000  # save a resumable checkpoint every this many steps (0: only at the end)

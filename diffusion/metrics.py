@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 from .config import EvalConfig
 from .errors import ConfigError
 from .registry import Registry
+from .storage import save_atomic
 
 if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
     from .data import Dataset
@@ -271,21 +271,6 @@ def classifier_accuracy(model: FeatureClassifier, x: Tensor, y: Tensor, device: 
     return float((logits.argmax(axis=1) == y.cpu().numpy()).mean())
 
 
-def _atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the target directory, then os.replace (atomic on POSIX)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_or_train_classifier(
     dataset: "Dataset", cfg: EvalConfig, device: torch.device
 ) -> tuple[FeatureClassifier, dict]:
@@ -323,7 +308,7 @@ def load_or_train_classifier(
         "train_seconds": seconds,
     }
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    _atomic_save({"state_dict": state, "meta": meta}, path)
+    save_atomic({"state_dict": state, "meta": meta}, path)
     return model, {**meta, "path": path, "loaded_from_cache": False}
 
 

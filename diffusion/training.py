@@ -6,15 +6,13 @@ generator, so that ``save`` then ``load`` into a fresh Trainer continues bit for
 from __future__ import annotations
 
 import math
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from .config import TrialConfig
 from .data import Dataset
@@ -24,6 +22,7 @@ from .nets import build_network
 from .parameterizations import PARAMETERIZATIONS
 from .processes import build_process
 from .samplers import draw_samples
+from .storage import save_atomic
 
 CHECKPOINT_VERSION = 1
 
@@ -47,6 +46,20 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def ema_update(decay: float, warmup: bool):
+    """The EMA step for AveragedModel: ema <- d ema + (1 - d) w with d = decay, or with warm-up
+    d = min(decay, (1 + n) / (10 + n)) at the n-th update (the num_updates rule of TensorFlow's
+    ExponentialMovingAverage), so that the average forgets the random initial weights quickly."""
+
+    def update(ema_params, params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        for ema_param, param in zip(ema_params, params):
+            ema_param.lerp_(param.detach(), 1 - d)
+
+    return update
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -65,7 +78,7 @@ class Trainer:
         self.parameterization = PARAMETERIZATIONS.get(cfg.model.parameterization)
         self.weighting = WEIGHTINGS.get(cfg.loss.weighting)
         self.network = build_network(cfg.model, dataset.shape).to(self.device)
-        self.ema = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+        self.ema = AveragedModel(self.network, multi_avg_fn=ema_update(cfg.train.ema_decay, cfg.train.ema_warmup))
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.train.lr)
         warmup = cfg.train.warmup
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -187,20 +200,6 @@ class Trainer:
     def save_ema(self, path: str) -> None:
         """The EMA weights alone: what a user needs to sample from the trained model."""
         save_atomic({"network": self.ema.module.state_dict(), "step": self.step}, path)
-
-
-def save_atomic(obj, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _numpy_state_to_tensors(state) -> dict:

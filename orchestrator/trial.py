@@ -145,7 +145,7 @@ def _log_sample_grid(client: MlflowClient, run_id: str, samples: torch.Tensor, i
         from torchvision.utils import make_grid
 
         nrow = max(1, int(math.sqrt(len(samples))))
-        grid = make_grid(samples.clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)
+        grid = make_grid(samples.clamp(-1, 1), nrow=nrow, padding=1, normalize=True, value_range=(-1, 1), pad_value=0.5)
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         image = Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4), Image.NEAREST)
     else:

@@ -42,8 +42,9 @@ def test_resume_continues_bit_for_bit(digits, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_ema_is_moving_average(digits):
-    cfg = small_config(steps=3, ema_decay=0.5)
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_is_moving_average(digits, warmup):
+    cfg = small_config(steps=3, ema_decay=0.5, ema_warmup=warmup)
     trainer = Trainer(cfg, digits, torch.device("cpu"))
     name, param = next(iter(trainer.network.named_parameters()))
     trainer.train(until=1)
@@ -51,8 +52,10 @@ def test_ema_is_moving_average(digits):
     trainer.train(until=2)
     p2 = param.detach().clone()
     ema = dict(trainer.ema.module.named_parameters())[name]
-    # AveragedModel copies the weights at the first update, then ema = 0.5 ema + 0.5 p
-    assert torch.allclose(ema, 0.5 * p1 + 0.5 * p2, atol=1e-7)
+    # AveragedModel copies the weights at the first update, then ema = d ema + (1 - d) p with
+    # d = 0.5, or with warm-up d = min(0.5, (1 + 1) / (10 + 1)) = 2/11 at the second update
+    d = 2 / 11 if warmup else 0.5
+    assert torch.allclose(ema, d * p1 + (1 - d) * p2, atol=1e-7)
 
 
 def test_divergence_raises(digits):
