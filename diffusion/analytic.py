@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .processes import DiscreteProcess
+from .processes import GaussianProcess
 
 
 class GaussianData:
@@ -43,6 +43,6 @@ class GaussianData:
         eps = s * centred / (a**2 * self.eigvals + s**2)
         return (eps @ self.eigvecs.T).to(x_t.dtype)
 
-    def denoiser(self, process: DiscreteProcess) -> Denoiser:
+    def denoiser(self, process: GaussianProcess) -> Denoiser:
         """The Bayes-optimal denoiser under ``process`` (expects x_t of shape [B, D])."""
         return Denoiser(lambda x_t, t: self.exact_eps(x_t, process.alpha(t), process.sigma(t)), process)

@@ -8,7 +8,7 @@ Every field's comment is its documentation: the README's option table is generat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import ConfigError
 
@@ -26,13 +26,19 @@ class DataConfig:
 
 @dataclass
 class ProcessConfig:
-    name: str = "vp"  # vp (DDPM, Ho et al. 2020) or ve (NCSN, Song & Ermon 2019)
-    schedule: str = "linear"  # vp: linear, cosine; ve: geometric
-    T: int = 1000  # number of discrete steps (ve: number of noise levels L)
-    beta_start: float = 1e-4  # linear: beta_1 at T=1000 (scaled by 1000/T for other T)
-    beta_end: float = 0.02  # linear: beta_T at T=1000 (scaled by 1000/T for other T)
+    name: str = "vp"  # vp (DDPM, VP-SDE), ve (NCSN, VE-SDE) or subvp (sub-VP SDE, continuous only)
+    schedule: str = "linear"  # vp/subvp: linear, cosine, sigmoid, scaled_linear; ve: geometric
+    T: Any = 1000  # number of discrete steps (ve: noise levels L), or continuous
+    t_min: float = 1e-3  # continuous time: smallest t trained and sampled (discrete: 1/T)
+    beta_start: float = 1e-4  # linear, scaled_linear: beta_1 at T=1000 (scaled by 1000/T for other T)
+    beta_end: float = 0.02  # linear, scaled_linear: beta_T at T=1000 (scaled by 1000/T for other T)
+    beta_min: float = 0.1  # continuous linear (VP-SDE): beta(0)
+    beta_max: float = 20.0  # continuous linear (VP-SDE): beta(1)
     cosine_s: float = 0.008  # cosine: offset s (Nichol & Dhariwal 2021)
-    max_beta: float = 0.999  # cosine (and linear with T < 20): betas are clipped at this value
+    sigmoid_start: float = -3.0  # sigmoid: start of the sigmoid's input range (Jabri et al. 2022)
+    sigmoid_end: float = 3.0  # sigmoid: end of the sigmoid's input range
+    sigmoid_tau: float = 1.0  # sigmoid: temperature
+    max_beta: float = 0.999  # discrete cosine/sigmoid (and linear with T < 20): betas are clipped at this value
     sigma_min: float = 0.01  # geometric: smallest noise level
     sigma_max: float = 10.0  # geometric: largest noise level
 
@@ -72,9 +78,18 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ancestral"  # ancestral (Ho et al. Alg. 2) or annealed_langevin (Song & Ermon Alg. 1)
+    sampler: str = "ancestral"  # ancestral, ddim, annealed_langevin, euler_maruyama, reverse_diffusion, pc, ode_euler, ode_heun, ode_rk45, dpm_solver_2m
     n: int = 1000  # samples drawn per trial
     batch_size: int = 500  # samples drawn per network call
+    steps: Optional[int] = None  # time steps visited, the NFE budget (default: every step of a discrete process; 100 in continuous time)
+    spacing: str = "uniform"  # which times: uniform, leading, trailing (discrete only), quadratic, karras
+    rho: float = 7.0  # karras spacing: exponent rho (Karras et al. 2022, eq. 5)
+    eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral (Song, Meng & Ermon 2021, eq. 16)
+    churn: float = 0.0  # ode_heun: S_churn of Karras et al. 2022, Algorithm 2 (0: deterministic Algorithm 1)
+    snr: float = 0.16  # pc: signal-to-noise ratio r of the Langevin corrector (Song et al. 2021, Algorithm 5)
+    corrector_steps: int = 1  # pc: Langevin corrector steps per time step
+    rtol: float = 1e-5  # ode_rk45: relative tolerance
+    atol: float = 1e-5  # ode_rk45: absolute tolerance
     steps_per_level: int = 100  # annealed_langevin: Langevin steps per noise level
     step_size: float = 2e-5  # annealed_langevin: eps; level i uses eps * sigma_i^2 / sigma_min^2
     denoise: bool = True  # annealed_langevin: final Tweedie denoising step x + sigma_min^2 * score
@@ -141,6 +156,21 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     for key in ("n", "batch_size", "steps_per_level"):
         _check(getattr(cfg.sample, key) >= 1, f"sample.{key}", getattr(cfg.sample, key), "an integer >= 1")
     _check(cfg.sample.step_size > 0, "sample.step_size", cfg.sample.step_size, "a positive number")
+    if cfg.sample.steps is not None:
+        _check(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1 or null")
+        if isinstance(cfg.process.T, int):
+            _check(cfg.sample.steps <= cfg.process.T, "sample.steps", cfg.sample.steps,
+                   f"an integer <= process.T = {cfg.process.T}")
+    samplers.SPACINGS.get(cfg.sample.spacing)
+    if cfg.process.T == "continuous":
+        _check(cfg.sample.spacing not in ("leading", "trailing"), "sample.spacing", cfg.sample.spacing,
+               "uniform, quadratic or karras in continuous time (leading and trailing pick discrete steps)")
+    _check(0.0 <= cfg.sample.eta <= 1.0, "sample.eta", cfg.sample.eta, "a number in [0, 1]")
+    _check(cfg.sample.churn >= 0, "sample.churn", cfg.sample.churn, "a number >= 0")
+    _check(cfg.sample.snr > 0, "sample.snr", cfg.sample.snr, "a positive number")
+    _check(cfg.sample.corrector_steps >= 0, "sample.corrector_steps", cfg.sample.corrector_steps, "an integer >= 0")
+    _check(cfg.sample.rtol > 0 and cfg.sample.atol > 0, "sample.rtol", cfg.sample.rtol, "positive tolerances")
+    _check(cfg.sample.rho > 0, "sample.rho", cfg.sample.rho, "a positive number")
     _check(cfg.sample.grid >= 0, "sample.grid", cfg.sample.grid, "an integer >= 0")
     metrics.EXTRACTORS.get(cfg.eval.extractor)
     _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .parameterizations import Parameterization, eps_to_score, eps_to_x0
-from .processes import DiscreteProcess, expand
+from .processes import GaussianProcess, expand
 
 EpsFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -20,7 +20,7 @@ EpsFunction = Callable[[Tensor, Tensor], Tensor]
 class Denoiser:
     """Predictions of eps, x0 and the score at (x_t, t) under a process."""
 
-    def __init__(self, eps_fn: EpsFunction, process: DiscreteProcess):
+    def __init__(self, eps_fn: EpsFunction, process: GaussianProcess):
         self.eps_fn = eps_fn
         self.process = process
 
@@ -40,7 +40,7 @@ class Denoiser:
 
 
 def network_denoiser(
-    network: torch.nn.Module, parameterization: Parameterization, process: DiscreteProcess
+    network: torch.nn.Module, parameterization: Parameterization, process: GaussianProcess
 ) -> Denoiser:
     """Wrap ``network(x_t, t) -> output`` so that its output is read through ``parameterization``."""
 

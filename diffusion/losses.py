@@ -13,7 +13,6 @@ from torch import Tensor
 
 from .denoiser import Denoiser
 from .parameterizations import eps_to_score
-from .processes import DiscreteProcess
 from .registry import Registry
 
 Weighting = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -40,18 +39,12 @@ def sigma2(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
     return 0.5 * _mean_over_dims(sigma**2 * (score_hat - score_target) ** 2)
 
 
-def sample_times(process: DiscreteProcess, batch: int, generator: torch.Generator, device) -> Tensor:
-    """t_i with i uniform on {1, ..., T} (Ho et al. 2020, Algorithm 1; Song & Ermon 2019, eq. 6)."""
-    i = torch.randint(1, process.T + 1, (batch,), generator=generator, device=device)
-    return process.times(i)
-
-
 def diffusion_loss(
     denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator
 ) -> Tensor:
     """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch."""
     process = denoiser.process
-    t = sample_times(process, x0.shape[0], generator, x0.device)
+    t = process.sample_times(x0.shape[0], generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     x_t = process.marginal(x0, t, eps)
     eps_hat = denoiser.eps(x_t, t)

@@ -1,15 +1,17 @@
-"""Gaussian diffusion paths x_t = alpha(t) x0 + sigma(t) eps, eps ~ N(0, I).
+"""Gaussian diffusion paths x_t = alpha(t) x0 + sigma(t) eps, eps ~ N(0, I), t in [0, 1].
 
-Every process in the project is described by two functions of a time t in [0, 1]. A discrete
-process with T steps is the same path evaluated on the grid t_i = i / T, i = 0..T, with
-alpha_0 = 1 and sigma_0 = 0 (clean data); the network sees t_i, never a rescaled index.
+Every process is two functions of time. Discrete processes with T steps are known on the grid
+t_i = i / T (alpha_0 = 1, sigma_0 = 0) and extended between grid points by interpolating
+log alpha and log sigma linearly; continuous processes (the SDEs of Song et al. 2021) are closed
+forms. The network always sees t, never a rescaled index.
 
-- ``vp`` (DDPM, Ho et al. 2020): alpha_i = sqrt(alphabar_i), sigma_i = sqrt(1 - alphabar_i),
-  alphabar_i = prod_{j <= i} (1 - beta_j).
-- ``ve`` (NCSN, Song & Ermon 2019): alpha_i = 1, sigma_i = the i-th noise level, increasing in i.
+- ``vp``: alpha = sqrt(alphabar), sigma = sqrt(1 - alphabar) (DDPM, Ho et al. 2020; VP-SDE).
+- ``ve``: alpha = 1, sigma increasing (NCSN, Song & Ermon 2019; VE-SDE).
+- ``subvp``: alpha = sqrt(alphabar), sigma = 1 - alphabar (Song et al. 2021, eq. 29).
 
-Transitions and posteriors between any two times s < t follow from alpha and sigma alone
-(Kingma et al. 2021, VDM, eqs. 3-4 and appendix A), so one sampler serves both families.
+Transitions, posteriors, the SDE coefficients f(t) and g(t)^2 and the probability-flow ODE all
+follow from alpha and sigma alone (Kingma et al. 2021, VDM, eqs. 3-4 and appendix A), so every
+sampler and loss serves every process.
 """
 from __future__ import annotations
 
@@ -23,13 +25,18 @@ from .config import ProcessConfig
 from .errors import ConfigError
 from .registry import Registry
 
-# Schedules for each process family: name -> function(cfg) -> float64 tensor of length T.
-VP_SCHEDULES: Registry[Callable[[ProcessConfig], Tensor]] = Registry("process.schedule")
-VE_SCHEDULES: Registry[Callable[[ProcessConfig], Tensor]] = Registry("process.schedule")
-PROCESS_FAMILIES = {"vp": VP_SCHEDULES, "ve": VE_SCHEDULES}
+CONTINUOUS = "continuous"
+# Schedules of alphabar for vp/subvp: name -> (discrete betas(cfg), continuous alphabar(t, cfg)).
+VP_SCHEDULES: Registry[tuple[Callable, Callable]] = Registry("process.schedule")
+VE_SCHEDULES: Registry[tuple[Callable, Callable]] = Registry("process.schedule")
+PROCESS_FAMILIES = {"vp": VP_SCHEDULES, "ve": VE_SCHEDULES, "subvp": VP_SCHEDULES}
 
 
-@VP_SCHEDULES.register("linear")
+def is_continuous(cfg: ProcessConfig) -> bool:
+    return cfg.T == CONTINUOUS
+
+
+# --- vp schedules -------------------------------------------------------------------------------
 def linear_betas(cfg: ProcessConfig) -> Tensor:
     """beta_1..beta_T linear from beta_start to beta_end (Ho et al. 2020, sec. 4: 1e-4 to 0.02 at
     T = 1000). For other T both ends are scaled by 1000 / T so that the path keeps roughly the same
@@ -40,6 +47,13 @@ def linear_betas(cfg: ProcessConfig) -> Tensor:
     return betas.clamp(max=cfg.max_beta)
 
 
+def linear_alphabar(t: Tensor, cfg: ProcessConfig) -> Tensor:
+    """The VP-SDE's alphabar(t) = exp(-beta_min t - (beta_max - beta_min) t^2 / 2) for the linear
+    beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, eq. 33; beta_min = 0.1, beta_max = 20,
+    the continuous limit of Ho et al.'s schedule: beta_min = T beta_start, beta_max = T beta_end)."""
+    return torch.exp(-cfg.beta_min * t - 0.5 * (cfg.beta_max - cfg.beta_min) * t**2)
+
+
 def cosine_alphabar(t: Tensor, s: float) -> Tensor:
     """Nichol & Dhariwal 2021, eq. 17: alphabar(t) = f(t) / f(0), f(t) = cos((t + s) / (1 + s) * pi / 2)^2."""
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
@@ -47,15 +61,50 @@ def cosine_alphabar(t: Tensor, s: float) -> Tensor:
     return f / f0
 
 
-@VP_SCHEDULES.register("cosine")
-def cosine_betas(cfg: ProcessConfig) -> Tensor:
+def _betas_from_alphabar(alphabar: Callable[[Tensor], Tensor], cfg: ProcessConfig) -> Tensor:
     """beta_i = min(1 - alphabar(i/T) / alphabar((i-1)/T), max_beta) (Nichol & Dhariwal 2021, sec. 3.2)."""
     grid = torch.arange(cfg.T + 1, dtype=torch.float64) / cfg.T
-    alphabar = cosine_alphabar(grid, cfg.cosine_s)
-    return torch.clamp(1 - alphabar[1:] / alphabar[:-1], max=cfg.max_beta)
+    values = alphabar(grid)
+    return torch.clamp(1 - values[1:] / values[:-1], max=cfg.max_beta)
 
 
-@VE_SCHEDULES.register("geometric")
+def sigmoid_alphabar(t: Tensor, cfg: ProcessConfig) -> Tensor:
+    """The sigmoid schedule of Jabri et al. 2022 (RIN, appendix): alphabar(t) =
+    (sigmoid(-(t (end - start) + start) / tau) - v_end) / (v_start - v_end), start = -3, end = 3, tau = 1."""
+    start, end, tau = cfg.sigmoid_start, cfg.sigmoid_end, cfg.sigmoid_tau
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64)), torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    value = torch.sigmoid((t * (end - start) + start) / tau)
+    return ((v_end - value) / (v_end - v_start)).clamp(min=1e-9)
+
+
+def scaled_linear_betas(cfg: ProcessConfig) -> Tensor:
+    """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (Rombach et al. 2022, latent diffusion;
+    0.00085 and 0.012 there), scaled by 1000 / T like ``linear``."""
+    scale = 1000.0 / cfg.T
+    roots = torch.linspace((cfg.beta_start * scale) ** 0.5, (cfg.beta_end * scale) ** 0.5, cfg.T, dtype=torch.float64)
+    return (roots**2).clamp(max=cfg.max_beta)
+
+
+def scaled_linear_alphabar(t: Tensor, cfg: ProcessConfig) -> Tensor:
+    """Continuous limit of ``scaled_linear``: beta(t) = (sqrt(b0) + t (sqrt(b1) - sqrt(b0)))^2 with
+    b = 1000 * beta_start/end, integrated: log alphabar(t) = -int_0^t beta(u) du."""
+    r0, r1 = (1000 * cfg.beta_start) ** 0.5, (1000 * cfg.beta_end) ** 0.5
+    integral = ((r0 + t * (r1 - r0)) ** 3 - r0**3) / (3 * (r1 - r0)) if r1 != r0 else r0**2 * t
+    return torch.exp(-integral)
+
+
+VP_SCHEDULES.register("linear")((linear_betas, linear_alphabar))
+VP_SCHEDULES.register("cosine")(
+    (lambda cfg: _betas_from_alphabar(lambda t: cosine_alphabar(t, cfg.cosine_s), cfg),
+     lambda t, cfg: cosine_alphabar(t, cfg.cosine_s).clamp(min=1e-9))
+)
+VP_SCHEDULES.register("sigmoid")(
+    (lambda cfg: _betas_from_alphabar(lambda t: sigmoid_alphabar(t, cfg), cfg), sigmoid_alphabar)
+)
+VP_SCHEDULES.register("scaled_linear")((scaled_linear_betas, scaled_linear_alphabar))
+
+
+# --- ve schedules -------------------------------------------------------------------------------
 def geometric_sigmas(cfg: ProcessConfig) -> Tensor:
     """sigma_1 < ... < sigma_L geometric between sigma_min and sigma_max (Song & Ermon 2019, sec. 4.2;
     their sigma_1 is our sigma_L: here the index grows with the noise)."""
@@ -63,6 +112,14 @@ def geometric_sigmas(cfg: ProcessConfig) -> Tensor:
         return torch.tensor([cfg.sigma_max], dtype=torch.float64)
     ratio = torch.arange(cfg.T, dtype=torch.float64) / (cfg.T - 1)
     return cfg.sigma_min * (cfg.sigma_max / cfg.sigma_min) ** ratio
+
+
+def geometric_sigma(t: Tensor, cfg: ProcessConfig) -> Tensor:
+    """The VE-SDE's sigma(t) = sigma_min (sigma_max / sigma_min)^t (Song et al. 2021, eq. 31)."""
+    return cfg.sigma_min * (cfg.sigma_max / cfg.sigma_min) ** t
+
+
+VE_SCHEDULES.register("geometric")((geometric_sigmas, geometric_sigma))
 
 
 def validate(cfg: ProcessConfig) -> None:
@@ -73,64 +130,60 @@ def validate(cfg: ProcessConfig) -> None:
         raise ConfigError(
             "process.schedule", cfg.schedule, f"for process {cfg.name}: one of " + ", ".join(schedules.names())
         )
-    if cfg.T < 1:
-        raise ConfigError("process.T", cfg.T, "an integer >= 1")
-    if cfg.name == "vp":
-        if cfg.schedule == "linear" and not 0 < cfg.beta_start <= cfg.beta_end:
-            raise ConfigError("process.beta_start", cfg.beta_start, f"a number in (0, beta_end={cfg.beta_end}]")
+    T = cfg.T
+    if not (T == CONTINUOUS or (isinstance(T, int) and not isinstance(T, bool) and T >= 1)):
+        raise ConfigError("process.T", T, f"an integer >= 1 or '{CONTINUOUS}'")
+    if cfg.name == "subvp" and T != CONTINUOUS:
+        raise ConfigError("process.T", T, f"'{CONTINUOUS}' for subvp (the sub-VP SDE is defined in continuous time)")
+    if not 0 < cfg.t_min < 1:
+        raise ConfigError("process.t_min", cfg.t_min, "a number in (0, 1)")
+    if cfg.name in ("vp", "subvp"):
+        if not 0 < cfg.beta_start <= cfg.beta_end < 1:
+            raise ConfigError("process.beta_start", cfg.beta_start, f"a number in (0, beta_end={cfg.beta_end}], beta_end < 1")
+        if not 0 < cfg.beta_min <= cfg.beta_max:
+            raise ConfigError("process.beta_min", cfg.beta_min, f"a number in (0, beta_max={cfg.beta_max}]")
         if not 0 < cfg.max_beta < 1:
             raise ConfigError("process.max_beta", cfg.max_beta, "a number in (0, 1)")
-        if cfg.schedule == "linear" and cfg.beta_end >= 1:
-            raise ConfigError("process.beta_end", cfg.beta_end, "a number in [beta_start, 1)")
         if cfg.cosine_s < 0:
             raise ConfigError("process.cosine_s", cfg.cosine_s, "a number >= 0")
+        if not cfg.sigmoid_start < cfg.sigmoid_end or cfg.sigmoid_tau <= 0:
+            raise ConfigError("process.sigmoid_start", cfg.sigmoid_start,
+                              f"a number < sigmoid_end={cfg.sigmoid_end}, with sigmoid_tau > 0")
     else:
         if not 0 < cfg.sigma_min < cfg.sigma_max:
             raise ConfigError("process.sigma_min", cfg.sigma_min, f"a number in (0, sigma_max={cfg.sigma_max})")
 
 
-class DiscreteProcess:
-    """A Gaussian path known on the grid t_i = i / T, i = 0..T.
+class GaussianProcess:
+    """x_t = alpha(t) x0 + sigma(t) eps. Subclasses give log alpha and log sigma (float64 in, float64
+    out, differentiable in t); everything else is derived here.
 
-    ``alphas`` and ``sigmas`` are float64 tensors of length T + 1 with alphas[0] = 1, sigmas[0] = 0.
-    Functions of time accept a float tensor t of shape [B] whose values lie on the grid.
+    ``T`` is the number of discrete steps, or None in continuous time; ``t_min`` the smallest
+    time at which the network is trained and sampled (1/T in discrete time).
     """
 
-    def __init__(self, name: str, alphas: Tensor, sigmas: Tensor):
-        if alphas.shape != sigmas.shape or alphas.dim() != 1 or len(alphas) < 2:
-            raise ValueError("alphas and sigmas must be 1-D tensors of equal length T + 1 >= 2")
-        self.name = name
-        self.alphas = alphas.to(torch.float64)
-        self.sigmas = sigmas.to(torch.float64)
-        self.T = len(alphas) - 1
+    name: str
+    T: int | None
+    t_min: float
 
-    # --- time grid ------------------------------------------------------------------------
-    def index(self, t: Tensor) -> Tensor:
-        """Step indices i = round(t * T) of grid times t (float [B] -> int64 [B])."""
-        return torch.round(t.double() * self.T).long()
+    def log_alpha64(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
 
-    def times(self, indices: Tensor) -> Tensor:
-        """Grid times t_i = i / T (int [B] -> float32 [B])."""
-        return indices.float() / self.T
-
-    def timesteps(self, device: torch.device | str = "cpu") -> Tensor:
-        """All noisy grid times, largest first: t_T, ..., t_1 (float32 [T])."""
-        return self.times(torch.arange(self.T, 0, -1, device=device))
+    def log_sigma64(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
 
     # --- the path ---------------------------------------------------------------------------
-    def _lookup(self, table: Tensor, t: Tensor) -> Tensor:
-        return table.to(t.device)[self.index(t).cpu()].to(t.device, torch.float32)
-
     def alpha(self, t: Tensor) -> Tensor:
-        return self._lookup(self.alphas, t)
+        """alpha(t) (float [B] -> float32 [B] on t's device)."""
+        return self.log_alpha64(t.double()).exp().to(torch.float32)
 
     def sigma(self, t: Tensor) -> Tensor:
-        return self._lookup(self.sigmas, t)
+        return self.log_sigma64(t.double()).exp().to(torch.float32)
 
     def log_snr(self, t: Tensor) -> Tensor:
-        """lambda(t) = log(alpha^2 / sigma^2) (Kingma et al. 2021, eq. 5)."""
-        idx = self.index(t).cpu()
-        return (2 * (self.alphas[idx].log() - self.sigmas[idx].log())).to(t.device, torch.float32)
+        """lambda(t) = log(alpha^2 / sigma^2) (Kingma et al. 2021, eq. 5), float32."""
+        t64 = t.double()
+        return (2 * (self.log_alpha64(t64) - self.log_sigma64(t64))).to(torch.float32)
 
     def marginal(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_t = alpha(t) x0 + sigma(t) eps, a draw from q(x_t | x0)."""
@@ -142,10 +195,10 @@ class DiscreteProcess:
         alpha_{t|s} = alpha_t / alpha_s, sigma2_{t|s} = sigma_t^2 - alpha_{t|s}^2 sigma_s^2.
         For vp with s = t - 1 this is (sqrt(1 - beta_t), beta_t); for ve it is (1, sigma_t^2 - sigma_s^2).
         """
-        i_s, i_t = self.index(s).cpu(), self.index(t).cpu()
-        alpha_ts = self.alphas[i_t] / self.alphas[i_s]
-        sigma2_ts = self.sigmas[i_t] ** 2 - alpha_ts**2 * self.sigmas[i_s] ** 2
-        return alpha_ts, sigma2_ts
+        s64, t64 = s.double(), t.double()
+        alpha_ts = (self.log_alpha64(t64) - self.log_alpha64(s64)).exp()
+        sigma2_ts = (2 * self.log_sigma64(t64)).exp() - alpha_ts**2 * (2 * self.log_sigma64(s64)).exp()
+        return alpha_ts, sigma2_ts.clamp(min=0)
 
     def posterior(self, x_t: Tensor, x0: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """q(x_s | x_t, x0) = N(mean, var I) for s < t (Ho et al. 2020 eqs. 6-7; VDM eq. 4).
@@ -153,30 +206,148 @@ class DiscreteProcess:
         mean = alpha_{t|s} sigma_s^2 / sigma_t^2 x_t + alpha_s sigma2_{t|s} / sigma_t^2 x0,
         var = sigma2_{t|s} sigma_s^2 / sigma_t^2 (beta-tilde for vp with s = t - 1). var: float32 [B].
         """
-        i_s, i_t = self.index(s).cpu(), self.index(t).cpu()
         alpha_ts, sigma2_ts = self.transition(s, t)
-        sigma2_s, sigma2_t = self.sigmas[i_s] ** 2, self.sigmas[i_t] ** 2
+        s64, t64 = s.double(), t.double()
+        sigma2_s, sigma2_t = (2 * self.log_sigma64(s64)).exp(), (2 * self.log_sigma64(t64)).exp()
         coef_xt = (alpha_ts * sigma2_s / sigma2_t).to(x_t.device, torch.float32)
-        coef_x0 = (self.alphas[i_s] * sigma2_ts / sigma2_t).to(x_t.device, torch.float32)
+        coef_x0 = (self.log_alpha64(s64).exp() * sigma2_ts / sigma2_t).to(x_t.device, torch.float32)
         var = (sigma2_ts * sigma2_s / sigma2_t).to(x_t.device, torch.float32)
         return expand(coef_xt, x_t) * x_t + expand(coef_x0, x0) * x0, var
 
+    def posterior_variance(self, s: Tensor, t: Tensor) -> Tensor:
+        """The variance of q(x_s | x_t, x0), sigma2_{t|s} sigma_s^2 / sigma_t^2 (float64 [B])."""
+        _, sigma2_ts = self.transition(s, t)
+        return sigma2_ts * (2 * (self.log_sigma64(s.double()) - self.log_sigma64(t.double()))).exp()
+
     def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
-        """A draw from the prior at t = 1: N(0, sigma_T^2 I) (N(0, I) for vp, N(0, sigma_max^2 I) for ve)."""
+        """A draw from the prior at t = 1: N(0, sigma(1)^2 I) (N(0, I) for vp, N(0, sigma_max^2 I) for ve)."""
         noise = torch.randn(shape, generator=generator, device=device)
-        return float(self.sigmas[-1]) * noise
+        return self.sigma(torch.ones(1)).item() * noise
+
+    # --- the SDE (Song et al. 2021, eq. 5; Kingma et al. 2021, appendix A.1) ----------------
+    def sde(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(f(t), g(t)^2) of dx = f(t) x dt + g(t) dw whose marginals are this path:
+        f = d log alpha / dt, g^2 = d sigma^2 / dt - 2 f sigma^2 = -sigma^2 d lambda / dt. float32 [B]."""
+        with torch.enable_grad():
+            t64 = t.detach().double().requires_grad_(True)
+            log_alpha, log_sigma = self.log_alpha64(t64), self.log_sigma64(t64)
+            dlog_alpha, dlog_sigma = (_derivative(value, t64) for value in (log_alpha, log_sigma))
+        g2 = 2 * (2 * log_sigma.detach()).exp() * (dlog_sigma - dlog_alpha)
+        return dlog_alpha.to(torch.float32), g2.to(torch.float32)
+
+    # --- times --------------------------------------------------------------------------------
+    def sample_times(self, batch: int, generator: torch.Generator, device) -> Tensor:
+        """Training times: i/T with i uniform on {1, ..., T} (Ho et al. 2020, Algorithm 1), or
+        t uniform on [t_min, 1] in continuous time (Song et al. 2021, eq. 7)."""
+        if self.T is not None:
+            i = torch.randint(1, self.T + 1, (batch,), generator=generator, device=device)
+            return i.float() / self.T
+        u = torch.rand(batch, generator=generator, device=device)
+        return self.t_min + (1 - self.t_min) * u
+
+    def time_of_log_snr(self, log_snr: Tensor, iterations: int = 60) -> Tensor:
+        """The t in [t_min, 1] with lambda(t) = log_snr (lambda decreases in t), by bisection; clamped
+        to the ends. float64 in, float32 out."""
+        low = torch.full_like(log_snr, self.t_min, dtype=torch.float64)
+        high = torch.ones_like(low)
+        target = log_snr.double()
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            above = 2 * (self.log_alpha64(mid) - self.log_sigma64(mid)) > target
+            low, high = torch.where(above, mid, low), torch.where(above, high, mid)
+        return ((low + high) / 2).to(torch.float32)
 
 
-def build_process(cfg: ProcessConfig) -> DiscreteProcess:
-    """The discrete process a ProcessConfig names."""
+class DiscreteProcess(GaussianProcess):
+    """A Gaussian path known on the grid t_i = i / T, i = 0..T (float64 tables of length T + 1 with
+    alphas[0] = 1, sigmas[0] = 0); between grid points log alpha and log sigma are linear in t."""
+
+    def __init__(self, name: str, alphas: Tensor, sigmas: Tensor):
+        if alphas.shape != sigmas.shape or alphas.dim() != 1 or len(alphas) < 2:
+            raise ValueError("alphas and sigmas must be 1-D tensors of equal length T + 1 >= 2")
+        self.name = name
+        self.alphas = alphas.to(torch.float64)
+        self.sigmas = sigmas.to(torch.float64)
+        self.T = len(alphas) - 1
+        self.t_min = 1.0 / self.T
+
+    def _interpolate(self, table: Tensor, t: Tensor) -> Tensor:
+        log_table = table.log().to(t.device)
+        position = t * self.T
+        position = position - (position - position.clamp(0, self.T)).detach()  # clamped, d/dt = T
+        # float32 grid times i/T are not exact: snap them so grid values are the table's own (the
+        # detached shift keeps d position / dt = T for the SDE coefficients)
+        nearest = position.round()
+        position = position + torch.where((position - nearest).abs() < 1e-4, nearest - position, 0.0).detach()
+        # segment [i-1, i] for t in (t_{i-1}, t_i]: at a grid time, the step that leads to it; but
+        # never the segment from t_0 (where log sigma = -inf) once t >= t_1
+        lower = (position.ceil() - 1).clamp(min=0)
+        lower = torch.where(position >= 1, lower.clamp(min=1), lower).clamp(max=self.T - 1)
+        weight = position - lower
+        left, right = log_table[lower.long()], log_table[lower.long() + 1]
+        # log sigma_0 = -inf: sigma stays 0 on (0, t_1) and the blend must not produce inf * 0
+        infinite = torch.isinf(left)
+        blend = (1 - weight) * torch.where(infinite, 0.0, left) + weight * right
+        return torch.where(infinite & (weight < 1), left, blend)
+
+    def log_alpha64(self, t: Tensor) -> Tensor:
+        return self._interpolate(self.alphas, t)
+
+    def log_sigma64(self, t: Tensor) -> Tensor:
+        return self._interpolate(self.sigmas, t)
+
+    def index(self, t: Tensor) -> Tensor:
+        """Step indices i = round(t * T) of grid times t (float [B] -> int64 [B])."""
+        return torch.round(t.double() * self.T).long()
+
+    def times(self, indices: Tensor) -> Tensor:
+        """Grid times t_i = i / T (int [B] -> float32 [B])."""
+        return indices.float() / self.T
+
+
+class ContinuousProcess(GaussianProcess):
+    """A Gaussian path given by closed forms of log alpha(t) and log sigma(t) (float64, differentiable)."""
+
+    def __init__(self, name: str, log_alpha: Callable[[Tensor], Tensor], log_sigma: Callable[[Tensor], Tensor],
+                 t_min: float):
+        self.name, self.T, self.t_min = name, None, t_min
+        self._log_alpha, self._log_sigma = log_alpha, log_sigma
+
+    def log_alpha64(self, t: Tensor) -> Tensor:
+        return self._log_alpha(t)
+
+    def log_sigma64(self, t: Tensor) -> Tensor:
+        return self._log_sigma(t)
+
+
+def build_process(cfg: ProcessConfig) -> GaussianProcess:
+    """The process a ProcessConfig names (discrete for integer T, continuous for T = 'continuous')."""
     validate(cfg)
-    table = PROCESS_FAMILIES[cfg.name].get(cfg.schedule)(cfg)
-    zero = torch.zeros(1, dtype=torch.float64)
+    discrete, continuous = PROCESS_FAMILIES[cfg.name].get(cfg.schedule)
+    if not is_continuous(cfg):
+        table = discrete(cfg)
+        zero = torch.zeros(1, dtype=torch.float64)
+        if cfg.name == "vp":
+            alphabar = torch.cat([zero + 1, torch.cumprod(1 - table, 0)])
+            return DiscreteProcess("vp", alphabar.sqrt(), (1 - alphabar).sqrt())
+        sigmas = torch.cat([zero, table])
+        return DiscreteProcess("ve", torch.ones_like(sigmas), sigmas)
+    if cfg.name == "ve":
+        return ContinuousProcess("ve", torch.zeros_like, lambda t: continuous(t, cfg).log(), cfg.t_min)
+    log_alphabar = lambda t: continuous(t, cfg).log()  # noqa: E731
     if cfg.name == "vp":
-        alphabar = torch.cat([zero + 1, torch.cumprod(1 - table, 0)])
-        return DiscreteProcess("vp", alphabar.sqrt(), (1 - alphabar).sqrt())
-    sigmas = torch.cat([zero, table])
-    return DiscreteProcess("ve", torch.ones_like(sigmas), sigmas)
+        return ContinuousProcess("vp", lambda t: 0.5 * log_alphabar(t),
+                                 lambda t: 0.5 * torch.log(-torch.expm1(log_alphabar(t))), cfg.t_min)
+    return ContinuousProcess("subvp", lambda t: 0.5 * log_alphabar(t),
+                             lambda t: torch.log(-torch.expm1(log_alphabar(t))), cfg.t_min)
+
+
+def _derivative(value: Tensor, t: Tensor) -> Tensor:
+    """d value / d t elementwise (zero where value does not depend on t, as ve's log alpha = 0)."""
+    if not value.requires_grad:
+        return torch.zeros_like(t)
+    (grad,) = torch.autograd.grad(value.sum(), t, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(t) if grad is None else grad
 
 
 def expand(v: Tensor, like: Tensor) -> Tensor:

@@ -1,21 +1,26 @@
 """Samplers: short pure functions with one signature.
 
-    sampler(denoiser, x_T, timesteps, *, generator, options, callback=None) -> (x_0, nfe)
+    sampler(denoiser, x_T, timesteps, *, generator, options, variance, callback=None) -> (x_0, nfe)
 
 ``x_T`` is a draw from the prior, ``timesteps`` the noisy times to visit, largest first (float [K]),
-``options`` the SampleConfig and ``nfe`` the number of network evaluations per sample.
-The callback, if given, is called as ``callback(step, t, x)`` after every step.
+``options`` the SampleConfig, ``variance`` the model's reverse variance (ancestral only) and ``nfe``
+the number of network evaluations per sample. The callback, if given, is called as
+``callback(step, t, x)`` after every step. Every sampler ends at t = 0 with the denoiser's x0
+prediction at the last visited time (Tweedie's formula), which is also what the last step of
+ancestral sampling returns (Ho et al. 2020, Algorithm 2, t = 1).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .config import SampleConfig
 from .denoiser import Denoiser
-from .processes import expand
+from .processes import GaussianProcess, expand
 from .registry import Registry
 
 Callback = Optional[Callable[[int, float, Tensor], None]]
@@ -36,34 +41,69 @@ class Sampler(Protocol):
 
 
 SAMPLERS: Registry[Sampler] = Registry("sample.sampler")
+SPACINGS: Registry[Callable] = Registry("sample.spacing")
 
 
-def _full(t: Tensor, x: Tensor) -> Tensor:
-    return t.expand(x.shape[0])
+def _full(t: Tensor | float, x: Tensor) -> Tensor:
+    return torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
 
 
+def _noise(x: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device)
+
+
+def _pairs(timesteps: Tensor):
+    """(k, t, s) for consecutive times, the last s being 0 (clean data)."""
+    times = torch.cat([timesteps, timesteps.new_zeros(1)]).tolist()
+    return [(k, times[k], times[k + 1]) for k in range(len(timesteps))]
+
+
+def _coef(process: GaussianProcess, t: float) -> tuple[float, float]:
+    """(alpha(t), sigma(t)) as Python floats."""
+    t_ = torch.tensor([t], dtype=torch.float64)
+    return process.alpha(t_).item(), process.sigma(t_).item()
+
+
+# --- discrete-step samplers -----------------------------------------------------------------------
 @SAMPLERS.register("ancestral")
 @torch.no_grad()
 def ancestral(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
-    """Ho et al. 2020, Algorithm 2, written with alpha and sigma: from each t to the next time s < t
-    (s = 0 after the last), x_s ~ N(mu(x_t, x0_hat), v) with mu the posterior mean of q(x_s | x_t, x0)
-    at x0 = x0_hat and v either beta-tilde (the posterior variance) or beta (sigma^2_{t|s}, the
-    forward variance). The last step returns the mean. Works for vp and ve processes alike."""
-    process = denoiser.process
-    times = torch.cat([timesteps, timesteps.new_zeros(1)])
-    x = x_T
-    for k in range(len(timesteps)):
-        t, s = _full(times[k], x), _full(times[k + 1], x)
-        x0_hat = denoiser.x0(x, t)
-        mean, beta_tilde = process.posterior(x, x0_hat, s, t)
-        if k == len(timesteps) - 1:
-            x = mean
+    """Ho et al. 2020, Algorithm 2, written with alpha and sigma: from each t to the next time s < t,
+    x_s ~ N(mu(x_t, x0_hat), v), mu the posterior mean of q(x_s | x_t, x0) at x0 = x0_hat and v either
+    beta-tilde (the posterior variance) or beta (sigma^2_{t|s}, the forward variance). On a subset of
+    the grid this is improved-diffusion's respacing (Nichol & Dhariwal 2021, sec. 4)."""
+    process, x = denoiser.process, x_T
+    for k, t, s in _pairs(timesteps):
+        x0_hat = denoiser.x0(x, _full(t, x))
+        if s == 0:
+            x = x0_hat
         else:
-            var = beta_tilde if variance == "beta_tilde" else process.transition(s, t)[1].to(x.device, torch.float32)
-            noise = torch.randn(x.shape, generator=generator, device=x.device)
-            x = mean + expand(var.sqrt(), x) * noise
+            mean, beta_tilde = process.posterior(x, x0_hat, _full(s, x), _full(t, x))
+            var = beta_tilde if variance == "beta_tilde" else process.transition(_full(s, x), _full(t, x))[1].float()
+            x = mean + expand(var.to(x.device).sqrt(), x) * _noise(x, generator)
         if callback:
-            callback(k, float(times[k]), x)
+            callback(k, t, x)
+    return x, len(timesteps)
+
+
+@SAMPLERS.register("ddim")
+@torch.no_grad()
+def ddim(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """Song, Meng & Ermon 2021, eq. 12 with eq. 16: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z,
+    c = eta * sqrt(posterior variance). eta = 0 is deterministic; eta = 1 is ancestral with beta-tilde."""
+    process, x = denoiser.process, x_T
+    for k, t, s in _pairs(timesteps):
+        eps_hat = denoiser.eps(x, _full(t, x))
+        alpha_t, sigma_t = _coef(process, t)
+        x0_hat = (x - sigma_t * eps_hat) / alpha_t
+        if s == 0:
+            x = x0_hat
+        else:
+            alpha_s, sigma_s = _coef(process, s)
+            c = options.eta * process.posterior_variance(torch.tensor([s]), torch.tensor([t])).item() ** 0.5
+            x = alpha_s * x0_hat + max(sigma_s**2 - c**2, 0.0) ** 0.5 * eps_hat + c * _noise(x, generator)
+        if callback:
+            callback(k, t, x)
     return x, len(timesteps)
 
 
@@ -75,21 +115,247 @@ def annealed_langevin(denoiser, x_T, timesteps, *, generator, options, variance=
     a_i = eps * sigma_i^2 / sigma_min^2 (eps = ``options.step_size``). With ``options.denoise``, one
     last Tweedie step returns E[x0 | x] = (x + sigma_min^2 score) / alpha (Jolicoeur-Martineau et al. 2021)."""
     process = denoiser.process
-    sigma_min = process.sigma(timesteps[-1:]).item()
+    sigma_min = _coef(process, timesteps[-1].item())[1]
     x = x_T
-    for k, t_level in enumerate(timesteps):
+    for k, t_level in enumerate(timesteps.tolist()):
         t = _full(t_level, x)
-        step = options.step_size * process.sigma(t_level[None]).item() ** 2 / sigma_min**2
+        step = options.step_size * (_coef(process, t_level)[1] / sigma_min) ** 2
         for _ in range(options.steps_per_level):
-            noise = torch.randn(x.shape, generator=generator, device=x.device)
-            x = x + 0.5 * step * denoiser.score(x, t) + step**0.5 * noise
+            x = x + 0.5 * step * denoiser.score(x, t) + step**0.5 * _noise(x, generator)
         if callback:
-            callback(k, float(t_level), x)
+            callback(k, t_level, x)
     nfe = len(timesteps) * options.steps_per_level
     if options.denoise:
         x = denoiser.x0(x, _full(timesteps[-1], x))
         nfe += 1
     return x, nfe
+
+
+# --- SDE samplers (Song et al. 2021) ---------------------------------------------------------------
+@SAMPLERS.register("euler_maruyama")
+@torch.no_grad()
+def euler_maruyama(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """The reverse-time SDE dx = [f x - g^2 score] dt + g dw (Song et al. 2021, eq. 6; Anderson 1982)
+    with Euler-Maruyama steps from t to s: x <- x - (f x - g^2 score)(t - s) + g sqrt(t - s) z."""
+    process, x = denoiser.process, x_T
+    for k, t, s in _pairs(timesteps):
+        tt = _full(t, x)
+        if s == 0:
+            x = denoiser.x0(x, tt)
+        else:
+            f, g2 = (expand(v.to(x.device), x) for v in process.sde(tt[:1]))
+            drift = f * x - g2 * denoiser.score(x, tt)
+            x = x - drift * (t - s) + (g2 * (t - s)).sqrt() * _noise(x, generator)
+        if callback:
+            callback(k, t, x)
+    return x, len(timesteps)
+
+
+def _reverse_diffusion_step(denoiser, x, t, s, generator):
+    """Song et al. 2021, eq. 46: the reverse of the forward step x_t = a x_s + sqrt(v) z:
+    x_s = x_t - (a - 1) x_t + v score + sqrt(v) z."""
+    a, v = (float(c) for c in denoiser.process.transition(_full(s, x)[:1], _full(t, x)[:1]))
+    return (2 - a) * x + v * denoiser.score(x, _full(t, x)) + v**0.5 * _noise(x, generator)
+
+
+@SAMPLERS.register("reverse_diffusion")
+@torch.no_grad()
+def reverse_diffusion(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """Song et al. 2021, appendix E: the reverse-diffusion predictor, discretizing the reverse SDE the
+    same way as the forward process."""
+    x = x_T
+    for k, t, s in _pairs(timesteps):
+        x = denoiser.x0(x, _full(t, x)) if s == 0 else _reverse_diffusion_step(denoiser, x, t, s, generator)
+        if callback:
+            callback(k, t, x)
+    return x, len(timesteps)
+
+
+@SAMPLERS.register("pc")
+@torch.no_grad()
+def predictor_corrector(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """Song et al. 2021, Algorithms 2-3 (and 4-5): at each time, ``options.corrector_steps`` Langevin
+    corrector steps x <- x + e score + sqrt(2 e) z with e = 2 a (r ||z|| / ||score||)^2 (r = snr, a = alpha_{t|s}),
+    then a reverse-diffusion predictor step."""
+    process, x = denoiser.process, x_T
+    for k, t, s in _pairs(timesteps):
+        tt = _full(t, x)
+        a = float(process.transition(_full(s, x)[:1], tt[:1])[0]) if s > 0 else 1.0
+        for _ in range(options.corrector_steps):
+            score, z = denoiser.score(x, tt), _noise(x, generator)
+            ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp(min=1e-12)
+            e = expand(2 * a * (options.snr * ratio) ** 2, x)
+            x = x + e * score + (2 * e).sqrt() * z
+        x = denoiser.x0(x, tt) if s == 0 else _reverse_diffusion_step(denoiser, x, t, s, generator)
+        if callback:
+            callback(k, t, x)
+    return x, len(timesteps) * (1 + options.corrector_steps)
+
+
+# --- probability-flow ODE samplers ------------------------------------------------------------------
+# In the coordinates y = x / alpha, sigma~ = sigma / alpha (Karras et al. 2022, eq. 4 with s(t) = alpha),
+# the probability-flow ODE of every process is dy / dsigma~ = eps_hat.
+def _scaled_sigma(process: GaussianProcess, t: float) -> float:
+    alpha, sigma = _coef(process, t)
+    return sigma / alpha
+
+
+@SAMPLERS.register("ode_euler")
+@torch.no_grad()
+def ode_euler(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """Euler steps of the probability-flow ODE in Karras et al.'s coordinates: y_s = y_t + (sigma~_s - sigma~_t) eps_hat
+    (the same update as DDIM with eta = 0; Karras et al. 2022, sec. 3)."""
+    return _karras_ode(denoiser, x_T, timesteps, generator, options, callback, second_order=False)
+
+
+@SAMPLERS.register("ode_heun")
+@torch.no_grad()
+def ode_heun(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """Karras et al. 2022, Algorithm 1 (Heun's second-order method, Euler on the last step to sigma = 0)
+    and, with ``options.churn`` > 0, Algorithm 2: before each step the noise is raised from sigma~ to
+    sigma^ = sigma~ (1 + gamma), gamma = min(churn / K, sqrt(2) - 1), by adding fresh noise."""
+    return _karras_ode(denoiser, x_T, timesteps, generator, options, callback, second_order=True)
+
+
+def _karras_ode(denoiser, x, timesteps, generator, options, callback, second_order: bool):
+    process, nfe = denoiser.process, 0
+    gamma = min(options.churn / len(timesteps), 2**0.5 - 1) if second_order else 0.0
+    for k, t, s in _pairs(timesteps):
+        if gamma > 0:
+            sigma_t = _scaled_sigma(process, t)
+            sigma_hat = sigma_t * (1 + gamma)
+            t_hat = process.time_of_log_snr(torch.tensor([-2 * math.log(sigma_hat)])).item()
+            y = x / _coef(process, t)[0] + (sigma_hat**2 - sigma_t**2) ** 0.5 * _noise(x, generator)
+            x, t = _coef(process, t_hat)[0] * y, t_hat
+        alpha_t, sigma_t = _coef(process, t)[0], _scaled_sigma(process, t)
+        sigma_s = _scaled_sigma(process, s) if s > 0 else 0.0
+        eps_hat = denoiser.eps(x, _full(t, x))
+        nfe += 1
+        y = x / alpha_t + (sigma_s - sigma_t) * eps_hat
+        if second_order and s > 0:
+            eps_next = denoiser.eps(_coef(process, s)[0] * y, _full(s, x))
+            nfe += 1
+            y = x / alpha_t + (sigma_s - sigma_t) * 0.5 * (eps_hat + eps_next)
+        x = y * (_coef(process, s)[0] if s > 0 else 1.0)
+        if callback:
+            callback(k, t, x)
+    return x, nfe
+
+
+@SAMPLERS.register("ode_rk45")
+@torch.no_grad()
+def ode_rk45(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """The probability-flow ODE dx/dt = f x - 1/2 g^2 score (Song et al. 2021, eq. 13) from t = 1 to the
+    last visited time with scipy's adaptive RK45 (rtol, atol from the options; the timesteps only give
+    the end points), then the Tweedie step to t = 0. NFE is the solver's count plus one."""
+    from scipy.integrate import solve_ivp
+
+    process, shape, device = denoiser.process, x_T.shape, x_T.device
+    t_start, t_end = float(timesteps[0]), float(timesteps[-1])
+
+    def velocity(t: float, y: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(y).to(device, torch.float32).reshape(shape)
+        tt = _full(t, x)
+        f, g2 = (expand(v.to(device), x) for v in process.sde(tt[:1]))
+        dx = f * x - 0.5 * g2 * denoiser.score(x, tt)
+        return dx.double().cpu().numpy().ravel()
+
+    solution = solve_ivp(velocity, (t_start, t_end), x_T.double().cpu().numpy().ravel(),
+                         method="RK45", rtol=options.rtol, atol=options.atol)
+    x = torch.from_numpy(solution.y[:, -1]).to(device, torch.float32).reshape(shape)
+    x = denoiser.x0(x, _full(t_end, x))
+    if callback:
+        callback(0, t_end, x)
+    return x, int(solution.nfev) + 1
+
+
+@SAMPLERS.register("dpm_solver_2m")
+@torch.no_grad()
+def dpm_solver_2m(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep second order in
+    lambda = log(alpha / sigma) with data prediction. With h = lambda_s - lambda_t and r = h_prev / h,
+    D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev (D = x0_t on the first step) and
+    x_s = (sigma_s / sigma_t) x_t - alpha_s (exp(-h) - 1) D; the last step to t = 0 returns x0_t."""
+    process, x = denoiser.process, x_T
+    previous, h_previous = None, None
+    for k, t, s in _pairs(timesteps):
+        x0_hat = denoiser.x0(x, _full(t, x))
+        if s == 0:
+            x = x0_hat
+        else:
+            alpha_t, sigma_t = _coef(process, t)
+            alpha_s, sigma_s = _coef(process, s)
+            h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
+            data = x0_hat
+            if previous is not None:
+                r = h_previous / h
+                data = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * previous
+            x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * data
+            previous, h_previous = x0_hat, h
+        if callback:
+            callback(k, t, x)
+    return x, len(timesteps)
+
+
+# --- which times to visit ----------------------------------------------------------------------------
+@SPACINGS.register("uniform")
+def uniform_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+    """Evenly spaced from t = 1 to t_min (discrete: the rounded grid indices T ... 1)."""
+    if process.T is not None:
+        return torch.linspace(process.T, 1, steps, dtype=torch.float64).round() / process.T
+    return torch.linspace(1.0, process.t_min, steps, dtype=torch.float64)
+
+
+@SPACINGS.register("leading")
+def leading_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+    """Indices 1, 1 + c, 1 + 2c, ... with c = T // steps (DDIM's and diffusers' "leading": the last step T
+    may be skipped)."""
+    stride = process.T // steps
+    return (torch.arange(steps, dtype=torch.float64) * stride + 1).flip(0) / process.T
+
+
+@SPACINGS.register("trailing")
+def trailing_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+    """Indices T, T - T/steps, ... (Lin et al. 2024, "Common Diffusion Noise Schedules ...", Table 2)."""
+    return (process.T - torch.arange(steps, dtype=torch.float64) * process.T / steps).round() / process.T
+
+
+@SPACINGS.register("quadratic")
+def quadratic_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+    """Times growing quadratically from t_min (DDIM's "quadratic" selection, Song et al. 2021, appendix D.2):
+    dense near the data, sparse near the prior."""
+    u = torch.linspace(1.0, 0.0, steps, dtype=torch.float64) ** 2
+    if process.T is not None:
+        return (1 + u * (process.T - 1)).round() / process.T
+    return process.t_min + u * (1 - process.t_min)
+
+
+@SPACINGS.register("karras")
+def karras_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+    """Karras et al. 2022, eq. 5: sigma~_i = (s_max^(1/rho) + i/(K-1) (s_min^(1/rho) - s_max^(1/rho)))^rho in
+    sigma~ = sigma / alpha, mapped back to times through the log-SNR (to the nearest grid step in
+    discrete time)."""
+    ends = torch.tensor([1.0, process.t_min], dtype=torch.float64)
+    log_snr = process.log_snr(ends).double()
+    s_max, s_min = (-0.5 * log_snr).exp().tolist()
+    i = torch.linspace(0, 1, steps, dtype=torch.float64)
+    sigma = (s_max ** (1 / options.rho) + i * (s_min ** (1 / options.rho) - s_max ** (1 / options.rho))) ** options.rho
+    target = -2 * sigma.log()
+    if process.T is not None:
+        grid = process.log_snr(torch.arange(1, process.T + 1, dtype=torch.float64) / process.T).double()
+        nearest = (grid[None, :] - target[:, None]).abs().argmin(1) + 1
+        return nearest.double() / process.T
+    return process.time_of_log_snr(target).double()
+
+
+def make_timesteps(process: GaussianProcess, options: SampleConfig, device="cpu") -> Tensor:
+    """The times a sampler visits, largest first, without repeats (float32 [K])."""
+    steps = options.steps or (process.T if process.T is not None else 100)
+    if process.T is not None:
+        steps = min(steps, process.T)
+    times = SPACINGS.get(options.spacing)(process, steps, options)
+    times = torch.unique(times.float()).flip(0)  # unique sorts ascending
+    return times.to(device)
 
 
 def draw_samples(
@@ -102,9 +368,9 @@ def draw_samples(
     variance: str = "beta_tilde",
 ) -> tuple[Tensor, int]:
     """n samples of per-example ``shape`` in batches of ``options.batch_size`` with the configured
-    sampler, over every noisy time of the process. Returns (samples on CPU [n, *shape], nfe per sample)."""
+    sampler. Returns (samples on CPU [n, *shape], nfe per sample)."""
     sampler = SAMPLERS.get(options.sampler)
-    timesteps = denoiser.process.timesteps(device)
+    timesteps = make_timesteps(denoiser.process, options, device)
     batches, nfe = [], 0
     for start in range(0, n, options.batch_size):
         size = min(options.batch_size, n - start)

@@ -1,4 +1,5 @@
-"""Samplers driven by the exact score of a Gaussian data set reproduce its mean and covariance."""
+"""Samplers driven by the exact score of a Gaussian data set reproduce its mean and covariance, with
+an error that shrinks as the step budget grows; closed-form checks of single steps and spacings."""
 import math
 
 import pytest
@@ -7,84 +8,161 @@ import torch
 from diffusion.analytic import GaussianData
 from diffusion.config import ProcessConfig, SampleConfig
 from diffusion.processes import build_process
-from diffusion.samplers import SAMPLERS, draw_samples
+from diffusion.samplers import SAMPLERS, SPACINGS, draw_samples, make_timesteps
 
-DIM, N = 16, 5_000
+DIM, N = 16, 4_000
 DATA = GaussianData.random(DIM, seed=0)
+PROCESSES = {
+    "vp": ProcessConfig(name="vp", schedule="linear", T="continuous"),
+    "ve": ProcessConfig(name="ve", schedule="geometric", T="continuous", sigma_min=0.01, sigma_max=20.0),
+    "subvp": ProcessConfig(name="subvp", schedule="linear", T="continuous"),
+    "vp1000": ProcessConfig(name="vp", schedule="linear", T=1000),
+}
+# per sampler: options that suit it (the probability-flow multistep and Heun solvers want steps dense
+# near the data, Karras et al. 2022 sec. 3; the corrector's snr is the one Song et al. use for small data)
+OPTIONS = {"dpm_solver_2m": {"spacing": "karras"}, "ode_heun": {"spacing": "karras"}, "pc": {"snr": 0.02},
+           "ode_rk45": {"rtol": 1e-4, "atol": 1e-4}}
 
 
 def moment_errors(x: torch.Tensor) -> tuple[float, float]:
     """(||mean - mu||, ||cov - C||_F / ||C||_F) of samples x [N, D]."""
     x = x.double()
-    mean_err = (x.mean(0) - DATA.mean).norm().item()
-    cov_err = ((torch.cov(x.T) - DATA.cov).norm() / DATA.cov.norm()).item()
-    return mean_err, cov_err
+    return (x.mean(0) - DATA.mean).norm().item(), ((torch.cov(x.T) - DATA.cov).norm() / DATA.cov.norm()).item()
 
 
-def sampling_floor() -> tuple[float, float]:
-    """The same errors for N exact draws: the Monte Carlo floor no sampler can beat."""
-    return moment_errors(DATA.sample(N, torch.Generator().manual_seed(123)))
+FLOOR_MEAN, FLOOR_COV = moment_errors(DATA.sample(N, torch.Generator().manual_seed(123)))
 
 
-def run(process_cfg, sample_cfg, variance="beta_tilde", seed=1):
-    denoiser = DATA.denoiser(build_process(process_cfg))
-    return draw_samples(denoiser, sample_cfg, (DIM,), N, torch.Generator().manual_seed(seed), "cpu", variance)
+def run(process_name, sampler, steps, seed=1, **options):
+    denoiser = DATA.denoiser(build_process(PROCESSES[process_name]))
+    config = SampleConfig(sampler=sampler, steps=steps, batch_size=N, **{**OPTIONS.get(sampler, {}), **options})
+    return draw_samples(denoiser, config, (DIM,), N, torch.Generator().manual_seed(seed), "cpu", "beta_tilde")
 
 
-@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
-def test_ancestral_reproduces_gaussian(variance):
-    x, nfe = run(ProcessConfig(name="vp", schedule="linear", T=1000),
-                 SampleConfig(sampler="ancestral", batch_size=N), variance)
-    assert nfe == 1000
-    mean_err, cov_err = moment_errors(x)
-    floor_mean, floor_cov = sampling_floor()
-    assert mean_err < 3 * floor_mean + 0.01
-    assert cov_err < 2 * floor_cov
+SAMPLER_NAMES = [s for s in SAMPLERS.names() if s != "annealed_langevin"]
 
 
-def test_ancestral_on_ve_process_reproduces_gaussian():
-    x, _ = run(ProcessConfig(name="ve", schedule="geometric", T=200, sigma_min=0.01, sigma_max=10.0),
-               SampleConfig(sampler="ancestral", batch_size=N))
-    mean_err, cov_err = moment_errors(x)
-    floor_mean, floor_cov = sampling_floor()
-    assert mean_err < 3 * floor_mean + 0.01
-    assert cov_err < 2 * floor_cov
+@pytest.mark.parametrize("process_name", ["vp", "ve"])
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_sampler_reproduces_gaussian_and_improves_with_steps(sampler, process_name):
+    if sampler == "ode_rk45":  # adaptive: the budget is the tolerance
+        coarse, _ = run(process_name, sampler, 10, rtol=1e-1, atol=1e-1)
+        fine, nfe = run(process_name, sampler, 10, rtol=1e-4, atol=1e-4)
+    else:
+        coarse, _ = run(process_name, sampler, 10)
+        fine, nfe = run(process_name, sampler, 100)
+        expected = {"ode_heun": 199, "pc": 200}.get(sampler, 100)
+        assert nfe == expected
+    coarse_mean, coarse_cov = moment_errors(coarse)
+    mean_err, cov_err = moment_errors(fine)
+    assert cov_err < coarse_cov or coarse_cov < 1.2 * FLOOR_COV
+    assert mean_err < 3 * FLOOR_MEAN + 0.02
+    assert cov_err < 2 * FLOOR_COV + 0.02
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "euler_maruyama", "ode_heun", "dpm_solver_2m"])
+def test_samplers_on_discrete_and_subvp_processes(sampler):
+    for process_name in ("vp1000", "subvp"):
+        x, _ = run(process_name, sampler, 200)
+        mean_err, cov_err = moment_errors(x)
+        assert mean_err < 3 * FLOOR_MEAN + 0.02 and cov_err < 2 * FLOOR_COV + 0.02, process_name
+
+
+def test_ddim_with_eta_one_is_ancestral_with_beta_tilde():
+    """DDIM eq. 16 at eta = 1 has the posterior variance and the posterior mean, and draws noise at
+    the same steps: with the same generator the two samplers agree draw for draw."""
+    a, _ = run("vp1000", "ancestral", 50)
+    b, _ = run("vp1000", "ddim", 50, eta=1.0)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_one_ddim_step_is_the_closed_form_update():
+    process = build_process(PROCESSES["vp1000"])
+    denoiser = DATA.denoiser(process)
+    x_t = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0))
+    t, s = 0.6, 0.3
+    alpha_t, sigma_t = process.alpha(torch.tensor([t])).item(), process.sigma(torch.tensor([t])).item()
+    alpha_s, sigma_s = process.alpha(torch.tensor([s])).item(), process.sigma(torch.tensor([s])).item()
+    eps = denoiser.eps(x_t, torch.full((8,), t))
+    expected = alpha_s * (x_t - sigma_t * eps) / alpha_t + sigma_s * eps  # Song et al. 2021 (DDIM), eq. 12
+    captured = []
+    SAMPLERS.get("ddim")(denoiser, x_t, torch.tensor([t, s]), generator=torch.Generator(),
+                         options=SampleConfig(eta=0.0), callback=lambda k, tt, x: captured.append(x))
+    assert torch.allclose(captured[0], expected, atol=1e-5)
 
 
 def test_annealed_langevin_reproduces_gaussian_and_improves_with_steps():
+    cfg = ProcessConfig(name="ve", schedule="geometric", T=10, sigma_min=0.01, sigma_max=10.0)
+    denoiser = DATA.denoiser(build_process(cfg))
     errors = []
     for steps in (5, 100):
-        x, nfe = run(ProcessConfig(name="ve", schedule="geometric", T=10, sigma_min=0.01, sigma_max=10.0),
-                     SampleConfig(sampler="annealed_langevin", batch_size=N, steps_per_level=steps, step_size=2e-5))
+        options = SampleConfig(sampler="annealed_langevin", batch_size=N, steps_per_level=steps, step_size=2e-5)
+        x, nfe = draw_samples(denoiser, options, (DIM,), N, torch.Generator().manual_seed(1), "cpu")
         assert nfe == 10 * steps + 1
         errors.append(moment_errors(x))
-    floor_mean, floor_cov = sampling_floor()
     (_, cov_coarse), (mean_fine, cov_fine) = errors
     assert cov_fine < cov_coarse
-    assert mean_err_ok(mean_fine, floor_mean)
-    assert cov_fine < 3 * floor_cov
-
-
-def mean_err_ok(err, floor):
-    return err < 3 * floor + 0.02
+    assert mean_fine < 3 * FLOOR_MEAN + 0.02 and cov_fine < 3 * FLOOR_COV
 
 
 def test_final_denoising_step_removes_noise_variance():
     """Without the Tweedie step the samples keep about sigma_min^2 extra variance per dimension."""
-    cfg = ProcessConfig(name="ve", schedule="geometric", T=10, sigma_min=0.3, sigma_max=10.0)
-    with_denoise, _ = run(cfg, SampleConfig(sampler="annealed_langevin", batch_size=N, step_size=0.01, steps_per_level=20))
-    without, _ = run(cfg, SampleConfig(sampler="annealed_langevin", batch_size=N, step_size=0.01, steps_per_level=20, denoise=False))
-    extra = (torch.cov(without.double().T).trace() - torch.cov(with_denoise.double().T).trace()) / DIM
+    denoiser = DATA.denoiser(build_process(ProcessConfig(name="ve", schedule="geometric", T=10, sigma_min=0.3)))
+    out = {}
+    for denoise in (True, False):
+        options = SampleConfig(sampler="annealed_langevin", batch_size=N, step_size=0.01, steps_per_level=20,
+                               denoise=denoise)
+        out[denoise], _ = draw_samples(denoiser, options, (DIM,), N, torch.Generator().manual_seed(1), "cpu")
+    extra = (torch.cov(out[False].double().T).trace() - torch.cov(out[True].double().T).trace()) / DIM
     assert extra.item() > 0.5 * 0.3**2
 
 
+def test_sde_coefficients_match_closed_forms():
+    """VP-SDE: f = -beta(t)/2, g^2 = beta(t) with beta(t) = 0.1 + 19.9 t (Song et al. 2021, eq. 11);
+    VE-SDE: f = 0, g^2 = d sigma^2 / dt = 2 sigma^2 log(sigma_max / sigma_min) (eq. 9); discrete vp:
+    f ~ log(alpha_i / alpha_{i-1}) T, g^2 ~ T beta_i for large T."""
+    t = torch.tensor([0.1, 0.5, 0.9])
+    f, g2 = build_process(PROCESSES["vp"]).sde(t)
+    beta = 0.1 + 19.9 * t
+    assert torch.allclose(f, -beta / 2, rtol=1e-5) and torch.allclose(g2, beta, rtol=1e-5)
+    ve = build_process(PROCESSES["ve"])
+    f, g2 = ve.sde(t)
+    assert torch.all(f == 0)
+    assert torch.allclose(g2, 2 * ve.sigma(t) ** 2 * math.log(20.0 / 0.01), rtol=1e-4)
+    discrete = build_process(PROCESSES["vp1000"])
+    f, g2 = discrete.sde(torch.tensor([0.5]))
+    _, beta_500 = discrete.transition(torch.tensor([0.499]), torch.tensor([0.5]))
+    assert g2.item() == pytest.approx(1000 * beta_500.item(), rel=0.01)
+
+
+def test_spacings():
+    discrete = build_process(ProcessConfig(T=1000))
+    as_index = lambda spacing, steps, **kw: (make_timesteps(discrete, SampleConfig(steps=steps, spacing=spacing, **kw))  # noqa: E731
+                                             * 1000).round().long().tolist()
+    assert as_index("uniform", 1000) == list(range(1000, 0, -1))
+    assert as_index("uniform", 5) == [1000, 750, 500, 251, 1] or as_index("uniform", 5) == [1000, 750, 500, 250, 1]
+    assert as_index("leading", 4) == [751, 501, 251, 1]  # DDIM / diffusers "leading", offset 1
+    assert as_index("trailing", 4) == [1000, 750, 500, 250]
+    quadratic = as_index("quadratic", 10)
+    assert quadratic[0] == 1000 and quadratic[-1] == 1 and all(a > b for a, b in zip(quadratic, quadratic[1:]))
+    gaps = [a - b for a, b in zip(quadratic, quadratic[1:])]
+    assert gaps == sorted(gaps, reverse=True)  # dense near the data
+    # karras: sigma~ = sigma / alpha follows (s_max^(1/7) + i/(K-1) (s_min^(1/7) - s_max^(1/7)))^7
+    continuous = build_process(PROCESSES["ve"])
+    times = make_timesteps(continuous, SampleConfig(steps=6, spacing="karras"))
+    sigmas = continuous.sigma(times).double()
+    i = torch.arange(6, dtype=torch.float64) / 5
+    expected = (20.0 ** (1 / 7) + i * (continuous.sigma(torch.tensor([1e-3])).item() ** (1 / 7) - 20.0 ** (1 / 7))) ** 7
+    assert torch.allclose(sigmas, expected, rtol=1e-4)
+    assert set(SPACINGS.names()) == {"uniform", "leading", "trailing", "quadratic", "karras"}
+
+
 def test_sampler_is_deterministic_given_generator():
-    cfg = ProcessConfig(T=50)
-    a, _ = run(cfg, SampleConfig(sampler="ancestral", batch_size=N), seed=5)
-    b, _ = run(cfg, SampleConfig(sampler="ancestral", batch_size=N), seed=5)
+    a, _ = run("vp", "euler_maruyama", 20, seed=5)
+    b, _ = run("vp", "euler_maruyama", 20, seed=5)
     assert torch.equal(a, b)
 
 
 def test_unknown_sampler_lists_names():
-    with pytest.raises(Exception, match="ancestral, annealed_langevin"):
+    with pytest.raises(Exception, match="ancestral, annealed_langevin, ddim"):
         SAMPLERS.get("foo")
