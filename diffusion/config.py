@@ -45,7 +45,7 @@ class ProcessConfig:
 
 @dataclass
 class ModelConfig:
-    parameterization: str = "eps"  # what the network predicts: eps or score
+    parameterization: str = "eps"  # what the network predicts: eps, score, x0, v (Salimans & Ho 2022) or edm (Karras et al. 2022 preconditioning)
     variance: str = "beta_tilde"  # reverse variance of ancestral sampling: beta or beta_tilde
     arch: str = "auto"  # unet, mlp, or auto (unet for images, mlp for 2-D points)
     channels: int = 32  # unet: base channel count
@@ -60,7 +60,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weighting: str = "simple"  # simple (Ho et al. eps-MSE) or sigma2 (Song & Ermon eq. 6)
+    weighting: str = "simple"  # simple (Ho et al. eps-MSE), sigma2 (Song & Ermon eq. 6), min_snr (Hang et al. 2023), likelihood (g^2, Song et al. 2021), edm (Karras et al. 2022)
+    min_snr_gamma: float = 5.0  # min_snr: gamma
 
 
 @dataclass
@@ -145,6 +146,7 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     _check(cfg.model.variance in ("beta", "beta_tilde"), "model.variance", cfg.model.variance, "beta or beta_tilde")
     nets.validate(cfg.model)
     losses.WEIGHTINGS.get(cfg.loss.weighting)
+    _check(cfg.loss.min_snr_gamma > 0, "loss.min_snr_gamma", cfg.loss.min_snr_gamma, "a positive number")
     for key in ("steps", "batch_size", "log_every"):
         _check(getattr(cfg.train, key) >= 1, f"train.{key}", getattr(cfg.train, key), "an integer >= 1")
     _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a positive number")

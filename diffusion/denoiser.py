@@ -46,6 +46,7 @@ def network_denoiser(
 
     def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = expand(process.alpha(t), x_t), expand(process.sigma(t), x_t)
-        return parameterization.to_eps(network(x_t, t), x_t, alpha, sigma)
+        output = network(parameterization.input_scale(alpha, sigma) * x_t, t)
+        return parameterization.to_eps(output, x_t, alpha, sigma)
 
     return Denoiser(eps_fn, process)

@@ -123,15 +123,6 @@ def discretized_gaussian_nll(x0: Tensor, mean: Tensor, std: Tensor | float, leve
 # --------------------------------------------------------------------------------------------
 
 
-def posterior_variance(process: DiscreteProcess, s: Tensor, t: Tensor) -> Tensor:
-    """beta_tilde = sigma^2_{t|s} sigma_s^2 / sigma_t^2, the variance of q(x_s | x_t, x0) (VDM eq. 4;
-    Ho et al. eq. 7), in float64 [B] on t's device (``DiscreteProcess.posterior`` rounds it to float32)."""
-    _, sigma2_ts = process.transition(s, t)
-    sigmas = process.sigmas
-    var = sigma2_ts * sigmas[process.index(s).cpu()] ** 2 / sigmas[process.index(t).cpu()] ** 2
-    return var.to(t.device)
-
-
 def reverse_variance(process: DiscreteProcess, s: Tensor, t: Tensor, variance: str) -> Tensor:
     """The fixed variance of p(x_s | x_t) (Ho et al. 2020, sec. 3.2), float64 [B] for times s < t [B]:
 
@@ -140,7 +131,7 @@ def reverse_variance(process: DiscreteProcess, s: Tensor, t: Tensor, variance: s
     - ``"beta"``: the forward variance sigma^2_{t|s} = ``transition(s, t)[1]`` (optimal for x0 ~ N(0, I)).
     """
     if variance == "beta_tilde":
-        return posterior_variance(process, s, t)
+        return process.posterior_variance(s, t).to(t.device)
     if variance == "beta":
         return process.transition(s, t)[1].to(t.device)
     raise ConfigError("model.variance", variance, " or ".join(VARIANCES))
@@ -220,7 +211,7 @@ def _transition_kl(process, x0, x_t, x0_hat, s, t, variance) -> Tensor:
     x0, x_t, x0_hat = x0.double(), x_t.double(), x0_hat.double()
     mean_q, _ = process.posterior(x_t, x0, s, t)
     mean_p, _ = process.posterior(x_t, x0_hat, s, t)
-    var_q = expand(posterior_variance(process, s, t), x0)
+    var_q = expand(process.posterior_variance(s, t).to(t.device), x0)
     var_p = expand(reverse_variance(process, s, t, variance), x0)
     return _sum_dims(gaussian_kl(mean_q, var_q, mean_p, var_p))
 

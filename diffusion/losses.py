@@ -1,7 +1,9 @@
 """Loss weightings: weights on one squared error between predicted and true noise.
 
-Every weighting is a function ``(eps_hat, eps, alpha, sigma) -> loss [B]`` with alpha and sigma
-broadcast against the data. Squared errors are averaged over data dimensions (not summed), so
+Every weighting is a function ``(eps_hat, eps, alpha, sigma, *, t, process, options) -> loss [B]``
+with alpha and sigma broadcast against the data, t [B] the times and options the LossConfig; the
+errors of x0 and the score follow from the eps error (x0 error = sigma / alpha * eps error, score
+error = eps error / sigma), so every weighting is written where its paper writes it. Squared errors are averaged over data dimensions (not summed), so
 losses are comparable across image sizes; the papers' sums are D times larger.
 """
 from __future__ import annotations
@@ -11,11 +13,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .config import LossConfig
 from .denoiser import Denoiser
+from .parameterizations import SIGMA_DATA
 from .parameterizations import eps_to_score
+from .processes import expand
 from .registry import Registry
 
-Weighting = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+Weighting = Callable[..., Tensor]
 WEIGHTINGS: Registry[Weighting] = Registry("loss.weighting")
 
 
@@ -24,13 +29,13 @@ def _mean_over_dims(x: Tensor) -> Tensor:
 
 
 @WEIGHTINGS.register("simple")
-def simple(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def simple(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tensor:
     """L_simple = ||eps - eps_hat||^2 (Ho et al. 2020, eq. 14 and Algorithm 1)."""
     return _mean_over_dims((eps_hat - eps) ** 2)
 
 
 @WEIGHTINGS.register("sigma2")
-def sigma2(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def sigma2(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tensor:
     """Denoising score matching with lambda(sigma) = sigma^2 (Song & Ermon 2019, eqs. 5-6):
     1/2 lambda(sigma) ||s_hat(x_t) - grad log q(x_t | x0)||^2 with grad log q(x_t | x0) = -eps / sigma
     For alpha != 1 this is the same expression with q(x_t | x0) = N(alpha x0, sigma^2 I)."""
@@ -39,8 +44,35 @@ def sigma2(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
     return 0.5 * _mean_over_dims(sigma**2 * (score_hat - score_target) ** 2)
 
 
+@WEIGHTINGS.register("min_snr")
+def min_snr(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, options: LossConfig, **_) -> Tensor:
+    """Min-SNR-gamma (Hang et al. 2023, eq. 5): min(SNR, gamma) ||x0_hat - x0||^2, i.e. min(SNR, gamma) / SNR
+    times the eps error, SNR = alpha^2 / sigma^2, gamma = ``loss.min_snr_gamma`` (5 in the paper)."""
+    snr = (alpha / sigma) ** 2
+    return _mean_over_dims(snr.clamp(max=options.min_snr_gamma) / snr * (eps_hat - eps) ** 2)
+
+
+@WEIGHTINGS.register("likelihood")
+def likelihood(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t: Tensor, process, **_) -> Tensor:
+    """Likelihood weighting lambda(t) = g(t)^2 (Song et al. 2021b, "Maximum Likelihood Training of Score-Based
+    Diffusion Models", Theorem 1): 1/2 g^2 ||s_hat - grad log q(x_t | x0)||^2 = 1/2 g^2 / sigma^2 ||eps_hat - eps||^2."""
+    _, g2 = process.sde(t)
+    weight = expand(g2.to(eps.device), eps) / sigma**2
+    return 0.5 * _mean_over_dims(weight * (eps_hat - eps) ** 2)
+
+
+@WEIGHTINGS.register("edm")
+def edm(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tensor:
+    """Karras et al. 2022, sec. 5 and Table 1: lambda(sigma~) ||D - x0||^2 with lambda = (sigma~^2 + sd^2) / (sigma~ sd)^2
+    in their coordinates (sigma~ = sigma / alpha, sd = SIGMA_DATA, the x0 error is sigma~ times the eps error):
+    (sigma~^2 + sd^2) / sd^2 times the eps error, so the effective target has unit variance at every noise level."""
+    scaled = sigma / alpha
+    return _mean_over_dims((scaled**2 + SIGMA_DATA**2) / SIGMA_DATA**2 * (eps_hat - eps) ** 2)
+
+
 def diffusion_loss(
-    denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator
+    denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator,
+    options: LossConfig | None = None,
 ) -> Tensor:
     """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch."""
     process = denoiser.process
@@ -49,4 +81,4 @@ def diffusion_loss(
     x_t = process.marginal(x0, t, eps)
     eps_hat = denoiser.eps(x_t, t)
     alpha, sigma = denoiser._coefs(x_t, t)
-    return weighting(eps_hat.float(), eps, alpha, sigma).mean()
+    return weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options or LossConfig()).mean()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from .registry import Registry
@@ -17,15 +18,21 @@ from .registry import Registry
 Conversion = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (value, x_t, alpha, sigma) -> value
 
 
+def _unit_input(alpha: Tensor, sigma: Tensor) -> Tensor:
+    return torch.ones_like(alpha)
+
+
 @dataclass(frozen=True)
 class Parameterization:
-    """``to_eps(output, x_t, alpha, sigma)`` and its inverse ``from_eps(eps, x_t, alpha, sigma)``.
+    """``to_eps(output, x_t, alpha, sigma)`` and its inverse ``from_eps(eps, x_t, alpha, sigma)``;
+    ``input_scale(alpha, sigma)`` multiplies x_t before the network sees it (1 except for edm).
 
     alpha and sigma are already broadcast against x_t ([B, 1, ...])."""
 
     name: str
     to_eps: Conversion
     from_eps: Conversion
+    input_scale: Callable[[Tensor, Tensor], Tensor] = _unit_input
 
 
 PARAMETERIZATIONS: Registry[Parameterization] = Registry("model.parameterization")
@@ -39,6 +46,43 @@ def _register(p: Parameterization) -> None:
 _register(Parameterization("eps", lambda out, x, a, s: out, lambda eps, x, a, s: eps))
 # score: the network predicts grad_x log q(x_t) = -eps / sigma (Song & Ermon 2019, NCSN).
 _register(Parameterization("score", lambda out, x, a, s: -s * out, lambda eps, x, a, s: -eps / s))
+# x0: the network predicts the clean data (Ho et al. 2020, sec. 3.2 and Table 2).
+_register(Parameterization("x0", lambda out, x, a, s: (x - a * out) / s, lambda eps, x, a, s: (x - s * eps) / a))
+# v: the network predicts v = alpha eps - sigma x0 (Salimans & Ho 2022, sec. 4 and appendix D). For any
+# alpha, sigma: eps = (alpha v + sigma x_t) / (alpha^2 + sigma^2).
+_register(Parameterization(
+    "v",
+    lambda out, x, a, s: (a * out + s * x) / (a**2 + s**2),
+    lambda eps, x, a, s: ((a**2 + s**2) * eps - s * x) / a,
+))
+
+# edm: Karras et al. 2022, Table 1 and sec. 5, in their coordinates y = x_t / alpha, sigma~ = sigma / alpha:
+# D(y) = c_skip y + c_out F(c_in y) with c_skip = sd^2 / (sigma~^2 + sd^2), c_out = sigma~ sd / sqrt(sigma~^2 + sd^2),
+# c_in = 1 / sqrt(sigma~^2 + sd^2), sd = SIGMA_DATA. The noise conditioning c_noise is replaced by t, which
+# the network already sees. The input scale c_in / alpha applies c_in to y.
+SIGMA_DATA = 0.5
+
+
+def _edm_coefficients(a: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    scaled = s / a
+    norm = (scaled**2 + SIGMA_DATA**2).sqrt()
+    return SIGMA_DATA**2 / norm**2, scaled * SIGMA_DATA / norm, scaled  # c_skip, c_out, sigma~
+
+
+def _edm_to_eps(out: Tensor, x: Tensor, a: Tensor, s: Tensor) -> Tensor:
+    c_skip, c_out, _ = _edm_coefficients(a, s)
+    x0 = c_skip * x / a + c_out * out
+    return (x - a * x0) / s
+
+
+def _edm_from_eps(eps: Tensor, x: Tensor, a: Tensor, s: Tensor) -> Tensor:
+    c_skip, c_out, _ = _edm_coefficients(a, s)
+    x0 = (x - s * eps) / a
+    return (x0 - c_skip * x / a) / c_out
+
+
+_register(Parameterization("edm", _edm_to_eps, _edm_from_eps,
+                           lambda a, s: 1 / (s**2 + a**2 * SIGMA_DATA**2).sqrt()))
 
 
 def eps_to_x0(eps: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:

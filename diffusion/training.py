@@ -105,7 +105,7 @@ class Trainer:
         )
         x0 = self.train_data[index]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator)
+            loss = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator, self.cfg.loss)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(self.step + 1, value)

@@ -71,3 +71,81 @@ def test_denoiser_predictions_are_consistent():
     alpha, sigma = expand(process.alpha(t), x), expand(process.sigma(t), x)
     assert torch.allclose(denoiser.x0(x, t) * alpha + sigma * denoiser.eps(x, t), x, atol=1e-5)
     assert torch.allclose(denoiser.score(x, t) * -sigma, denoiser.eps(x, t), atol=1e-6)
+
+
+def test_x0_and_v_parameterizations_against_their_definitions():
+    x0, eps, alpha, sigma, x_t = _frame(1)
+    x0_p, v_p = PARAMETERIZATIONS.get("x0"), PARAMETERIZATIONS.get("v")
+    assert torch.allclose(x0_p.from_eps(eps, x_t, alpha, sigma), x0, atol=1e-5)
+    v = alpha * eps - sigma * x0  # Salimans & Ho 2022, sec. 4
+    assert torch.allclose(v_p.from_eps(eps, x_t, alpha, sigma), v, atol=1e-5)
+    assert torch.allclose(v_p.to_eps(v, x_t, alpha, sigma), eps, atol=1e-5)
+    # on a variance-preserving path, x0 = alpha x_t - sigma v (Salimans & Ho, eq. 11 context)
+    a, s = torch.full_like(alpha, 0.6), torch.full_like(sigma, 0.8)
+    x_vp = a * x0 + s * eps
+    v_vp = a * eps - s * x0
+    assert torch.allclose(a * x_vp - s * v_vp, x0, atol=1e-5)
+
+
+def test_edm_preconditioning_matches_karras_table_1():
+    """D(y) = c_skip y + c_out F(c_in y) in y = x/alpha, sigma~ = sigma/alpha (sigma_data = 0.5)."""
+    x0, eps, alpha, sigma, x_t = _frame(2)
+    edm = PARAMETERIZATIONS.get("edm")
+    output = torch.randn_like(x0)
+    scaled = sigma / alpha
+    c_skip = 0.25 / (scaled**2 + 0.25)
+    c_out = scaled * 0.5 / (scaled**2 + 0.25).sqrt()
+    c_in = 1 / (scaled**2 + 0.25).sqrt()
+    denoised = c_skip * x_t / alpha + c_out * output
+    eps_from_output = edm.to_eps(output, x_t, alpha, sigma)
+    assert torch.allclose((x_t - sigma * eps_from_output) / alpha, denoised, atol=1e-5)
+    assert torch.allclose(edm.input_scale(alpha, sigma) * x_t, c_in * x_t / alpha, atol=1e-6)
+    # the network's target F = (x0 - c_skip y) / c_out has unit variance for data of std sigma_data (Karras eq. 8)
+    data = 0.5 * torch.randn(200_000, 1)
+    noise = torch.randn_like(data)
+    a, s = torch.tensor([[0.7]]), torch.tensor([[1.3]])
+    target = edm.from_eps(noise, a * data + s * noise, a, s)
+    assert target.var().item() == pytest.approx(1.0, rel=0.02)
+
+
+def test_new_weightings_against_their_papers():
+    x0, eps, alpha, sigma, x_t = _frame(3)
+    eps_hat = eps + 0.2 * torch.randn_like(eps)
+    err = ((eps_hat - eps) ** 2).mean(1)
+    from diffusion.config import LossConfig
+    snr = (alpha / sigma) ** 2
+    got = WEIGHTINGS.get("min_snr")(eps_hat, eps, alpha, sigma, options=LossConfig(min_snr_gamma=5.0))
+    x0_err = (((x_t - sigma * eps_hat) / alpha - x0) ** 2).mean(1)
+    assert torch.allclose(got, snr.clamp(max=5).squeeze(1) * x0_err, rtol=1e-4)
+    edm = WEIGHTINGS.get("edm")(eps_hat, eps, alpha, sigma)
+    scaled = (sigma / alpha).squeeze(1)
+    lam = (scaled**2 + 0.25) / (scaled * 0.5) ** 2  # Karras et al. 2022, Table 1
+    assert torch.allclose(edm, lam * x0_err, rtol=1e-4)
+    # likelihood weighting on the VP-SDE: g^2 = beta(t) = 0.1 + 19.9 t
+    process = build_process(ProcessConfig(T="continuous"))
+    t = torch.rand(64, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    a, s = expand(process.alpha(t), x0), expand(process.sigma(t), x0)
+    got = WEIGHTINGS.get("likelihood")(eps_hat, eps, a, s, t=t, process=process)
+    expected = 0.5 * (0.1 + 19.9 * t) / s.squeeze(1) ** 2 * err
+    assert torch.allclose(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["x0", "v", "edm", "score"])
+def test_exact_denoiser_read_through_every_parameterization(name):
+    """A network that outputs from_eps(exact eps) gives back the exact denoiser through network_denoiser."""
+    from diffusion.denoiser import network_denoiser
+
+    data = GaussianData.random(4, seed=2)
+    process = build_process(ProcessConfig(T="continuous"))
+    p = PARAMETERIZATIONS.get(name)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_in, t):
+            a, s = expand(process.alpha(t), x_in), expand(process.sigma(t), x_in)
+            x_t = x_in / p.input_scale(a, s)
+            return p.from_eps(data.exact_eps(x_t, process.alpha(t), process.sigma(t)), x_t, a, s)
+
+    denoiser = network_denoiser(Oracle(), p, process)
+    x = torch.randn(32, 4)
+    t = torch.full((32,), 0.4)
+    assert torch.allclose(denoiser.eps(x, t), data.exact_eps(x, process.alpha(t), process.sigma(t)), atol=1e-4)
