@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weighting: str = "simple"  # simple (Ho et al. eps-MSE), sigma2 (Song & Ermon eq. 6), min_snr (Hang et al. 2023), likelihood (g^2, Song et al. 2021), edm (Karras et al. 2022)
+    weighting: str = "simple"  # elbo (the variational bound), simple (Ho et al. eps-MSE), sigma2 (Song & Ermon eq. 6), min_snr (Hang et al. 2023), likelihood (g^2, Song et al. 2021), edm (Karras et al. 2022)
     min_snr_gamma: float = 5.0  # min_snr: gamma
 
 

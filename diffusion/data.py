@@ -35,6 +35,8 @@ class Dataset:
     train_labels, test_labels: int64 ``[N]`` class (or mixture component) of each example, or None.
     log_prob: exact log-density of the data distribution, ``[..., 2] -> [...]``; only for
         data sets whose density is known in closed form (gaussian_mixture), else None.
+    levels: number of evenly spaced values each pixel takes in [-1, 1] (256 for 8-bit images, 17 for
+        sklearn's digits), for discretized likelihoods; None for continuous data.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Dataset:
     test_labels: Optional[Tensor] = None
     num_classes: Optional[int] = None
     log_prob: Optional[Callable[[Tensor], Tensor]] = None
+    levels: Optional[int] = None
 
     @property
     def is_image(self) -> bool:
@@ -143,7 +146,8 @@ def load_digits(cfg: DataConfig) -> Dataset:
     images = images / DIGITS_MAX_INTENSITY * 2.0 - 1.0
     labels = torch.from_numpy(bunch.target).long()
     train_idx, test_idx = _stratified_split(labels, cfg)
-    return _split("digits", images, labels, train_idx, test_idx, num_classes=10)
+    return _split("digits", images, labels, train_idx, test_idx, num_classes=10,
+                  levels=int(DIGITS_MAX_INTENSITY) + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +321,7 @@ def _mnist_like(name: str, dataset_class, cfg: DataConfig) -> Dataset:
         train_labels=torch.as_tensor(train.targets, dtype=torch.long),
         test_labels=torch.as_tensor(test.targets, dtype=torch.long),
         num_classes=len(train.classes),
+        levels=256,
     )
 
 
@@ -355,6 +360,7 @@ def load_cifar10(cfg: DataConfig) -> Dataset:
         train_labels=torch.as_tensor(train.targets, dtype=torch.long),
         test_labels=torch.as_tensor(test.targets, dtype=torch.long),
         num_classes=len(train.classes),
+        levels=256,
     )
 
 
@@ -406,4 +412,4 @@ def load_image_folder(cfg: DataConfig) -> Dataset:
             raise ConfigError("data.root", cfg.root, accepted, detail=f"cannot read {path}: {error}") from error
     images = _uint8_to_unit_range(torch.stack(pixels))
     train_idx, test_idx = _random_split(len(images), cfg)
-    return _split("image_folder", images, None, train_idx, test_idx)
+    return _split("image_folder", images, None, train_idx, test_idx, levels=256)

@@ -61,6 +61,15 @@ def likelihood(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t:
     return 0.5 * _mean_over_dims(weight * (eps_hat - eps) ** 2)
 
 
+@WEIGHTINGS.register("elbo")
+def elbo(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t: Tensor, process, **_) -> Tensor:
+    """The variational bound's weight. Continuous time: -1/2 dlambda/dt ||eps_hat - eps||^2 (Kingma et al. 2021,
+    VDM eq. 17), which is 1/2 g^2 / sigma^2 since g^2 = -sigma^2 dlambda/dt: the same weight as ``likelihood``
+    (Song et al. 2021b show the equivalence). In discrete time ``diffusion_loss`` uses the exact bound instead
+    (every KL term, the prior and the discretized decoder, ``diffusion.elbo``)."""
+    return likelihood(eps_hat, eps, alpha, sigma, t=t, process=process)
+
+
 @WEIGHTINGS.register("edm")
 def edm(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tensor:
     """Karras et al. 2022, sec. 5 and Table 1: lambda(sigma~) ||D - x0||^2 with lambda = (sigma~^2 + sd^2) / (sigma~ sd)^2
@@ -72,10 +81,19 @@ def edm(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tens
 
 def diffusion_loss(
     denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator,
-    options: LossConfig | None = None,
+    options: LossConfig | None = None, levels: int | None = None, variance: str = "beta_tilde",
 ) -> Tensor:
-    """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch."""
+    """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch.
+
+    With the ``elbo`` weighting on a discrete process this is the unbiased one-step estimate of the
+    whole bound (``diffusion.elbo.elbo_loss_estimate``, with the decoder discretized to ``levels``
+    values and the reverse ``variance``), in nats per data dimension."""
     process = denoiser.process
+    if weighting is elbo and process.T is not None:
+        from .elbo import elbo_loss_estimate
+
+        nats = elbo_loss_estimate(denoiser, x0, levels, variance, generator)
+        return (nats / x0[0].numel()).mean().float()
     t = process.sample_times(x0.shape[0], generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     x_t = process.marginal(x0, t, eps)

@@ -105,7 +105,8 @@ class Trainer:
         )
         x0 = self.train_data[index]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator, self.cfg.loss)
+            loss = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator, self.cfg.loss,
+                                  levels=self.dataset.levels, variance=self.cfg.model.variance)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(self.step + 1, value)

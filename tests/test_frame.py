@@ -149,3 +149,27 @@ def test_exact_denoiser_read_through_every_parameterization(name):
     x = torch.randn(32, 4)
     t = torch.full((32,), 0.4)
     assert torch.allclose(denoiser.eps(x, t), data.exact_eps(x, process.alpha(t), process.sigma(t)), atol=1e-4)
+
+
+def test_elbo_weighting_is_the_exact_bound_in_discrete_time_and_vdm_in_continuous_time():
+    from diffusion.elbo import elbo_loss_estimate
+
+    data = GaussianData.random(4, seed=5)
+    x0 = data.sample(64, torch.Generator().manual_seed(0))
+    discrete = data.denoiser(build_process(ProcessConfig(T=20)))
+    got = diffusion_loss(discrete, WEIGHTINGS.get("elbo"), x0, torch.Generator().manual_seed(1), levels=None)
+    expected = elbo_loss_estimate(discrete, x0, None, "beta_tilde", torch.Generator().manual_seed(1)).mean() / 4
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # continuous time: -1/2 dlambda/dt, with dlambda/dt computed by finite differences of the log-SNR
+    process = build_process(ProcessConfig(T="continuous"))
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    h = 1e-6
+    log_snr64 = lambda u: 2 * (process.log_alpha64(u) - process.log_sigma64(u))  # noqa: E731
+    dlambda = (log_snr64(t + h) - log_snr64(t - h)) / (2 * h)
+    _, g2 = process.sde(t.float())
+    sigma2 = process.sigma(t.float()).double() ** 2
+    assert torch.allclose(g2.double() / sigma2, -dlambda, rtol=1e-3)
+    eps, eps_hat = torch.zeros(3, 4), torch.ones(3, 4)
+    a, s = expand(process.alpha(t.float()), eps), expand(process.sigma(t.float()), eps)
+    weight = WEIGHTINGS.get("elbo")(eps_hat, eps, a, s, t=t.float(), process=process)
+    assert torch.allclose(weight.double(), -0.5 * dlambda, rtol=1e-3)
