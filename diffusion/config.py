@@ -62,6 +62,9 @@ class ModelConfig:
 class LossConfig:
     weighting: str = "simple"  # elbo (the variational bound), simple (Ho et al. eps-MSE), sigma2 (Song & Ermon eq. 6), min_snr (Hang et al. 2023), likelihood (g^2, Song et al. 2021), edm (Karras et al. 2022)
     min_snr_gamma: float = 5.0  # min_snr: gamma
+    objective: str = "denoising"  # denoising (Vincent 2011), implicit (Hyvarinen 2005, exact Jacobian trace) or sliced (Song et al. 2019); the last two on noised 2-D data, weighted by sigma^2
+    n_projections: int = 1  # sliced: random projections per example
+    projection: str = "gaussian"  # sliced: gaussian or rademacher projections
 
 
 @dataclass
@@ -147,6 +150,16 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     nets.validate(cfg.model)
     losses.WEIGHTINGS.get(cfg.loss.weighting)
     _check(cfg.loss.min_snr_gamma > 0, "loss.min_snr_gamma", cfg.loss.min_snr_gamma, "a positive number")
+    if cfg.loss.objective != "denoising":
+        from . import score_matching
+
+        score_matching.OBJECTIVES.get(cfg.loss.objective)
+        score_matching.PROJECTIONS.get(cfg.loss.projection)
+        _check(cfg.loss.weighting == "sigma2", "loss.weighting", cfg.loss.weighting,
+               f"sigma2 with loss.objective {cfg.loss.objective} (score matching is weighted by lambda = sigma^2)")
+        _check(cfg.model.arch in ("auto", "mlp"), "model.arch", cfg.model.arch,
+               f"mlp (or auto) with loss.objective {cfg.loss.objective}: it is for low-dimensional data")
+        _check(cfg.loss.n_projections >= 1, "loss.n_projections", cfg.loss.n_projections, "an integer >= 1")
     for key in ("steps", "batch_size", "log_every"):
         _check(getattr(cfg.train, key) >= 1, f"train.{key}", getattr(cfg.train, key), "an integer >= 1")
     _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a positive number")

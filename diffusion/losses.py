@@ -89,6 +89,9 @@ def diffusion_loss(
     whole bound (``diffusion.elbo.elbo_loss_estimate``, with the decoder discretized to ``levels``
     values and the reverse ``variance``), in nats per data dimension."""
     process = denoiser.process
+    options = options or LossConfig()
+    if options.objective != "denoising":
+        return score_matching_loss(denoiser, x0, generator, options)
     if weighting is elbo and process.T is not None:
         from .elbo import elbo_loss_estimate
 
@@ -99,4 +102,21 @@ def diffusion_loss(
     x_t = process.marginal(x0, t, eps)
     eps_hat = denoiser.eps(x_t, t)
     alpha, sigma = denoiser._coefs(x_t, t)
-    return weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options or LossConfig()).mean()
+    return weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options).mean()
+
+
+def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generator, options: LossConfig) -> Tensor:
+    """Implicit or sliced score matching (``diffusion.score_matching``) of the noised data x_t ~ q_t at a
+    random t per example, weighted by lambda = sigma^2 (Song & Ermon 2019, eq. 6) and averaged over
+    dimensions: for every model it equals the ``sigma2`` denoising loss up to a constant that does not
+    depend on the model (Hyvarinen 2005, Theorem 1; Vincent 2011). For data [B, D]."""
+    from .score_matching import OBJECTIVES
+
+    process = denoiser.process
+    t = process.sample_times(x0.shape[0], generator, x0.device)
+    x_t = process.marginal(x0, t, torch.randn(x0.shape, generator=generator, device=x0.device))
+    score_fn = lambda x: denoiser.score(x, t)  # noqa: E731 - rows of x are the examples at times t
+    extra = {"n_projections": options.n_projections, "distribution": options.projection} if options.objective == "sliced" else {}
+    per_example = OBJECTIVES.get(options.objective)(score_fn, x_t, generator=generator, **extra)
+    sigma = process.sigma(t).to(x0.device)
+    return (sigma**2 * per_example / x0[0].numel()).mean()

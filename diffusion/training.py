@@ -77,6 +77,11 @@ class Trainer:
         self.process = build_process(cfg.process)
         self.parameterization = PARAMETERIZATIONS.get(cfg.model.parameterization)
         self.weighting = WEIGHTINGS.get(cfg.loss.weighting)
+        if cfg.loss.objective != "denoising" and dataset.is_image:
+            from .errors import ConfigError
+
+            raise ConfigError("loss.objective", cfg.loss.objective, "denoising for image data",
+                              detail="implicit and sliced score matching are for low-dimensional data")
         self.network = build_network(cfg.model, dataset.shape).to(self.device)
         self.ema = AveragedModel(self.network, multi_avg_fn=ema_update(cfg.train.ema_decay, cfg.train.ema_warmup))
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.train.lr)

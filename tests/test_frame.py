@@ -173,3 +173,25 @@ def test_elbo_weighting_is_the_exact_bound_in_discrete_time_and_vdm_in_continuou
     a, s = expand(process.alpha(t.float()), eps), expand(process.sigma(t.float()), eps)
     weight = WEIGHTINGS.get("elbo")(eps_hat, eps, a, s, t=t.float(), process=process)
     assert torch.allclose(weight.double(), -0.5 * dlambda, rtol=1e-3)
+
+
+@pytest.mark.parametrize("objective", ["implicit", "sliced"])
+def test_score_matching_objectives_differ_from_denoising_by_a_model_free_constant(objective):
+    """E[sigma^2 (tr grad s + 1/2 ||s||^2)] and E[1/2 sigma^2 ||s - grad log q(x_t|x0)||^2] differ by a constant
+    (Hyvarinen 2005; Vincent 2011): the change between two models is the same for both objectives."""
+    from diffusion.config import LossConfig
+
+    data = GaussianData.random(2, seed=7)
+    process = build_process(ProcessConfig(name="ve", schedule="geometric", T="continuous", sigma_min=0.05, sigma_max=3.0))
+    exact = data.denoiser(process)
+    worse = Denoiser(lambda x, t: 0.7 * exact.eps(x, t), process)
+    x0 = data.sample(100_000, torch.Generator().manual_seed(0))
+    options = LossConfig(weighting="sigma2", objective=objective, n_projections=4)
+
+    def loss(model, opts):
+        return diffusion_loss(model, WEIGHTINGS.get("sigma2"), x0, torch.Generator().manual_seed(1), opts).item()
+
+    change_sm = loss(worse, options) - loss(exact, options)
+    change_dsm = loss(worse, LossConfig(weighting="sigma2")) - loss(exact, LossConfig(weighting="sigma2"))
+    assert change_dsm > 0.01
+    assert change_sm == pytest.approx(change_dsm, rel=0.1)

@@ -55,6 +55,12 @@ def test_grid_product_and_cli_overrides(tmp_path):
         ("base: {}\n", "name", "name"),
         ("name: x\nextra: 1\n", "extra", "top-level keys"),
         ("name: x\nbase: {process: {T: 3\n", "FILE", "YAML"),
+        ("name: x\nbase: {loss: {objective: sliced}}\n", "base.loss.weighting", "sigma2"),
+        ("name: x\nbase: {loss: {objective: exact}}\n", "base.loss.objective", "implicit, sliced"),
+        ("name: x\nbase: {process: {T: often}}\n", "base.process.T", "continuous"),
+        ("name: x\nbase: {process: {name: subvp, T: 100}}\n", "base.process.T", "continuous"),
+        ("name: x\nbase: {sample: {sampler: ddim, eta: 2}}\n", "base.sample.eta", "[0, 1]"),
+        ("name: x\nbase: {process: {T: continuous}, sample: {spacing: leading}}\n", "base.sample.spacing", "karras"),
     ],
 )
 def test_bad_input_names_key_value_and_accepted(tmp_path, text, key, accepted):
