@@ -103,3 +103,57 @@ def test_vp_posterior_variance_is_beta_tilde():
 def test_bad_process_config(changes, key):
     with pytest.raises(ConfigError, match=key):
         build_process(ProcessConfig(**changes))
+
+
+def test_scaled_linear_schedule_constant_and_continuous_limit():
+    """Stable Diffusion's scaled_linear (beta 0.00085 to 0.012, T = 1000) ends at alphabar_T = 0.00466."""
+    cfg = ProcessConfig(schedule="scaled_linear", T=1000, beta_start=0.00085, beta_end=0.012)
+    alphabar = build_process(cfg).alphas ** 2
+    assert alphabar[-1].item() == pytest.approx(0.00466, rel=0.01)
+    continuous = build_process(ProcessConfig(schedule="scaled_linear", T="continuous", beta_start=0.00085, beta_end=0.012))
+    t = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    # the limit integrates beta where the chain sums -log(1 - beta) = beta + beta^2/2 + ...: ~1e-2 apart
+    assert torch.allclose(continuous.alpha(t) ** 2, alphabar[[250, 500, 750, 1000]].float(), rtol=0.03)
+
+
+def test_continuous_vp_sde_is_the_limit_of_ddpm_linear():
+    """beta_min = T beta_start = 0.1, beta_max = T beta_end = 20 (Song et al. 2021, appendix C)."""
+    discrete = build_process(ProcessConfig(T=1000))
+    continuous = build_process(ProcessConfig(T="continuous"))
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    # -log(1 - beta) = beta + beta^2/2 + ...: the chain and its limit differ by ~sum beta^2 / 4 in log alpha
+    assert torch.allclose(continuous.alpha(t), discrete.alpha(t), rtol=0.03)
+    # closed form: alphabar(t) = exp(-0.1 t - 9.95 t^2)
+    assert torch.allclose(continuous.alpha(t) ** 2, torch.exp(-0.1 * t - 9.95 * t**2), rtol=1e-5)
+    assert torch.allclose(continuous.alpha(t) ** 2 + continuous.sigma(t) ** 2, torch.ones(5), atol=1e-6)
+
+
+def test_sigmoid_schedule_closed_form_and_ends():
+    discrete = build_process(ProcessConfig(schedule="sigmoid", T=1000))
+    alphabar = discrete.alphas**2
+    grid = torch.arange(1001, dtype=torch.float64) / 1000
+    s = torch.sigmoid
+    closed = (s(torch.tensor(3.0, dtype=torch.float64)) - s(6 * grid - 3)) / (s(torch.tensor(3.0, dtype=torch.float64)) - s(torch.tensor(-3.0, dtype=torch.float64)))
+    assert (alphabar[:990] - closed[:990]).abs().max() < 1e-9  # before the clipped end
+    assert alphabar[0] == 1 and alphabar[-1] < 1e-3
+
+
+def test_subvp_and_ve_sde_marginals():
+    """sub-VP: sigma = 1 - alphabar (Song et al. 2021, eq. 29); VE-SDE: sigma(t) = sigma_min (sigma_max / sigma_min)^t."""
+    vp = build_process(ProcessConfig(T="continuous"))
+    subvp = build_process(ProcessConfig(name="subvp", T="continuous"))
+    t = torch.tensor([0.2, 0.6])
+    assert torch.allclose(subvp.sigma(t), 1 - vp.alpha(t) ** 2, atol=1e-6)
+    assert torch.all(subvp.sigma(t) < vp.sigma(t))
+    ve = build_process(ProcessConfig(name="ve", schedule="geometric", T="continuous", sigma_min=0.01, sigma_max=50.0))
+    assert torch.allclose(ve.sigma(t), 0.01 * 5000.0**t, rtol=1e-5)
+    assert ve.time_of_log_snr(ve.log_snr(t)).sub(t).abs().max() < 1e-5
+
+
+def test_discrete_process_interpolates_between_grid_times():
+    process = build_process(ProcessConfig(T=10))
+    grid = torch.tensor([0.3, 0.4])
+    mid = torch.tensor([0.35])
+    log_alpha = process.alpha(grid).log()
+    assert process.alpha(mid).log().item() == pytest.approx(log_alpha.mean().item(), rel=1e-5)
+    assert process.alpha(grid)[0].item() == pytest.approx(process.alphas[3].item(), rel=1e-6)
