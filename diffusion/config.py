@@ -62,6 +62,8 @@ class ModelConfig:
 class LossConfig:
     weighting: str = "simple"  # elbo (the variational bound), simple (Ho et al. eps-MSE), sigma2 (Song & Ermon eq. 6), min_snr (Hang et al. 2023), likelihood (g^2, Song et al. 2021), edm (Karras et al. 2022)
     min_snr_gamma: float = 5.0  # min_snr: gamma
+    t_sampling: str = "uniform"  # uniform, or importance: t drawn in proportion to sqrt(E[L_t^2]) (Nichol & Dhariwal 2021)
+    importance_bins: int = 100  # importance in continuous time: number of equal time bins
     objective: str = "denoising"  # denoising (Vincent 2011), implicit (Hyvarinen 2005, exact Jacobian trace) or sliced (Song et al. 2019); the last two on noised 2-D data, weighted by sigma^2
     n_projections: int = 1  # sliced: random projections per example
     projection: str = "gaussian"  # sliced: gaussian or rademacher projections
@@ -150,6 +152,12 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     nets.validate(cfg.model)
     losses.WEIGHTINGS.get(cfg.loss.weighting)
     _check(cfg.loss.min_snr_gamma > 0, "loss.min_snr_gamma", cfg.loss.min_snr_gamma, "a positive number")
+    _check(cfg.loss.t_sampling in ("uniform", "importance"), "loss.t_sampling", cfg.loss.t_sampling,
+           "uniform or importance")
+    _check(cfg.loss.importance_bins >= 1, "loss.importance_bins", cfg.loss.importance_bins, "an integer >= 1")
+    if cfg.loss.t_sampling == "importance" and cfg.loss.weighting == "elbo" and cfg.process.T != "continuous":
+        raise ConfigError("loss.t_sampling", "importance", "uniform with the discrete elbo",
+                          detail="the discrete bound draws its own step; importance sampling of it is not built yet")
     if cfg.loss.objective != "denoising":
         from . import score_matching
 

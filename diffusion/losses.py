@@ -79,9 +79,71 @@ def edm(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tens
     return _mean_over_dims((scaled**2 + SIGMA_DATA**2) / SIGMA_DATA**2 * (eps_hat - eps) ** 2)
 
 
+class TimeSampler:
+    """Draws training times and the weights that keep the loss estimate unbiased.
+
+    ``uniform``: the process's own times (uniform on {1..T}/T, or on [t_min, 1]), weight 1.
+    ``importance`` (Nichol & Dhariwal 2021, sec. 3.3): the time range is split into ``bins`` (the T steps in
+    discrete time, ``loss.importance_bins`` equal bins in continuous time); once every bin holds
+    ``history`` recent losses, bin k is drawn with p_k proportional to sqrt(E[L_k^2]) (mixed with
+    ``uniform_share`` of the uniform law) and each example is weighted by p_uniform / p_k. The loss
+    history is part of the state, so a resumed run continues exactly.
+    """
+
+    def __init__(self, process, options: LossConfig, history: int = 10, uniform_share: float = 1e-3):
+        self.process, self.importance = process, options.t_sampling == "importance"
+        self.bins = process.T if process.T is not None else options.importance_bins
+        self.history = torch.zeros(self.bins, history, dtype=torch.float64)
+        self.counts = torch.zeros(self.bins, dtype=torch.long)
+        self.uniform_share = uniform_share
+
+    def probabilities(self) -> Tensor:
+        """p_k over the bins (float64 [bins]); uniform until every bin has a full history."""
+        uniform = torch.full((self.bins,), 1.0 / self.bins, dtype=torch.float64)
+        if not self.importance or (self.counts < self.history.shape[1]).any():
+            return uniform
+        p = (self.history**2).mean(1).sqrt()
+        p = p / p.sum()
+        return (1 - self.uniform_share) * p + self.uniform_share * uniform
+
+    def sample(self, batch: int, generator: torch.Generator, device) -> tuple[Tensor, Tensor]:
+        """(t [B], weights [B]) with E[weight * L(t)] = E_uniform[L(t)]."""
+        if not self.importance:
+            return self.process.sample_times(batch, generator, device), torch.ones(batch, device=device)
+        p = self.probabilities()
+        k = torch.multinomial(p.to(device), batch, replacement=True, generator=generator)
+        weights = (1.0 / (self.bins * p.to(device)[k])).float()
+        if self.process.T is not None:
+            return (k + 1).float() / self.process.T, weights
+        t_min = self.process.t_min
+        u = torch.rand(batch, generator=generator, device=device)
+        return t_min + (1 - t_min) * (k.float() + u) / self.bins, weights
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Record per-example losses (unweighted) at times t."""
+        if not self.importance:
+            return
+        if self.process.T is not None:
+            k = (t.double() * self.process.T).round().long() - 1
+        else:
+            k = ((t.double() - self.process.t_min) / (1 - self.process.t_min) * self.bins).long()
+        for bin_index, value in zip(k.clamp(0, self.bins - 1).tolist(), losses.detach().double().tolist()):
+            self.history[bin_index] = torch.roll(self.history[bin_index], 1)
+            self.history[bin_index, 0] = value
+            self.counts[bin_index] += 1
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.copy_(state["history"])
+        self.counts.copy_(state["counts"])
+
+
 def diffusion_loss(
     denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator,
     options: LossConfig | None = None, levels: int | None = None, variance: str = "beta_tilde",
+    time_sampler: TimeSampler | None = None,
 ) -> Tensor:
     """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch.
 
@@ -91,21 +153,25 @@ def diffusion_loss(
     process = denoiser.process
     options = options or LossConfig()
     if options.objective != "denoising":
-        return score_matching_loss(denoiser, x0, generator, options)
+        return score_matching_loss(denoiser, x0, generator, options, time_sampler)
     if weighting is elbo and process.T is not None:
         from .elbo import elbo_loss_estimate
 
         nats = elbo_loss_estimate(denoiser, x0, levels, variance, generator)
         return (nats / x0[0].numel()).mean().float()
-    t = process.sample_times(x0.shape[0], generator, x0.device)
+    time_sampler = time_sampler or TimeSampler(process, LossConfig())
+    t, importance = time_sampler.sample(x0.shape[0], generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     x_t = process.marginal(x0, t, eps)
     eps_hat = denoiser.eps(x_t, t)
     alpha, sigma = denoiser._coefs(x_t, t)
-    return weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options).mean()
+    losses = weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options)
+    time_sampler.update(t, losses)
+    return (importance * losses).mean()
 
 
-def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generator, options: LossConfig) -> Tensor:
+def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generator, options: LossConfig,
+                        time_sampler: TimeSampler | None = None) -> Tensor:
     """Implicit or sliced score matching (``diffusion.score_matching``) of the noised data x_t ~ q_t at a
     random t per example, weighted by lambda = sigma^2 (Song & Ermon 2019, eq. 6) and averaged over
     dimensions: for every model it equals the ``sigma2`` denoising loss up to a constant that does not
@@ -113,10 +179,13 @@ def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generat
     from .score_matching import OBJECTIVES
 
     process = denoiser.process
-    t = process.sample_times(x0.shape[0], generator, x0.device)
+    time_sampler = time_sampler or TimeSampler(process, LossConfig())
+    t, importance = time_sampler.sample(x0.shape[0], generator, x0.device)
     x_t = process.marginal(x0, t, torch.randn(x0.shape, generator=generator, device=x0.device))
     score_fn = lambda x: denoiser.score(x, t)  # noqa: E731 - rows of x are the examples at times t
     extra = {"n_projections": options.n_projections, "distribution": options.projection} if options.objective == "sliced" else {}
     per_example = OBJECTIVES.get(options.objective)(score_fn, x_t, generator=generator, **extra)
     sigma = process.sigma(t).to(x0.device)
-    return (sigma**2 * per_example / x0[0].numel()).mean()
+    losses = sigma**2 * per_example / x0[0].numel()
+    time_sampler.update(t, losses)
+    return (importance * losses).mean()

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel
 from .config import TrialConfig
 from .data import Dataset
 from .denoiser import Denoiser, network_denoiser
-from .losses import WEIGHTINGS, diffusion_loss
+from .losses import WEIGHTINGS, TimeSampler, diffusion_loss
 from .nets import build_network
 from .parameterizations import PARAMETERIZATIONS
 from .processes import build_process
@@ -90,6 +90,7 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.time_sampler = TimeSampler(self.process, cfg.loss)
         self.train_data = dataset.train.to(self.device)
         self.step = 0
         self.amp = cfg.resources.amp and self.device.type == "cuda"
@@ -111,7 +112,8 @@ class Trainer:
         x0 = self.train_data[index]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator, self.cfg.loss,
-                                  levels=self.dataset.levels, variance=self.cfg.model.variance)
+                                  levels=self.dataset.levels, variance=self.cfg.model.variance,
+                                  time_sampler=self.time_sampler)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(self.step + 1, value)
@@ -177,6 +179,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "time_sampler": self.time_sampler.state_dict(),
             "rng": rng,
         }
 
@@ -188,6 +191,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.time_sampler.load_state_dict(state["time_sampler"])
         rng = state["rng"]
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])

@@ -195,3 +195,34 @@ def test_score_matching_objectives_differ_from_denoising_by_a_model_free_constan
     change_dsm = loss(worse, LossConfig(weighting="sigma2")) - loss(exact, LossConfig(weighting="sigma2"))
     assert change_dsm > 0.01
     assert change_sm == pytest.approx(change_dsm, rel=0.1)
+
+
+def test_importance_sampling_of_t_is_unbiased_and_reduces_variance():
+    """Nichol & Dhariwal 2021, sec. 3.3: with p_t proportional to sqrt(E[L_t^2]) and weights p_uniform / p_t the
+    estimate keeps its mean and, for the heavy-tailed likelihood weighting, loses variance."""
+    from diffusion.config import LossConfig
+    from diffusion.losses import TimeSampler
+
+    data = GaussianData.random(4, seed=9)
+    process = build_process(ProcessConfig(T="continuous"))
+    denoiser = data.denoiser(process)
+    weighting = WEIGHTINGS.get("likelihood")
+    g = torch.Generator().manual_seed(0)
+    sampler = TimeSampler(process, LossConfig(t_sampling="importance", importance_bins=20))
+    while (sampler.counts < 10).any():  # fill every bin's history
+        diffusion_loss(denoiser, weighting, data.sample(512, g), g, time_sampler=sampler)
+    p = sampler.probabilities()
+    expected = (sampler.history**2).mean(1).sqrt()
+    assert torch.allclose(p, 0.999 * expected / expected.sum() + 0.001 / 20)
+    frozen = TimeSampler(process, LossConfig(t_sampling="importance", importance_bins=20))
+    frozen.load_state_dict(sampler.state_dict())
+    frozen.update = lambda t, losses: None  # keep p fixed while measuring
+    uniform, weighted = [], []
+    for _ in range(200):
+        x0 = data.sample(256, g)
+        uniform.append(diffusion_loss(denoiser, weighting, x0, g).item())
+        weighted.append(diffusion_loss(denoiser, weighting, x0, g, time_sampler=frozen).item())
+    uniform, weighted = torch.tensor(uniform), torch.tensor(weighted)
+    stderr = (uniform.var() / 200 + weighted.var() / 200).sqrt()
+    assert abs(uniform.mean() - weighted.mean()) < 4 * stderr
+    assert weighted.var() < 0.5 * uniform.var()

@@ -56,6 +56,8 @@ def test_grid_product_and_cli_overrides(tmp_path):
         ("name: x\nextra: 1\n", "extra", "top-level keys"),
         ("name: x\nbase: {process: {T: 3\n", "FILE", "YAML"),
         ("name: x\nbase: {loss: {objective: sliced}}\n", "base.loss.weighting", "sigma2"),
+        ("name: x\nbase: {loss: {weighting: elbo, t_sampling: importance}}\n", "base.loss.t_sampling", "uniform"),
+        ("name: x\nbase: {loss: {t_sampling: often}}\n", "base.loss.t_sampling", "importance"),
         ("name: x\nbase: {loss: {objective: exact}}\n", "base.loss.objective", "implicit, sliced"),
         ("name: x\nbase: {process: {T: often}}\n", "base.process.T", "continuous"),
         ("name: x\nbase: {process: {name: subvp, T: 100}}\n", "base.process.T", "continuous"),

@@ -22,8 +22,13 @@ def digits():
     return load_dataset(DataConfig(name="digits"))
 
 
-def test_resume_continues_bit_for_bit(digits, tmp_path):
+@pytest.mark.parametrize("t_sampling", ["uniform", "importance"])
+def test_resume_continues_bit_for_bit(digits, tmp_path, t_sampling):
+    from diffusion.config import LossConfig
+
     cfg = small_config(steps=12, ema_decay=0.9)
+    if t_sampling == "importance":  # T = 4: every step's history fills within the first steps
+        cfg.process, cfg.loss = ProcessConfig(T=4), LossConfig(t_sampling="importance")
     straight = Trainer(cfg, digits, torch.device("cpu"))
     straight_losses = [r.loss for r in straight.train()]
 
@@ -37,6 +42,9 @@ def test_resume_continues_bit_for_bit(digits, tmp_path):
     assert resumed.step == 6
     resumed_losses = [r.loss for r in resumed.train()]
     assert resumed_losses == straight_losses[3:]
+    if t_sampling == "importance":
+        assert resumed.time_sampler.importance and not torch.allclose(
+            resumed.time_sampler.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
     for a, b in zip(straight.network.state_dict().values(), resumed.network.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
