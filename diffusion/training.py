@@ -5,6 +5,7 @@ generator, so that ``save`` then ``load`` into a fresh Trainer continues bit for
 """
 from __future__ import annotations
 
+import ast
 import math
 import random
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ class Trainer:
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
-        random.setstate(_literal(bytes(rng["python"].tolist()).decode()))
+        random.setstate(ast.literal_eval(bytes(rng["python"].tolist()).decode()))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
@@ -220,8 +221,3 @@ def _numpy_state_to_tensors(state) -> dict:
 def _numpy_state_from_tensors(d: dict):
     return ("MT19937", d["keys"].numpy().astype(np.uint32), int(d["pos"]), int(d["has_gauss"]), float(d["cached"]))
 
-
-def _literal(text: str):
-    import ast
-
-    return ast.literal_eval(text)

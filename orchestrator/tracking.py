@@ -15,7 +15,6 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -116,6 +115,3 @@ def end_unfinished_runs(client: MlflowClient, experiment_id: str, parent_run_id:
         client.set_terminated(run.info.run_id, status=status)
     return [run.info.run_id for run in runs]
 
-
-def run_status(client: MlflowClient, run_id: str) -> str:
-    return RunStatus.to_string(RunStatus.from_string(client.get_run(run_id).info.status))
