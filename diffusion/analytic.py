@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .processes import GaussianProcess
+from .processes import GaussianProcess, expand
 
 
 class GaussianData:
@@ -42,6 +42,20 @@ class GaussianData:
         centred = (x_t.double() - a * self.mean) @ self.eigvecs  # [B, D] in the eigenbasis
         eps = s * centred / (a**2 * self.eigvals + s**2)
         return (eps @ self.eigvecs.T).to(x_t.dtype)
+
+    def oracle_network(self, process: GaussianProcess, parameterization) -> torch.nn.Module:
+        """A stand-in network whose raw output is the exact answer written in ``parameterization``
+        (it undoes the parameterization's input scale first), to test the network path end to end."""
+        data = self
+
+        class Oracle(torch.nn.Module):
+            def forward(self, x_in: Tensor, t: Tensor) -> Tensor:
+                alpha, sigma = process.alpha(t), process.sigma(t)
+                a, s = expand(alpha, x_in), expand(sigma, x_in)
+                x_t = x_in / parameterization.input_scale(a, s)
+                return parameterization.from_eps(data.exact_eps(x_t, alpha, sigma), x_t, a, s)
+
+        return Oracle()
 
     def denoiser(self, process: GaussianProcess) -> Denoiser:
         """The Bayes-optimal denoiser under ``process`` (expects x_t of shape [B, D])."""

@@ -139,13 +139,7 @@ def test_exact_denoiser_read_through_every_parameterization(name):
     process = build_process(ProcessConfig(T="continuous"))
     p = PARAMETERIZATIONS.get(name)
 
-    class Oracle(torch.nn.Module):
-        def forward(self, x_in, t):
-            a, s = expand(process.alpha(t), x_in), expand(process.sigma(t), x_in)
-            x_t = x_in / p.input_scale(a, s)
-            return p.from_eps(data.exact_eps(x_t, process.alpha(t), process.sigma(t)), x_t, a, s)
-
-    denoiser = network_denoiser(Oracle(), p, process)
+    denoiser = network_denoiser(data.oracle_network(process, p), p, process)
     x = torch.randn(32, 4)
     t = torch.full((32,), 0.4)
     assert torch.allclose(denoiser.eps(x, t), data.exact_eps(x, process.alpha(t), process.sigma(t)), atol=1e-4)

@@ -174,22 +174,16 @@ def test_one_ddim_step_per_parameterization(name):
     takes the DDIM step x_s = alpha_s x0_hat + sigma_s eps_hat computed by hand from its raw output."""
     from diffusion.denoiser import network_denoiser
     from diffusion.parameterizations import PARAMETERIZATIONS
-    from diffusion.processes import expand
 
     process = build_process(PROCESSES["vp"])
     p = PARAMETERIZATIONS.get(name)
 
-    class Oracle(torch.nn.Module):
-        def forward(self, x_in, t):
-            a, s = expand(process.alpha(t), x_in), expand(process.sigma(t), x_in)
-            x_t = x_in / p.input_scale(a, s)
-            return p.from_eps(DATA.exact_eps(x_t, process.alpha(t), process.sigma(t)), x_t, a, s)
-
+    oracle = DATA.oracle_network(process, p)
     x_t = torch.randn(8, DIM, generator=torch.Generator().manual_seed(3))
     t, s = 0.7, 0.4
     a_t, s_t = process.alpha(torch.tensor([t])).item(), process.sigma(torch.tensor([t])).item()
     a_s, s_s = process.alpha(torch.tensor([s])).item(), process.sigma(torch.tensor([s])).item()
-    out = Oracle()(p.input_scale(torch.tensor(a_t), torch.tensor(s_t)) * x_t, torch.full((8,), t))
+    out = oracle(p.input_scale(torch.tensor(a_t), torch.tensor(s_t)) * x_t, torch.full((8,), t))
     # the raw output read by hand in each parameterization's own terms
     by_hand = {
         "eps": lambda: out,
@@ -202,7 +196,7 @@ def test_one_ddim_step_per_parameterization(name):
     eps = by_hand[name]()
     expected = a_s * (x_t - s_t * eps) / a_t + s_s * eps
     captured = []
-    SAMPLERS.get("ddim")(network_denoiser(Oracle(), p, process), x_t, torch.tensor([t, s]),
+    SAMPLERS.get("ddim")(network_denoiser(oracle, p, process), x_t, torch.tensor([t, s]),
                          generator=torch.Generator(), options=SampleConfig(eta=0.0),
                          callback=lambda k, tt, x: captured.append(x))
     assert torch.allclose(captured[0], expected, atol=1e-4)
