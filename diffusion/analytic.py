@@ -53,7 +53,7 @@ class GaussianData:
                 alpha, sigma = process.alpha(t), process.sigma(t)
                 a, s = expand(alpha, x_in), expand(sigma, x_in)
                 x_t = x_in / parameterization.input_scale(a, s)
-                return parameterization.from_eps(data.exact_eps(x_t, alpha, sigma), x_t, a, s)
+                return parameterization.from_eps(data.exact_eps(x_t, alpha, sigma), x_t, a, s, t=t, process=process)
 
         return Oracle()
 

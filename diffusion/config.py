@@ -27,7 +27,7 @@ class DataConfig:
 @dataclass
 class ProcessConfig:
     name: str = "vp"  # vp (DDPM, VP-SDE), ve (NCSN, VE-SDE) or subvp (sub-VP SDE, continuous only)
-    schedule: str = "linear"  # vp/subvp: linear, cosine, sigmoid, scaled_linear; ve: geometric
+    schedule: str = "linear"  # vp/subvp: linear, cosine, sigmoid, scaled_linear; ve: geometric; vp: learned (VDM, trained with loss.weighting elbo)
     T: Any = 1000  # number of discrete steps (ve: noise levels L), or continuous
     t_min: float = 1e-3  # continuous time: smallest t trained and sampled (discrete: 1/T)
     beta_start: float = 1e-4  # linear, scaled_linear: beta_1 at T=1000 (scaled by 1000/T for other T)
@@ -41,12 +41,15 @@ class ProcessConfig:
     max_beta: float = 0.999  # discrete cosine/sigmoid (and linear with T < 20): betas are clipped at this value
     sigma_min: float = 0.01  # geometric: smallest noise level
     sigma_max: float = 10.0  # geometric: largest noise level
+    log_snr_max: float = 13.3  # learned: fixed log-SNR at t = 0 (Kingma et al. 2021: gamma_min = -13.3)
+    log_snr_min: float = -5.0  # learned: fixed log-SNR at t = 1 (Kingma et al. 2021: gamma_max = 5)
+    learned_hidden: int = 1024  # learned: width of the monotone log-SNR network
 
 
 @dataclass
 class ModelConfig:
-    parameterization: str = "eps"  # what the network predicts: eps, score, x0, v (Salimans & Ho 2022) or edm (Karras et al. 2022 preconditioning)
-    variance: str = "beta_tilde"  # reverse variance of ancestral sampling: beta or beta_tilde
+    parameterization: str = "eps"  # what the network predicts: eps, score, x0, v (Salimans & Ho 2022), mean (posterior mean of one step, integer T) or edm (Karras et al. 2022 preconditioning)
+    variance: str = "beta_tilde"  # reverse variance (ancestral sampling, the bound): beta, beta_tilde, or learned_range (Nichol & Dhariwal 2021; discrete T, trained with the hybrid loss)
     arch: str = "auto"  # unet, mlp, or auto (unet for images, mlp for 2-D points)
     channels: int = 32  # unet: base channel count
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])  # unet: channels per resolution
@@ -63,6 +66,7 @@ class LossConfig:
     weighting: str = "simple"  # elbo (the variational bound), simple (Ho et al. eps-MSE), sigma2 (Song & Ermon eq. 6), min_snr (Hang et al. 2023), likelihood (g^2, Song et al. 2021), edm (Karras et al. 2022)
     min_snr_gamma: float = 5.0  # min_snr: gamma
     t_sampling: str = "uniform"  # uniform, or importance: t drawn in proportion to sqrt(E[L_t^2]) (Nichol & Dhariwal 2021)
+    hybrid_lambda: float = 0.001  # learned_range: weight of the bound in the hybrid loss L + lambda L_vlb (Nichol & Dhariwal 2021)
     importance_bins: int = 100  # importance in continuous time: number of equal time bins
     objective: str = "denoising"  # denoising (Vincent 2011), implicit (Hyvarinen 2005, exact Jacobian trace) or sliced (Song et al. 2019); the last two on noised 2-D data, weighted by sigma^2
     n_projections: int = 1  # sliced: random projections per example
@@ -147,17 +151,26 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a number in (0, 1)")
     _check(cfg.data.n_points >= 10, "data.n_points", cfg.data.n_points, "an integer >= 10")
     processes.validate(cfg.process)
-    parameterizations.PARAMETERIZATIONS.get(cfg.model.parameterization)
-    _check(cfg.model.variance in ("beta", "beta_tilde"), "model.variance", cfg.model.variance, "beta or beta_tilde")
+    parameterization = parameterizations.PARAMETERIZATIONS.get(cfg.model.parameterization)
+    continuous = cfg.process.T == "continuous"
+    if parameterization.needs_step and continuous:
+        raise ConfigError("model.parameterization", cfg.model.parameterization, "eps, score, x0, v or edm in continuous time",
+                          detail="mean predicts the posterior mean of one step back, t - 1/T, which needs an integer process.T")
+    _check(cfg.model.variance in ("beta", "beta_tilde", "learned_range"), "model.variance", cfg.model.variance,
+           "beta, beta_tilde or learned_range")
+    if cfg.model.variance == "learned_range" and continuous:
+        raise ConfigError("model.variance", "learned_range", "beta or beta_tilde in continuous time",
+                          detail="learned_range interpolates between the beta and beta-tilde of one discrete step")
     nets.validate(cfg.model)
     losses.WEIGHTINGS.get(cfg.loss.weighting)
     _check(cfg.loss.min_snr_gamma > 0, "loss.min_snr_gamma", cfg.loss.min_snr_gamma, "a positive number")
     _check(cfg.loss.t_sampling in ("uniform", "importance"), "loss.t_sampling", cfg.loss.t_sampling,
            "uniform or importance")
     _check(cfg.loss.importance_bins >= 1, "loss.importance_bins", cfg.loss.importance_bins, "an integer >= 1")
-    if cfg.loss.t_sampling == "importance" and cfg.loss.weighting == "elbo" and cfg.process.T != "continuous":
-        raise ConfigError("loss.t_sampling", "importance", "uniform with the discrete elbo",
-                          detail="the discrete bound draws its own step; importance sampling of it is not built yet")
+    _check(cfg.loss.hybrid_lambda >= 0, "loss.hybrid_lambda", cfg.loss.hybrid_lambda, "a number >= 0")
+    if cfg.process.schedule == "learned":
+        _check(cfg.loss.weighting == "elbo", "loss.weighting", cfg.loss.weighting,
+               "elbo with process.schedule learned (the VDM schedule is trained by the variational bound)")
     if cfg.loss.objective != "denoising":
         from . import score_matching
 
@@ -168,6 +181,13 @@ def validate(cfg: TrialConfig) -> TrialConfig:
         _check(cfg.model.arch in ("auto", "mlp"), "model.arch", cfg.model.arch,
                f"mlp (or auto) with loss.objective {cfg.loss.objective}: it is for low-dimensional data")
         _check(cfg.loss.n_projections >= 1, "loss.n_projections", cfg.loss.n_projections, "an integer >= 1")
+        _check(cfg.data.name in data.POINT_SETS, "data.name", cfg.data.name,
+               f"a 2-D set ({', '.join(data.POINT_SETS)}) with loss.objective {cfg.loss.objective}: exact Jacobian "
+               "traces and projections are for low-dimensional data")
+        for key, value, accepted in (("process.schedule", cfg.process.schedule, "a fixed schedule"),
+                                     ("model.variance", cfg.model.variance, "beta or beta_tilde")):
+            _check(value not in ("learned", "learned_range"), key, value,
+                   f"{accepted} with loss.objective {cfg.loss.objective} (score matching has no variational bound)")
     for key in ("steps", "batch_size", "log_every"):
         _check(getattr(cfg.train, key) >= 1, f"train.{key}", getattr(cfg.train, key), "an integer >= 1")
     _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a positive number")

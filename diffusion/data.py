@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .registry import Registry
 
 DATASETS: Registry[Callable[[DataConfig], "Dataset"]] = Registry("data.name")
+POINT_SETS = ("swiss_roll", "moons", "gaussian_mixture")  # the 2-D sets; every other data set holds images
 
 
 @dataclass

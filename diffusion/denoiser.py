@@ -6,7 +6,7 @@ t: float [B] in [0, 1]). A trained network is wrapped with its parameterization 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -18,35 +18,50 @@ EpsFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 class Denoiser:
-    """Predictions of eps, x0 and the score at (x_t, t) under a process."""
+    """Predictions of eps, x0 and the score at (x_t, t) under a process.
 
-    def __init__(self, eps_fn: EpsFunction, process: GaussianProcess):
+    With ``learned_variance``, ``eps_fn`` returns a pair (eps_hat, v): v [B, ...] is the raw output of
+    a variance head, read by ``diffusion.elbo.reverse_variance`` (``model.variance: learned_range``)."""
+
+    def __init__(self, eps_fn: EpsFunction, process: GaussianProcess, learned_variance: bool = False):
         self.eps_fn = eps_fn
         self.process = process
+        self.learned_variance = learned_variance
 
     def _coefs(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return expand(self.process.alpha(t), x_t), expand(self.process.sigma(t), x_t)
 
+    def predict(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(eps_hat, v) from one evaluation; v is None without a variance head."""
+        out = self.eps_fn(x_t, t)
+        return out if self.learned_variance else (out, None)
+
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.eps_fn(x_t, t)
+        return self.predict(x_t, t)[0]
 
     def x0(self, x_t: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = self._coefs(x_t, t)
-        return eps_to_x0(self.eps_fn(x_t, t), x_t, alpha, sigma)
+        return eps_to_x0(self.eps(x_t, t), x_t, alpha, sigma)
 
     def score(self, x_t: Tensor, t: Tensor) -> Tensor:
         _, sigma = self._coefs(x_t, t)
-        return eps_to_score(self.eps_fn(x_t, t), sigma)
+        return eps_to_score(self.eps(x_t, t), sigma)
 
 
 def network_denoiser(
-    network: torch.nn.Module, parameterization: Parameterization, process: GaussianProcess
+    network: torch.nn.Module, parameterization: Parameterization, process: GaussianProcess,
+    learned_variance: bool = False,
 ) -> Denoiser:
-    """Wrap ``network(x_t, t) -> output`` so that its output is read through ``parameterization``."""
+    """Wrap ``network(x_t, t) -> output`` so that its output is read through ``parameterization``. With
+    ``learned_variance`` the network has twice the data's channels: the second half is the variance head."""
 
-    def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+    def eps_fn(x_t: Tensor, t: Tensor):
         alpha, sigma = expand(process.alpha(t), x_t), expand(process.sigma(t), x_t)
-        output = network(parameterization.input_scale(alpha, sigma) * x_t, t)
-        return parameterization.to_eps(output, x_t, alpha, sigma)
+        output = network(parameterization.input_scale(alpha, sigma) * x_t, process.network_time(t))
+        head = None
+        if learned_variance:
+            output, head = output.chunk(2, dim=1)
+        eps = parameterization.to_eps(output, x_t, alpha, sigma, t=t, process=process)
+        return (eps, head) if learned_variance else eps
 
-    return Denoiser(eps_fn, process)
+    return Denoiser(eps_fn, process, learned_variance)

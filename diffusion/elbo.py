@@ -33,7 +33,7 @@ from .denoiser import Denoiser
 from .errors import ConfigError
 from .processes import DiscreteProcess, expand
 
-VARIANCES = ("beta_tilde", "beta")
+VARIANCES = ("beta_tilde", "beta", "learned_range")
 _LN2 = math.log(2.0)
 _TINY = 1e-300  # floor of a log-difference of CDFs: keeps log(Phi(b) - Phi(a)) finite (>= -691)
 
@@ -123,29 +123,40 @@ def discretized_gaussian_nll(x0: Tensor, mean: Tensor, std: Tensor | float, leve
 # --------------------------------------------------------------------------------------------
 
 
-def reverse_variance(process: DiscreteProcess, s: Tensor, t: Tensor, variance: str) -> Tensor:
-    """The fixed variance of p(x_s | x_t) (Ho et al. 2020, sec. 3.2), float64 [B] for times s < t [B]:
+def reverse_variance(process: DiscreteProcess, s: Tensor, t: Tensor, variance: str, v: Optional[Tensor] = None) -> Tensor:
+    """The variance of p(x_s | x_t) for times s < t [B], float64:
 
     - ``"beta_tilde"``: the posterior variance sigma^2_{t|s} sigma_s^2 / sigma_t^2 (optimal when x0 is
-      a point mass; with it the variance part of each transition KL vanishes);
-    - ``"beta"``: the forward variance sigma^2_{t|s} = ``transition(s, t)[1]`` (optimal for x0 ~ N(0, I)).
+      a point mass; with it the variance part of each transition KL vanishes), [B];
+    - ``"beta"``: the forward variance sigma^2_{t|s} = ``transition(s, t)[1]`` (optimal for x0 ~ N(0, I)), [B]
+      (Ho et al. 2020, sec. 3.2, the two fixed choices);
+    - ``"learned_range"``: exp(f log beta + (1 - f) log beta_tilde) per dimension, f = (v + 1) / 2 from the
+      network's variance head v [B, ...] (Nichol & Dhariwal 2021, eq. 15), [B, ...].
     """
     if variance == "beta_tilde":
         return process.posterior_variance(s, t).to(t.device)
     if variance == "beta":
         return process.transition(s, t)[1].to(t.device)
+    if variance == "learned_range":
+        if v is None:
+            raise ValueError("learned_range needs the network's variance head (model.variance: learned_range)")
+        log_beta = expand(process.transition(s, t)[1].to(v.device).log(), v)
+        log_beta_tilde = expand(process.posterior_variance(s, t).to(v.device).clamp(min=_TINY).log(), v)
+        fraction = (v.double() + 1) / 2
+        return (fraction * log_beta + (1 - fraction) * log_beta_tilde).exp()
     raise ConfigError("model.variance", variance, " or ".join(VARIANCES))
 
 
-def decoder_variance(process: DiscreteProcess) -> float:
+def decoder_variance(process: DiscreteProcess) -> Tensor:
     """Variance of the decoder p(x0 | x_1): sigma_1^2 / alpha_1^2.
 
     This is the variance of x0 given x_1 under the forward step alone (x0 = (x_1 - sigma_1 eps) / alpha_1):
     beta_1 / (1 - beta_1) ~ beta_1 for vp, Ho et al.'s fixed sigma_1^2 = beta_1 to first order, and
     sigma_1^2 = sigma_min^2 for ve. It does not depend on the ``variance`` option of the transitions.
+    A float64 scalar tensor (differentiable for a learned schedule).
     """
     process = _discrete(process)
-    return float(process.sigmas[1] ** 2 / process.alphas[1] ** 2)
+    return process.sigmas[1] ** 2 / process.alphas[1] ** 2
 
 
 def prior_term(process: DiscreteProcess, x0: Tensor) -> Tensor:
@@ -164,6 +175,8 @@ def elbo_term(
     eps: Tensor,
     levels: Optional[int],
     variance: str = "beta_tilde",
+    prediction: Optional[tuple[Tensor, Optional[Tensor]]] = None,
+    detach_mean: bool = False,
 ) -> Tensor:
     """One-draw estimate of the term L_{i-1} of the bound for per-example step indices i.
 
@@ -177,6 +190,9 @@ def elbo_term(
       ``process.posterior`` at x0 and at x0_hat, variances beta_tilde and :func:`reverse_variance`.
 
     x0, eps: [B, ...]; i: int [B] in 1..T. Returns float64 [B], summed over data dimensions.
+    ``prediction``: the denoiser's (eps_hat, v) at this x_i, if the caller already has it;
+    ``detach_mean``: stop the gradient through the mean (the variance head alone learns from the term,
+    the L_vlb of Nichol & Dhariwal's hybrid loss).
     """
     process = _discrete(denoiser.process)
     if variance not in VARIANCES:
@@ -188,31 +204,37 @@ def elbo_term(
         raise ValueError(f"step indices must lie in 1..{process.T}")
     t = process.times(i)
     x_t = process.marginal(x0, t, eps)
-    x0_hat = denoiser.x0(x_t, t)
-    out = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    eps_hat, head = prediction if prediction is not None else denoiser.predict(x_t, t)
+    if detach_mean:
+        eps_hat = eps_hat.detach()
+    alpha, sigma = expand(process.alpha(t), x_t), expand(process.sigma(t), x_t)
+    x0_hat = (x_t - sigma * eps_hat) / alpha
+    parts = []
     first = i == 1
     if first.any():
-        var = decoder_variance(process)
+        var = decoder_variance(process).to(x0.device)
         x0_first, mean = x0[first], x0_hat[first]
-        out[first] = (
-            gaussian_nll(x0_first.double(), mean.double(), torch.tensor(var, dtype=torch.float64))
-            if levels is None
-            else discretized_gaussian_nll(x0_first, mean, math.sqrt(var), levels)
-        )
+        parts.append((first, gaussian_nll(x0_first.double(), mean.double(), var)
+                      if levels is None else discretized_gaussian_nll(x0_first, mean, var.sqrt(), levels)))
     rest = ~first
     if rest.any():
         s = process.times(i[rest] - 1)
-        out[rest] = _transition_kl(process, x0[rest], x_t[rest], x0_hat[rest], s, t[rest], variance)
+        v = head[rest] if head is not None else None
+        parts.append((rest, _transition_kl(process, x0[rest], x_t[rest], x0_hat[rest], s, t[rest], variance, v)))
+    out = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    for mask, values in parts:  # index_put keeps the gradient of each part
+        out = out.index_put((mask.nonzero().squeeze(1),), values)
     return out
 
 
-def _transition_kl(process, x0, x_t, x0_hat, s, t, variance) -> Tensor:
-    """KL(N(mu(x_t, x0), beta_tilde) || N(mu(x_t, x0_hat), v)) summed over dimensions, float64 [B]."""
+def _transition_kl(process, x0, x_t, x0_hat, s, t, variance, v=None) -> Tensor:
+    """KL(N(mu(x_t, x0), beta_tilde) || N(mu(x_t, x0_hat), var_p)) summed over dimensions, float64 [B]."""
     x0, x_t, x0_hat = x0.double(), x_t.double(), x0_hat.double()
     mean_q, _ = process.posterior(x_t, x0, s, t)
     mean_p, _ = process.posterior(x_t, x0_hat, s, t)
     var_q = expand(process.posterior_variance(s, t).to(t.device), x0)
-    var_p = expand(reverse_variance(process, s, t, variance), x0)
+    var_p = reverse_variance(process, s, t, variance, v)
+    var_p = var_p if var_p.dim() == x0.dim() else expand(var_p, x0)
     return _sum_dims(gaussian_kl(mean_q, var_q, mean_p, var_p))
 
 

@@ -8,7 +8,7 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, key: str, value, accepted: str, detail: str = ""):
-        self.key, self.value, self.accepted = key, value, accepted
+        self.key, self.value, self.accepted, self.detail = key, value, accepted, detail
         msg = f"{key}: invalid value {value!r}; accepted: {accepted}"
         if detail:
             msg += f" ({detail})"

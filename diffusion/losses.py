@@ -143,35 +143,55 @@ class TimeSampler:
 def diffusion_loss(
     denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator,
     options: LossConfig | None = None, levels: int | None = None, variance: str = "beta_tilde",
-    time_sampler: TimeSampler | None = None,
+    time_sampler: TimeSampler | None = None, reduction: str = "mean",
 ) -> Tensor:
-    """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch.
+    """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch
+    (``reduction="none"``: the per-example estimates [B], importance weights applied).
 
-    With the ``elbo`` weighting on a discrete process this is the unbiased one-step estimate of the
-    whole bound (``diffusion.elbo.elbo_loss_estimate``, with the decoder discretized to ``levels``
-    values and the reverse ``variance``), in nats per data dimension."""
+    On a discrete process the variational bound enters in two cases (``diffusion.elbo``, nats per data
+    dimension, with the decoder discretized to ``levels`` values and the reverse ``variance``):
+
+    - the ``elbo`` weighting: the loss is the unbiased one-step estimate L_T + T L_{i-1} of the whole
+      bound (Ho et al. 2020, eq. 5), i drawn by the time sampler (uniform or importance-sampled with its
+      unbiasing weight, Nichol & Dhariwal 2021, sec. 3.3);
+    - ``variance: learned_range`` with any other weighting: Nichol & Dhariwal's hybrid loss
+      L + ``loss.hybrid_lambda`` L_vlb, where L_vlb is the same bound estimate with the gradient through
+      the mean stopped, so that the bound trains only the variance head (their sec. 3.1).
+
+    One network evaluation per example either way."""
     process = denoiser.process
     options = options or LossConfig()
     if options.objective != "denoising":
-        return score_matching_loss(denoiser, x0, generator, options, time_sampler)
-    if weighting is elbo and process.T is not None:
-        from .elbo import elbo_loss_estimate
-
-        nats = elbo_loss_estimate(denoiser, x0, levels, variance, generator)
-        return (nats / x0[0].numel()).mean().float()
+        return score_matching_loss(denoiser, x0, generator, options, time_sampler, reduction)
     time_sampler = time_sampler or TimeSampler(process, LossConfig())
     t, importance = time_sampler.sample(x0.shape[0], generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     x_t = process.marginal(x0, t, eps)
-    eps_hat = denoiser.eps(x_t, t)
-    alpha, sigma = denoiser._coefs(x_t, t)
-    losses = weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options)
+    eps_hat, head = denoiser.predict(x_t, t)
+    bound = None
+    if process.T is not None and (weighting is elbo or variance == "learned_range"):
+        from .elbo import elbo_term, prior_term
+
+        term = elbo_term(denoiser, x0, process.index(t), eps, levels, variance, prediction=(eps_hat, head),
+                         detach_mean=weighting is not elbo)
+        bound = ((prior_term(process, x0) + process.T * term) / x0[0].numel()).float()
+    if weighting is elbo and bound is not None:
+        losses = bound
+    else:
+        alpha, sigma = denoiser._coefs(x_t, t)
+        losses = weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options)
+        if bound is not None:
+            losses = losses + options.hybrid_lambda * bound
     time_sampler.update(t, losses)
-    return (importance * losses).mean()
+    return _reduce(importance * losses, reduction)
+
+
+def _reduce(losses: Tensor, reduction: str) -> Tensor:
+    return losses.mean() if reduction == "mean" else losses
 
 
 def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generator, options: LossConfig,
-                        time_sampler: TimeSampler | None = None) -> Tensor:
+                        time_sampler: TimeSampler | None = None, reduction: str = "mean") -> Tensor:
     """Implicit or sliced score matching (``diffusion.score_matching``) of the noised data x_t ~ q_t at a
     random t per example, weighted by lambda = sigma^2 (Song & Ermon 2019, eq. 6) and averaged over
     dimensions: for every model it equals the ``sigma2`` denoising loss up to a constant that does not
@@ -188,4 +208,4 @@ def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generat
     sigma = process.sigma(t).to(x0.device)
     losses = sigma**2 * per_example / x0[0].numel()
     time_sampler.update(t, losses)
-    return (importance * losses).mean()
+    return _reduce(importance * losses, reduction)

@@ -59,19 +59,22 @@ def validate(cfg: ModelConfig) -> None:
 
 
 def build_network(cfg: ModelConfig, data_shape: Sequence[int]) -> nn.Module:
-    """The network ``cfg.arch`` names, sized for examples of shape data_shape (``(C, H, W)`` or ``(D,)``)."""
+    """The network ``cfg.arch`` names, sized for examples of shape data_shape (``(C, H, W)`` or ``(D,)``).
+    With ``variance: learned_range`` it outputs twice the channels: the prediction, then the variance head."""
     validate(cfg)
     data_shape = tuple(int(n) for n in data_shape)
     arch = cfg.arch
+    outputs = 2 if cfg.variance == "learned_range" else 1
     if arch == "auto":
         arch = {3: "unet", 1: "mlp"}.get(len(data_shape), "auto")
     if arch == "unet" and len(data_shape) == 3:
         return UNet(
             in_channels=data_shape[0], channels=cfg.channels, channel_mult=cfg.channel_mult,
             num_res_blocks=cfg.num_res_blocks, attention=cfg.attention, groups=cfg.groups, dropout=cfg.dropout,
+            out_channels=data_shape[0] * outputs,
         )
     if arch == "mlp" and len(data_shape) == 1:
-        return MLP(dim=data_shape[0], hidden=cfg.hidden, depth=cfg.depth)
+        return MLP(dim=data_shape[0], hidden=cfg.hidden, depth=cfg.depth, out_dim=data_shape[0] * outputs)
     raise ConfigError(
         "model.arch", cfg.arch, "unet (or auto) for images (C, H, W), mlp (or auto) for vectors (D,)",
         detail=f"data shape is {data_shape}",
@@ -231,7 +234,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, channels: int = 32, channel_mult: Sequence[int] = (1, 2),
                  num_res_blocks: int = 1, attention: bool = True, groups: int = 8, dropout: float = 0.0,
-                 attention_heads: int = 1):
+                 attention_heads: int = 1, out_channels: int | None = None):
         super().__init__()
         level_channels = [channels * mult for mult in channel_mult]
         time_dim = 4 * channels
@@ -265,7 +268,7 @@ class UNet(nn.Module):
                 current = level_channels[level - 1]
 
         self.norm_out = nn.GroupNorm(groups, current)
-        self.conv_out = nn.Conv2d(current, in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(current, out_channels or in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -306,13 +309,13 @@ class MLP(nn.Module):
     output layer is zero-initialised, as the U-Net's.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None):
         super().__init__()
         self.time_embedding = TimeEmbedding(hidden)
         widths = [dim] + [hidden] * depth
         self.hidden_layers = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
         self.time_layers = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(depth))
-        self.output = nn.Linear(hidden, dim)
+        self.output = nn.Linear(hidden, out_dim or dim)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 

@@ -126,10 +126,10 @@ def validate(cfg: ProcessConfig) -> None:
     if cfg.name not in PROCESS_FAMILIES:
         raise ConfigError("process.name", cfg.name, "one of " + ", ".join(sorted(PROCESS_FAMILIES)))
     schedules = PROCESS_FAMILIES[cfg.name]
-    if cfg.schedule not in schedules:
-        raise ConfigError(
-            "process.schedule", cfg.schedule, f"for process {cfg.name}: one of " + ", ".join(schedules.names())
-        )
+    names = schedules.names() + (["learned"] if cfg.name == "vp" else [])
+    if cfg.schedule not in names:
+        raise ConfigError("process.schedule", cfg.schedule, f"for process {cfg.name}: one of " + ", ".join(names),
+                          detail="the learned schedule (VDM) is variance preserving" if cfg.schedule == "learned" else "")
     T = cfg.T
     if not (T == CONTINUOUS or (isinstance(T, int) and not isinstance(T, bool) and T >= 1)):
         raise ConfigError("process.T", T, f"an integer >= 1 or '{CONTINUOUS}'")
@@ -137,6 +137,11 @@ def validate(cfg: ProcessConfig) -> None:
         raise ConfigError("process.T", T, f"'{CONTINUOUS}' for subvp (the sub-VP SDE is defined in continuous time)")
     if not 0 < cfg.t_min < 1:
         raise ConfigError("process.t_min", cfg.t_min, "a number in (0, 1)")
+    if cfg.schedule == "learned":
+        if not cfg.log_snr_min < cfg.log_snr_max:
+            raise ConfigError("process.log_snr_min", cfg.log_snr_min, f"a number < log_snr_max={cfg.log_snr_max}")
+        if cfg.learned_hidden < 1:
+            raise ConfigError("process.learned_hidden", cfg.learned_hidden, "an integer >= 1")
     if cfg.name in ("vp", "subvp"):
         if not 0 < cfg.beta_start <= cfg.beta_end < 1:
             raise ConfigError("process.beta_start", cfg.beta_start, f"a number in (0, beta_end={cfg.beta_end}], beta_end < 1")
@@ -165,6 +170,7 @@ class GaussianProcess:
     name: str
     T: int | None
     t_min: float
+    learned = False  # True when alpha and sigma have trainable parameters (``process.schedule: learned``)
 
     def log_alpha64(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -206,13 +212,16 @@ class GaussianProcess:
         mean = alpha_{t|s} sigma_s^2 / sigma_t^2 x_t + alpha_s sigma2_{t|s} / sigma_t^2 x0,
         var = sigma2_{t|s} sigma_s^2 / sigma_t^2 (beta-tilde for vp with s = t - 1). var: float32 [B].
         """
+        coef_xt, coef_x0, var = (c.to(x_t.device, torch.float32) for c in self.posterior_coefficients(s, t))
+        return expand(coef_xt, x_t) * x_t + expand(coef_x0, x0) * x0, var
+
+    def posterior_coefficients(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_t, c_0, var) of q(x_s | x_t, x0) = N(c_t x_t + c_0 x0, var I), float64 [B] each."""
         alpha_ts, sigma2_ts = self.transition(s, t)
         s64, t64 = s.double(), t.double()
         sigma2_s, sigma2_t = (2 * self.log_sigma64(s64)).exp(), (2 * self.log_sigma64(t64)).exp()
-        coef_xt = (alpha_ts * sigma2_s / sigma2_t).to(x_t.device, torch.float32)
-        coef_x0 = (self.log_alpha64(s64).exp() * sigma2_ts / sigma2_t).to(x_t.device, torch.float32)
-        var = (sigma2_ts * sigma2_s / sigma2_t).to(x_t.device, torch.float32)
-        return expand(coef_xt, x_t) * x_t + expand(coef_x0, x0) * x0, var
+        return (alpha_ts * sigma2_s / sigma2_t, self.log_alpha64(s64).exp() * sigma2_ts / sigma2_t,
+                sigma2_ts * sigma2_s / sigma2_t)
 
     def posterior_variance(self, s: Tensor, t: Tensor) -> Tensor:
         """The variance of q(x_s | x_t, x0), sigma2_{t|s} sigma_s^2 / sigma_t^2 (float64 [B])."""
@@ -228,12 +237,19 @@ class GaussianProcess:
     def sde(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(f(t), g(t)^2) of dx = f(t) x dt + g(t) dw whose marginals are this path:
         f = d log alpha / dt, g^2 = d sigma^2 / dt - 2 f sigma^2 = -sigma^2 d lambda / dt. float32 [B]."""
+        keep_graph = self.learned and torch.is_grad_enabled()  # a learned schedule trains through g^2
         with torch.enable_grad():
             t64 = t.detach().double().requires_grad_(True)
             log_alpha, log_sigma = self.log_alpha64(t64), self.log_sigma64(t64)
-            dlog_alpha, dlog_sigma = (_derivative(value, t64) for value in (log_alpha, log_sigma))
-        g2 = 2 * (2 * log_sigma.detach()).exp() * (dlog_sigma - dlog_alpha)
+            dlog_alpha, dlog_sigma = (_derivative(value, t64, keep_graph) for value in (log_alpha, log_sigma))
+        if not keep_graph:
+            log_sigma = log_sigma.detach()
+        g2 = 2 * (2 * log_sigma).exp() * (dlog_sigma - dlog_alpha)
         return dlog_alpha.to(torch.float32), g2.to(torch.float32)
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """The time the network is conditioned on: t itself, except for a learned schedule."""
+        return t
 
     # --- times --------------------------------------------------------------------------------
     def sample_times(self, batch: int, generator: torch.Generator, device) -> Tensor:
@@ -320,9 +336,98 @@ class ContinuousProcess(GaussianProcess):
         return self._log_sigma(t)
 
 
+class MonotoneLogSNR(torch.nn.Module):
+    """The learned noise schedule of VDM (Kingma et al. 2021, sec. 5.1 and appendix H): the log-SNR
+    lambda(t) = -gamma(t) with gamma monotone increasing and fixed end points,
+
+        gamma~(t) = l1(t) + l3(sigmoid(l2(l1(t)))),   l1: 1 -> 1, l2: 1 -> hidden, l3: hidden -> 1,
+        gamma(t) = gamma_0 + (gamma_1 - gamma_0) (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)),
+
+    every weight kept positive (softplus of a free parameter), so gamma~ is increasing in t; gamma_0 =
+    -``log_snr_max`` and gamma_1 = -``log_snr_min`` (VDM: -13.3 and 5). At initialisation l3 is small and
+    gamma is close to linear in t. Parameters and arithmetic are float64.
+    """
+
+    def __init__(self, log_snr_max: float, log_snr_min: float, hidden: int = 1024):
+        super().__init__()
+        self.gamma_0, self.gamma_1 = -float(log_snr_max), -float(log_snr_min)
+        g = torch.Generator().manual_seed(0)  # the initial schedule does not depend on the trial seed
+        self.w1 = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64) + 0.5413)  # softplus -> 1
+        self.b1 = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
+        self.b2 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
+        self.w3 = torch.nn.Parameter(torch.full((hidden,), -8.0, dtype=torch.float64))  # softplus -> 3e-4
+
+    def _raw(self, t: Tensor) -> Tensor:
+        softplus = torch.nn.functional.softplus
+        h = softplus(self.w1) * t + self.b1
+        return h + torch.sigmoid(h[..., None] * softplus(self.w2) + self.b2) @ softplus(self.w3)
+
+    def gamma(self, t: Tensor) -> Tensor:
+        """gamma(t) = -lambda(t), float64 in and out (on t's device)."""
+        device = t.device
+        t = t.to(self.w1.device, torch.float64)
+        ends = self._raw(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))
+        unit = (self._raw(t) - ends[0]) / (ends[1] - ends[0])
+        return (self.gamma_0 + (self.gamma_1 - self.gamma_0) * unit).to(device)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return -self.gamma(t)
+
+
+class LearnedProcess(DiscreteProcess):
+    """The variance-preserving path of a learned log-SNR (``process.schedule: learned``, vp only):
+    alpha^2 = sigmoid(lambda(t)), sigma^2 = sigmoid(-lambda(t)) (VDM eq. 2-3 with gamma = -lambda).
+
+    With an integer T it is a discrete process on the grid i / T (t_0 = 0 is the data: alpha = 1,
+    sigma = 0; its tables are recomputed from the schedule on every use, so the discrete bound
+    differentiates through them); with T = None it is continuous on [t_min, 1]. The network is
+    conditioned on the normalized gamma(t) in [0, 1] instead of t, as in VDM, so that the shape of
+    the schedule does not change what the network sees at a given noise level."""
+
+    learned = True
+
+    def __init__(self, schedule: MonotoneLogSNR, T: int | None, t_min: float):
+        self.name, self.schedule, self.T = "vp", schedule, T
+        self.t_min = 1.0 / T if T is not None else t_min
+
+    def _log_snr64(self, t: Tensor) -> Tensor:
+        return self.schedule(t.double())
+
+    def log_alpha64(self, t: Tensor) -> Tensor:
+        value = 0.5 * torch.nn.functional.logsigmoid(self._log_snr64(t))
+        return torch.where(t <= 0, 0.0, value) if self.T is not None else value
+
+    def log_sigma64(self, t: Tensor) -> Tensor:
+        value = 0.5 * torch.nn.functional.logsigmoid(-self._log_snr64(t))
+        return torch.where(t <= 0, -math.inf, value) if self.T is not None else value
+
+    def network_time(self, t: Tensor) -> Tensor:
+        unit = (self.schedule.gamma(t) - self.schedule.gamma_0) / (self.schedule.gamma_1 - self.schedule.gamma_0)
+        return unit.to(torch.float32)
+
+    @property
+    def alphas(self) -> Tensor:
+        if self.T is None:
+            raise AttributeError("a continuous process has no tables")
+        return self.log_alpha64(torch.arange(self.T + 1, dtype=torch.float64) / self.T).exp()
+
+    @property
+    def sigmas(self) -> Tensor:
+        if self.T is None:
+            raise AttributeError("a continuous process has no tables")
+        return self.log_sigma64(torch.arange(self.T + 1, dtype=torch.float64) / self.T).exp()
+
+    def parameters(self):
+        return self.schedule.parameters()
+
+
 def build_process(cfg: ProcessConfig) -> GaussianProcess:
     """The process a ProcessConfig names (discrete for integer T, continuous for T = 'continuous')."""
     validate(cfg)
+    if cfg.schedule == "learned":
+        schedule = MonotoneLogSNR(cfg.log_snr_max, cfg.log_snr_min, cfg.learned_hidden)
+        return LearnedProcess(schedule, None if is_continuous(cfg) else cfg.T, cfg.t_min)
     discrete, continuous = PROCESS_FAMILIES[cfg.name].get(cfg.schedule)
     if not is_continuous(cfg):
         table = discrete(cfg)
@@ -342,11 +447,12 @@ def build_process(cfg: ProcessConfig) -> GaussianProcess:
                              lambda t: torch.log(-torch.expm1(log_alphabar(t))), cfg.t_min)
 
 
-def _derivative(value: Tensor, t: Tensor) -> Tensor:
-    """d value / d t elementwise (zero where value does not depend on t, as ve's log alpha = 0)."""
+def _derivative(value: Tensor, t: Tensor, create_graph: bool = False) -> Tensor:
+    """d value / d t elementwise (zero where value does not depend on t, as ve's log alpha = 0);
+    ``create_graph`` keeps it differentiable (for a learned schedule)."""
     if not value.requires_grad:
         return torch.zeros_like(t)
-    (grad,) = torch.autograd.grad(value.sum(), t, retain_graph=True, allow_unused=True)
+    (grad,) = torch.autograd.grad(value.sum(), t, retain_graph=True, allow_unused=True, create_graph=create_graph)
     return torch.zeros_like(t) if grad is None else grad
 
 

@@ -69,18 +69,25 @@ def _coef(process: GaussianProcess, t: float) -> tuple[float, float]:
 @torch.no_grad()
 def ancestral(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
     """Ho et al. 2020, Algorithm 2, written with alpha and sigma: from each t to the next time s < t,
-    x_s ~ N(mu(x_t, x0_hat), v), mu the posterior mean of q(x_s | x_t, x0) at x0 = x0_hat and v either
-    beta-tilde (the posterior variance) or beta (sigma^2_{t|s}, the forward variance). On a subset of
+    x_s ~ N(mu(x_t, x0_hat), v), mu the posterior mean of q(x_s | x_t, x0) at x0 = x0_hat and v
+    beta-tilde (the posterior variance), beta (sigma^2_{t|s}, the forward variance) or the network's
+    learned_range interpolation between them (``diffusion.elbo.reverse_variance``). On a subset of
     the grid this is improved-diffusion's respacing (Nichol & Dhariwal 2021, sec. 4)."""
+    from .elbo import reverse_variance
+
     process, x = denoiser.process, x_T
     for k, t, s in _pairs(timesteps):
-        x0_hat = denoiser.x0(x, _full(t, x))
+        tt = _full(t, x)
+        eps_hat, head = denoiser.predict(x, tt)
+        alpha_t, sigma_t = _coef(process, t)
+        x0_hat = (x - sigma_t * eps_hat) / alpha_t
         if s == 0:
             x = x0_hat
         else:
-            mean, beta_tilde = process.posterior(x, x0_hat, _full(s, x), _full(t, x))
-            var = beta_tilde if variance == "beta_tilde" else process.transition(_full(s, x), _full(t, x))[1].float()
-            x = mean + expand(var.to(x.device).sqrt(), x) * _noise(x, generator)
+            mean, _ = process.posterior(x, x0_hat, _full(s, x), tt)
+            var = reverse_variance(process, _full(s, x), tt, variance, head)
+            var = var if var.dim() == x.dim() else expand(var, x)
+            x = mean + var.sqrt().to(x.dtype) * _noise(x, generator)
         if callback:
             callback(k, t, x)
     return x, len(timesteps)

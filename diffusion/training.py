@@ -85,7 +85,12 @@ class Trainer:
                               detail="implicit and sliced score matching are for low-dimensional data")
         self.network = build_network(cfg.model, dataset.shape).to(self.device)
         self.ema = AveragedModel(self.network, multi_avg_fn=ema_update(cfg.train.ema_decay, cfg.train.ema_warmup))
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.train.lr)
+        groups = [{"params": list(self.network.parameters())}]
+        if self.process.learned:  # the VDM schedule trains with the same optimizer
+            self.process.schedule.to(self.device)
+            groups.append({"params": list(self.process.parameters())})
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.train.lr)
+        self.learned_variance = cfg.model.variance == "learned_range"
         warmup = cfg.train.warmup
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -98,10 +103,10 @@ class Trainer:
 
     # --- denoisers ---------------------------------------------------------------------------
     def denoiser(self) -> Denoiser:
-        return network_denoiser(self.network, self.parameterization, self.process)
+        return network_denoiser(self.network, self.parameterization, self.process, self.learned_variance)
 
     def ema_denoiser(self) -> Denoiser:
-        return network_denoiser(self.ema.module, self.parameterization, self.process)
+        return network_denoiser(self.ema.module, self.parameterization, self.process, self.learned_variance)
 
     # --- training ----------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -112,16 +117,29 @@ class Trainer:
         )
         x0 = self.train_data[index]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator, self.cfg.loss,
-                                  levels=self.dataset.levels, variance=self.cfg.model.variance,
-                                  time_sampler=self.time_sampler)
+            losses = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator, self.cfg.loss,
+                                    levels=self.dataset.levels, variance=self.cfg.model.variance,
+                                    time_sampler=self.time_sampler, reduction="none")
+        loss = losses.mean()
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(self.step + 1, value)
         self.optimizer.zero_grad(set_to_none=True)
+        schedule_grads = None
+        if self.process.learned and self.process.T is None:
+            # Continuous time: with fixed end points the expected bound does not depend on the schedule's
+            # shape, so the schedule minimizes the estimator's variance instead: its gradient is that of
+            # E[L^2] (Kingma et al. 2021, sec. 5.2), the network's that of E[L].
+            schedule_grads = torch.autograd.grad((losses**2).mean(), list(self.process.parameters()),
+                                                 retain_graph=True)
         loss.backward()
+        if schedule_grads is not None:
+            for parameter, grad in zip(self.process.parameters(), schedule_grads):
+                parameter.grad = grad
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
+            if self.process.learned:
+                torch.nn.utils.clip_grad_norm_(self.process.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update_parameters(self.network)
@@ -181,6 +199,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "time_sampler": self.time_sampler.state_dict(),
+            "schedule": self.process.schedule.state_dict() if self.process.learned else {},
             "rng": rng,
         }
 
@@ -193,6 +212,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.time_sampler.load_state_dict(state["time_sampler"])
+        if self.process.learned:
+            self.process.schedule.load_state_dict(state["schedule"])
         rng = state["rng"]
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
@@ -209,8 +230,11 @@ class Trainer:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def save_ema(self, path: str) -> None:
-        """The EMA weights alone: what a user needs to sample from the trained model."""
-        save_atomic({"network": self.ema.module.state_dict(), "step": self.step}, path)
+        """The EMA weights alone (and a learned schedule): what a user needs to sample from the trained model."""
+        state = {"network": self.ema.module.state_dict(), "step": self.step}
+        if self.process.learned:
+            state["schedule"] = self.process.schedule.state_dict()
+        save_atomic(state, path)
 
 
 def _numpy_state_to_tensors(state) -> dict:

@@ -120,7 +120,7 @@ def _validate_values(cfg: TrialConfig, where: str) -> None:
     try:
         trial_config.validate(cfg)
     except ConfigError as error:
-        raise ConfigError(f"{where}.{error.key}", error.value, error.accepted) from None
+        raise ConfigError(f"{where}.{error.key}", error.value, error.accepted, detail=error.detail) from None
 
 
 def _read_yaml(path: str) -> dict:

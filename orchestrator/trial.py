@@ -128,6 +128,11 @@ def _train_and_evaluate(cfg: TrialConfig, client: MlflowClient, run_id: str, out
         result = compute_fid(samples, dataset, cfg.eval, device)
         metrics.update({"fid": result.fid, "fid_reference": result.fid_reference})
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in result.tags.items()])
+    if trainer.process.learned:  # the trained VDM schedule, for plotting and comparison across trials
+        t = torch.linspace(0, 1, 101, dtype=torch.float64)
+        with torch.no_grad():
+            log_snr = trainer.process.schedule(t).cpu()
+        client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
     ema_path = os.path.join(workdir, "ema.pt")
     trainer.save_ema(ema_path)
     client.log_artifact(run_id, ema_path)

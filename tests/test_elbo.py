@@ -184,9 +184,13 @@ def textbook_posterior(process, i: int) -> tuple[float, float, float]:
     return step / var[i], var[i - 1] * step / var[i], step
 
 
+HEAD = 0.3  # the constant variance-head output of the learned_range cases
+
+
 def expected_bound(data: GaussianData, process, variance: str) -> dict:
     """E over x0 ~ N(mu, C) and eps of every term of the bound with the exact denoiser and the
-    continuous Gaussian decoder N(x0; x0_hat(x_1), sigma_1^2 / alpha_1^2 I)."""
+    continuous Gaussian decoder N(x0; x0_hat(x_1), sigma_1^2 / alpha_1^2 I). learned_range: a variance
+    head that outputs HEAD everywhere, so var_p = beta^f beta_tilde^(1 - f), f = (HEAD + 1) / 2."""
     D, T = data.dim, process.T
     alphas, sigmas = process.alphas.tolist(), process.sigmas.tolist()
     second_moment = data.mean.square().sum().item() + torch.trace(data.cov).item()
@@ -200,7 +204,8 @@ def expected_bound(data: GaussianData, process, variance: str) -> dict:
     transitions = []
     for i in range(2, T + 1):
         coef_x0, var_q, beta = textbook_posterior(process, i)
-        var_p = var_q if variance == "beta_tilde" else beta
+        fraction = {"beta_tilde": 0.0, "beta": 1.0, "learned_range": (HEAD + 1) / 2}[variance]
+        var_p = beta**fraction * var_q ** (1 - fraction)
         mean_part = coef_x0**2 * expected_sq_error(data, alphas[i], sigmas[i]) / (2 * var_p)
         transitions.append(mean_part + 0.5 * D * (math.log(var_p / var_q) + var_q / var_p - 1))
     return {"prior": prior, "decoder": decoder, "transitions": transitions,
@@ -210,16 +215,23 @@ def expected_bound(data: GaussianData, process, variance: str) -> dict:
 def monte_carlo_bound(process, n: int, variance: str, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     x0 = DATA.sample(n, g).double()
+    denoiser = DATA.denoiser(process)
+    if variance == "learned_range":
+        exact = denoiser
+        denoiser = Denoiser(lambda x, t: (exact.eps(x, t), torch.full_like(x, HEAD)), process, learned_variance=True)
     with torch.no_grad():
-        return elbo_terms(DATA.denoiser(process), x0, None, variance, generator=g)
+        return elbo_terms(denoiser, x0, None, variance, generator=g)
 
 
 @pytest.mark.parametrize(
     "cfg,variance",
     [(vp(10), "beta_tilde"), (vp(10), "beta"), (ve(10), "beta_tilde"), (ve(10), "beta"),
      # beta_1 = 0.3: alpha_1 is far from 1, so the decoder variance beta_1 / (1 - beta_1) differs from beta_1
-     (ProcessConfig(name="vp", schedule="linear", T=10, beta_start=3e-3, beta_end=0.02), "beta")],
-    ids=["vp-beta_tilde", "vp-beta", "ve-beta_tilde", "ve-beta", "vp-large-beta1"],
+     (ProcessConfig(name="vp", schedule="linear", T=10, beta_start=3e-3, beta_end=0.02), "beta"),
+     (vp(10), "learned_range"), (ve(10), "learned_range"),
+     (ProcessConfig(name="vp", schedule="learned", T=10, learned_hidden=16), "beta_tilde")],
+    ids=["vp-beta_tilde", "vp-beta", "ve-beta_tilde", "ve-beta", "vp-large-beta1", "vp-learned_range",
+         "ve-learned_range", "learned-schedule"],
 )
 def test_bound_matches_closed_form_on_gaussian_data(cfg, variance):
     process = build_process(cfg)

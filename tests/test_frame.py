@@ -19,9 +19,44 @@ def _frame(seed=0):
 
 @pytest.mark.parametrize("name", PARAMETERIZATIONS.names())
 def test_parameterization_round_trip(name):
-    x0, eps, alpha, sigma, x_t = _frame()
+    """Every parameterization converts to eps and back to within 1e-6, on the grid of a discrete process
+    (``mean`` refers to the previous step, so t and the process come along)."""
+    process = build_process(ProcessConfig(name="vp", schedule="cosine", T=100))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+    t = torch.randint(1, 101, (64,), generator=g).float() / 100
+    alpha, sigma = expand(process.alpha(t), x0), expand(process.sigma(t), x0)
+    x_t = alpha * x0 + sigma * eps
     p = PARAMETERIZATIONS.get(name)
-    assert torch.allclose(p.to_eps(p.from_eps(eps, x_t, alpha, sigma), x_t, alpha, sigma), eps, atol=1e-6)
+    ctx = {"t": t, "process": process}
+    round_trip = p.to_eps(p.from_eps(eps, x_t, alpha, sigma, **ctx), x_t, alpha, sigma, **ctx)
+    assert torch.allclose(round_trip, eps, atol=1e-6 if name != "mean" else 1e-4)
+    if not p.needs_step:  # the others hold for any alpha, sigma
+        x0, eps, alpha, sigma, x_t = _frame()
+        assert torch.allclose(p.to_eps(p.from_eps(eps, x_t, alpha, sigma), x_t, alpha, sigma), eps, atol=1e-6)
+
+
+def test_mean_parameterization_is_ho_et_al_posterior_mean():
+    """mean predicts mu~_t(x_t, x0) = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_{t-1})
+    / (1 - abar_t) x_t (Ho et al. 2020, eq. 7), written here with the betas of the linear schedule."""
+    T = 50
+    process = build_process(ProcessConfig(name="vp", schedule="linear", T=T))
+    betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    g = torch.Generator().manual_seed(1)
+    i = torch.tensor([1, 2, 7, 25, 50])
+    x0, eps = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    a_t, a_prev = abar[i - 1][:, None], torch.where(i > 1, abar[(i - 2).clamp(min=0)], 1.0)[:, None]
+    x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    beta = betas[i - 1][:, None]
+    mu = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x_t
+    p = PARAMETERIZATIONS.get("mean")
+    t = i.float() / T
+    alpha, sigma = expand(process.alpha(t), x0).double(), expand(process.sigma(t), x0).double()
+    assert torch.allclose(p.from_eps(eps, x_t, alpha, sigma, t=t, process=process), mu, atol=1e-5)
+    assert torch.allclose(p.to_eps(mu, x_t, alpha, sigma, t=t, process=process), eps, atol=1e-4)
+    # at the first step the posterior mean is x0 itself
+    assert torch.allclose(mu[0], x0[0], atol=1e-6)
 
 
 def test_conversions_recover_x0_and_score():
@@ -130,13 +165,13 @@ def test_new_weightings_against_their_papers():
     assert torch.allclose(got, expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["x0", "v", "edm", "score"])
+@pytest.mark.parametrize("name", ["x0", "v", "edm", "score", "mean"])
 def test_exact_denoiser_read_through_every_parameterization(name):
     """A network that outputs from_eps(exact eps) gives back the exact denoiser through network_denoiser."""
     from diffusion.denoiser import network_denoiser
 
     data = GaussianData.random(4, seed=2)
-    process = build_process(ProcessConfig(T="continuous"))
+    process = build_process(ProcessConfig(T=10 if name == "mean" else "continuous"))
     p = PARAMETERIZATIONS.get(name)
 
     denoiser = network_denoiser(data.oracle_network(process, p), p, process)

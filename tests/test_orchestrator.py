@@ -141,3 +141,25 @@ def test_ctrl_c_ends_every_run_killed(tmp_path, server, cache_dir):
     parents, children = child_runs(client, "interrupted")
     assert [r.info.status for r in parents] == ["KILLED"]
     assert sorted(r.info.status for r in children) == ["KILLED", "KILLED"]
+
+
+def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
+    """sweeps/zoo_smoke.yaml (which test_sweepfile checks covers every accepted value) runs to completion:
+    every trial FINISHED with finite samples, its sample grid, and the learned schedule where there is one."""
+    from orchestrator.sweepfile import load_sweep
+
+    path = os.path.join(ROOT, "sweeps", "zoo_smoke.yaml")
+    result = orchestrator(["sweep", path, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path,
+                          env_extra={"MLFLOW_TRACKING_URI": server.uri}, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(server.uri)
+    _, children = child_runs(client, "zoo_smoke")
+    expected = {t.name for t in load_sweep(path).trials}
+    assert {r.data.tags["trial"] for r in children} == expected
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags.get("failure_reason")
+        assert run.data.tags["samples_finite"] == "True"
+        assert run.data.metrics["fid"] > 0 and run.data.metrics["sample_nfe"] >= 1
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"samples.png", "config.yaml", "ema.pt"} <= artifacts
+        assert ("schedule.json" in artifacts) == (run.data.params["process.schedule"] == "learned")

@@ -168,14 +168,14 @@ def test_unknown_sampler_lists_names():
         SAMPLERS.get("foo")
 
 
-@pytest.mark.parametrize("name", ["eps", "score", "x0", "v", "edm"])
+@pytest.mark.parametrize("name", ["eps", "score", "x0", "v", "edm", "mean"])
 def test_one_ddim_step_per_parameterization(name):
     """A network that predicts in parameterization `name` (here: the exact Gaussian answer written in it)
     takes the DDIM step x_s = alpha_s x0_hat + sigma_s eps_hat computed by hand from its raw output."""
     from diffusion.denoiser import network_denoiser
     from diffusion.parameterizations import PARAMETERIZATIONS
 
-    process = build_process(PROCESSES["vp"])
+    process = build_process(PROCESSES["vp1000" if name == "mean" else "vp"])
     p = PARAMETERIZATIONS.get(name)
 
     oracle = DATA.oracle_network(process, p)
@@ -193,6 +193,11 @@ def test_one_ddim_step_per_parameterization(name):
         "edm": lambda: (x_t - a_t * (0.25 / ((s_t / a_t) ** 2 + 0.25) * x_t / a_t
                                      + (s_t / a_t) * 0.5 / ((s_t / a_t) ** 2 + 0.25) ** 0.5 * out)) / s_t,
     }
+    if name == "mean":  # mu~ = c_t x_t + c_0 x0 for the step from t back to t - 1/T (Ho et al. 2020, eq. 7)
+        a_p, s_p = process.alphas[699].item(), process.sigmas[699].item()
+        a_ts, var_ts = a_t / a_p, s_t**2 - (a_t / a_p) ** 2 * s_p**2
+        c_t, c_0 = a_ts * s_p**2 / s_t**2, a_p * var_ts / s_t**2
+        by_hand["mean"] = lambda: (x_t - a_t * (out - c_t * x_t) / c_0) / s_t
     eps = by_hand[name]()
     expected = a_s * (x_t - s_t * eps) / a_t + s_s * eps
     captured = []

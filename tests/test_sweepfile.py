@@ -56,7 +56,16 @@ def test_grid_product_and_cli_overrides(tmp_path):
         ("name: x\nextra: 1\n", "extra", "top-level keys"),
         ("name: x\nbase: {process: {T: 3\n", "FILE", "YAML"),
         ("name: x\nbase: {loss: {objective: sliced}}\n", "base.loss.weighting", "sigma2"),
-        ("name: x\nbase: {loss: {weighting: elbo, t_sampling: importance}}\n", "base.loss.t_sampling", "uniform"),
+        ("name: x\nbase: {process: {schedule: learned}}\n", "base.loss.weighting", "elbo"),
+        ("name: x\nbase: {process: {name: ve, schedule: learned}}\n", "base.process.schedule", "variance preserving"),
+        ("name: x\nbase: {process: {T: continuous}, model: {parameterization: mean}}\n",
+         "base.model.parameterization", "needs an integer process.T"),
+        ("name: x\nbase: {process: {T: continuous}, model: {variance: learned_range}}\n",
+         "base.model.variance", "one discrete step"),
+        ("name: x\nbase: {model: {variance: learnt}}\n", "base.model.variance", "learned_range"),
+        ("name: x\nbase: {loss: {objective: implicit, weighting: sigma2}}\n", "base.data.name", "2-D set"),
+        ("name: x\nbase: {data: {name: moons}, loss: {objective: implicit, weighting: sigma2},"
+         " model: {variance: learned_range}}\n", "base.model.variance", "no variational bound"),
         ("name: x\nbase: {loss: {t_sampling: often}}\n", "base.loss.t_sampling", "importance"),
         ("name: x\nbase: {loss: {objective: exact}}\n", "base.loss.objective", "implicit, sliced"),
         ("name: x\nbase: {process: {T: often}}\n", "base.process.T", "continuous"),
@@ -100,3 +109,25 @@ def test_readme_option_table_is_current():
     table = option_table()
     assert table in readme, "README.md's option table is stale: regenerate it with `orchestrator options`"
     assert table.count("\n") > 40 and "| `sample.sampler` | `ancestral` |" in table
+
+
+def test_zoo_smoke_covers_every_accepted_value():
+    """Every value of every model axis the registries accept appears in at least one trial of zoo_smoke."""
+    from diffusion import elbo, losses, parameterizations, processes, samplers, score_matching
+
+    trials = [t.config for t in load_sweep(os.path.join(ROOT, "sweeps", "zoo_smoke.yaml")).trials]
+    schedules = set(processes.VP_SCHEDULES.names()) | set(processes.VE_SCHEDULES.names()) | {"learned"}
+    axes = {
+        "process.name": (lambda c: c.process.name, set(processes.PROCESS_FAMILIES)),
+        "process.T": (lambda c: "continuous" if c.process.T == "continuous" else "integer", {"continuous", "integer"}),
+        "process.schedule": (lambda c: c.process.schedule, schedules),
+        "model.parameterization": (lambda c: c.model.parameterization, set(parameterizations.PARAMETERIZATIONS.names())),
+        "model.variance": (lambda c: c.model.variance, set(elbo.VARIANCES)),
+        "loss.weighting": (lambda c: c.loss.weighting, set(losses.WEIGHTINGS.names())),
+        "loss.t_sampling": (lambda c: c.loss.t_sampling, {"uniform", "importance"}),
+        "loss.objective": (lambda c: c.loss.objective, {"denoising"} | set(score_matching.OBJECTIVES.names())),
+        "sample.sampler": (lambda c: c.sample.sampler, set(samplers.SAMPLERS.names())),
+        "sample.spacing": (lambda c: c.sample.spacing, set(samplers.SPACINGS.names())),
+    }
+    for key, (read, accepted) in axes.items():
+        assert {read(c) for c in trials} == accepted, key
