@@ -1,10 +1,11 @@
-"""Benchmark the demo sweep: wall time, training throughput and each trial's FID against its floor.
+"""Benchmark a sweep end to end: wall time, training throughput and each trial's FID against its floor.
 
     python benchmarks/demo.py [SWEEP] [key=value ...]
 
-Runs `orchestrator sweep` on the sweep file (default sweeps/ddpm_vs_ncsn.yaml) in a fresh
+Runs `orchestrator sweep` on the sweep file (default sweeps/ddpm_vs_ncsn.yaml, the demo) in a fresh
 temporary directory, reads every trial back from MLflow, prints a Markdown report and writes it
-into docs/BENCHMARKS.md between the demo markers.
+into docs/BENCHMARKS.md between the sweep's markers (``<!-- demo:begin -->`` for the demo,
+``<!-- sweep:NAME:begin -->`` for the others; a missing section is appended).
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ sys.path.insert(0, ROOT)
 from orchestrator.sweepfile import load_sweep  # noqa: E402
 from orchestrator.tracking import LocalServer  # noqa: E402
 
-BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
+
+
+def markers(sweep_name: str) -> tuple[str, str]:
+    tag = "demo" if sweep_name == "ddpm_vs_ncsn" else f"sweep:{sweep_name}"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 
 
 def main() -> int:
@@ -72,13 +77,16 @@ def main() -> int:
               "fid_reference is the FID of as many real test images against the same statistics."]
     report = "\n".join(lines)
     print(report)
-    _write(report)
+    _write(report, sweep.name, sweep_file)
     return result.returncode
 
 
-def _write(report: str) -> None:
+def _write(report: str, sweep_name: str, sweep_file: str) -> None:
+    BEGIN, END = markers(sweep_name)
     path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else f"# Benchmarks\n\n## Demo sweep\n\n{BEGIN}\n{END}\n"
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+    if BEGIN not in text:
+        text = text.rstrip("\n") + f"\n\n## Sweep `{sweep_file}`\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     with open(path, "w", encoding="utf-8") as handle:

@@ -112,8 +112,17 @@ class EvalConfig:
     extractor: str = "auto"  # FID features: auto, classifier (offline CNN), inception (clean-fid), raw (2-D coordinates)
     reference_split: str = "train"  # FID is measured against this split's statistics
     fid_n: Optional[int] = None  # samples used for FID (default: min(sample.n, test split size))
+    kid: bool = True  # also compute KID (clean-fid's unbiased polynomial-kernel MMD on the same features), with kid_reference
+    bpd: bool = True  # bits/dim of held-out data: bpd_ode (probability-flow ODE) and, for an integer process.T, bpd_elbo
+    bpd_n: int = 256  # held-out (test split) examples in the bits/dim estimates
+    ode_rtol: float = 1e-5  # bpd_ode: relative tolerance of the adaptive RK45 solve
+    ode_atol: float = 1e-5  # bpd_ode: absolute tolerance
+    divergence: str = "hutchinson"  # bpd_ode: hutchinson (unbiased, probes fixed per solve) or exact (D backward passes; low-dimensional data)
+    hutchinson_probes: int = 1  # bpd_ode: probe vectors per example
+    probe: str = "rademacher"  # bpd_ode: rademacher or gaussian probes
+    dequant_draws: int = 1  # bpd_ode on discrete-valued images: uniform dequantization draws per example
     classifier_steps: int = 1500  # training steps of the classifier feature extractor
-    cache_dir: str = "~/.cache/diffusion-orchestrator"  # where trained feature extractors are kept
+    cache_dir: str = "~/.cache/diffusion-orchestrator"  # where trained feature extractors and reference-split features are kept
 
 
 @dataclass
@@ -216,6 +225,12 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     _check(cfg.sample.rho > 0, "sample.rho", cfg.sample.rho, "a positive number")
     _check(cfg.sample.grid >= 0, "sample.grid", cfg.sample.grid, "an integer >= 0")
     metrics.EXTRACTORS.get(cfg.eval.extractor)
+    for key in ("bpd_n", "hutchinson_probes", "dequant_draws"):
+        _check(getattr(cfg.eval, key) >= 1, f"eval.{key}", getattr(cfg.eval, key), "an integer >= 1")
+    _check(cfg.eval.ode_rtol > 0, "eval.ode_rtol", cfg.eval.ode_rtol, "a positive number")
+    _check(cfg.eval.ode_atol > 0, "eval.ode_atol", cfg.eval.ode_atol, "a positive number")
+    _check(cfg.eval.divergence in ("hutchinson", "exact"), "eval.divergence", cfg.eval.divergence, "hutchinson or exact")
+    _check(cfg.eval.probe in ("rademacher", "gaussian"), "eval.probe", cfg.eval.probe, "rademacher or gaussian")
     _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")
     _check(cfg.eval.reference_split in ("train", "test"), "eval.reference_split", cfg.eval.reference_split, "train or test")
     if cfg.eval.fid_n is not None:

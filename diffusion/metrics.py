@@ -26,6 +26,17 @@ Every FID is reported next to ``fid_reference``: the FID of as many held-out rea
 the same reference statistics. A sample set of size n cannot be expected to beat it, since FID is
 biased upwards at finite n (Binkowski et al. 2018, "Demystifying MMD GANs"; Chong & Forsyth 2020,
 "Effectively Unbiased FID and Inception Score and Where to Find Them").
+
+KID (``eval.kid``; Binkowski et al. 2018) is the unbiased estimate of the squared MMD with the cubic
+polynomial kernel k(x, y) = (x.y / D + 1)^3 on the same features, averaged over random subsets
+(clean-fid's :func:`cleanfid.fid.kernel_distance`: 100 subsets of at most 1,000 examples per side).
+It is unbiased, so it can be slightly negative, and it needs the reference features themselves, not
+only their mean and covariance. It is reported next to ``kid_reference``, the KID of the same held-out
+real examples as ``fid_reference``. The subsets are drawn from a fixed seed: equal inputs, equal KID.
+
+The reference features, mean and covariance of a split are computed once per (data set, split,
+extractor, number of examples) and kept both in this process and on disk under ``eval.cache_dir``
+(``reference-<data set>-<split>-<key>.npz``), so trials sharing a cache directory do not recompute them.
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +75,12 @@ CLASSIFIER_VERSION = 1
 CLASSIFIER_SEED = 0  # the classifier is a shared yardstick: its seed is fixed, not the trial's
 FEATURE_BATCH = 500  # examples per forward pass when extracting features
 INCEPTION_BATCH = 50  # images per Inception pass (each is 3 x 299 x 299 floats after resizing)
+# KID as clean-fid computes it (cleanfid.fid.kernel_distance defaults), from a fixed seed
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+KID_SEED = 0
+# Bump when the content or layout of the reference cache files changes: old files are then ignored.
+REFERENCE_CACHE_VERSION = 1
 
 # Where clean-fid keeps the Inception-v3 torchscript weights: cleanfid.features.feature_extractor
 # passes "/tmp" ("./" on Windows) to InceptionV3W, which looks for (and would download) the file named
@@ -97,6 +115,46 @@ def frechet_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sig
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets [N_a, D] and [N_b, D]."""
     return frechet_from_stats(*feature_stats(feats_a), *feature_stats(feats_b))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel distance
+
+
+def kernel_distance(
+    feats_a: np.ndarray,
+    feats_b: np.ndarray,
+    num_subsets: int = KID_SUBSETS,
+    max_subset_size: int = KID_SUBSET_SIZE,
+    seed: int = KID_SEED,
+) -> float:
+    """KID between feature sets [N_a, D] and [N_b, D]: clean-fid's :func:`cleanfid.fid.kernel_distance`
+    (Binkowski et al. 2018), the unbiased squared MMD with k(x, y) = (x.y / D + 1)^3 averaged over
+    ``num_subsets`` pairs of subsets of m = min(N_a, N_b, max_subset_size) examples, drawn without
+    replacement.
+
+    clean-fid draws the subsets from NumPy's global RNG; here it is seeded with ``seed`` for the call
+    and restored afterwards, so equal inputs give equal KID and the caller's NumPy random stream is
+    untouched. (Not safe against other threads drawing from the global NumPy RNG at the same time.)
+    """
+    from cleanfid.fid import kernel_distance as cleanfid_kernel_distance
+
+    feats_a = np.asarray(feats_a, dtype=np.float64)
+    feats_b = np.asarray(feats_b, dtype=np.float64)
+    if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"kernel_distance needs features [N_a, D] and [N_b, D], got {feats_a.shape} and {feats_b.shape}")
+    if min(feats_a.shape[0], feats_b.shape[0], max_subset_size) < 2:
+        raise ValueError(f"kernel_distance needs subsets of >= 2 examples, got {feats_a.shape[0]}, "
+                         f"{feats_b.shape[0]} and max_subset_size {max_subset_size}")
+    if num_subsets < 1:
+        raise ValueError(f"kernel_distance needs num_subsets >= 1, got {num_subsets}")
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(cleanfid_kernel_distance(feats_a, feats_b, num_subsets=num_subsets,
+                                              max_subset_size=max_subset_size))
+    finally:
+        np.random.set_state(state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,13 +329,23 @@ def classifier_accuracy(model: FeatureClassifier, x: Tensor, y: Tensor, device: 
     return float((logits.argmax(axis=1) == y.cpu().numpy()).mean())
 
 
+def _state_digest(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().cpu().contiguous()
+        h.update(f"{name}{data.dtype}{tuple(data.shape)}".encode())
+        h.update(data.numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_or_train_classifier(
     dataset: "Dataset", cfg: EvalConfig, device: torch.device
 ) -> tuple[FeatureClassifier, dict]:
     """The cached classifier for this data set, trained and cached first if absent.
 
     Returns the model (eval mode, on device) and its metadata: ``key``, ``path``, ``accuracy`` (test
-    split), ``steps``, ``train_seconds`` and ``loaded_from_cache``.
+    split), ``steps``, ``train_seconds``, ``loaded_from_cache`` and ``weights`` (digest of the weights).
     """
     path = classifier_path(dataset, cfg)
     key = _classifier_key(dataset, cfg.classifier_steps)
@@ -288,7 +356,8 @@ def load_or_train_classifier(
             if meta.get("key") == key:
                 model = FeatureClassifier(meta["in_channels"], meta["num_classes"])
                 model.load_state_dict(saved["state_dict"])
-                return model.to(device).eval(), {**meta, "path": path, "loaded_from_cache": True}
+                return model.to(device).eval(), {**meta, "path": path, "loaded_from_cache": True,
+                                                 "weights": _state_digest(model)}
         except Exception:  # unreadable or stale file: retrain and overwrite it
             pass
     start = time.perf_counter()
@@ -309,7 +378,7 @@ def load_or_train_classifier(
     }
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     save_atomic({"state_dict": state, "meta": meta}, path)
-    return model, {**meta, "path": path, "loaded_from_cache": False}
+    return model, {**meta, "path": path, "loaded_from_cache": False, "weights": _state_digest(model)}
 
 
 @EXTRACTORS.register("classifier")
@@ -333,6 +402,23 @@ def build_classifier(dataset: "Dataset", cfg: EvalConfig, device: torch.device) 
 
 # --------------------------------------------------------------------------------------------------
 # inception (clean-fid)
+
+
+# (path, size, mtime) -> sha256 of the file: the Inception weights are hashed once per process
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a file's bytes, memoized while its size and modification time do not change."""
+    stat = os.stat(path)
+    memo_key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_DIGESTS[memo_key] = h.hexdigest()
+    return _FILE_DIGESTS[memo_key]
 
 
 def inception_weights_path() -> str:
@@ -378,7 +464,7 @@ def build_inception(dataset: "Dataset", cfg: EvalConfig, device: torch.device) -
         return _batched_features(lambda batch: model(_to_cleanfid_input(batch).to(device)), x, device,
                                  batch_size=INCEPTION_BATCH)
 
-    return "inception", extract, {"path": path}
+    return "inception", extract, {"path": path, "weights": _file_digest(path)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,36 +496,134 @@ class FIDResult:
     fid_reference: float  # FID of n held-out real examples against the same statistics (the floor)
     n: int  # examples on each side of both distances
     tags: dict[str, str] = field(default_factory=dict)  # fid.extractor, fid.reference_split, fid.n, ...
+    kid: float | None = None  # KID of the same n samples against the reference split's features (eval.kid)
+    kid_reference: float | None = None  # KID of the same n held-out real examples (the floor)
 
 
-# (extractor identity, data set name, split, digest of the split) -> (mu, sigma)
-_REFERENCE_STATS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+@dataclass(frozen=True)
+class Reference:
+    """Features of a whole split and their statistics, as FID and KID compare samples against."""
+
+    features: np.ndarray  # [count, D] float64
+    mu: np.ndarray  # [D] float64
+    sigma: np.ndarray  # [D, D] float64 (np.cov, rowvar=False)
+    key: str  # reference_key(...)[0]
+    source: str  # how this process got them: "computed" (extracted here) or "disk" (cache file)
+
+
+# reference_key(...)[0] -> Reference: each split is extracted (or read from disk) once per process
+_REFERENCE_STATS: dict[str, Reference] = {}
 
 
 def _extractor_identity(name: str, info: dict) -> str:
+    """What determines an extractor's features: for the classifier, its cache key and a digest of its
+    weights (two trainings with the same key may differ in round-off, e.g. on another device); for
+    Inception, a digest of the weights file."""
     if name == "classifier":
-        return f"classifier-{info['key']}"
+        weights = info.get("weights")
+        return f"classifier-{info['key']}" + (f"-{weights[:16]}" if weights else "")
     if name == "inception":
-        return f"inception-{info['path']}"
+        weights = info.get("weights")
+        return f"inception-{weights[:16]}" if weights else f"inception-{info['path']}"
     return name
 
 
-def reference_stats(dataset: "Dataset", split: str, name: str, extract: Extract, info: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean and covariance of a full split, memoized in this process."""
-    x = dataset.train if split == "train" else dataset.test
-    key = (_extractor_identity(name, info), dataset.name, split, _tensor_digest(x))
-    if key not in _REFERENCE_STATS:
-        _REFERENCE_STATS[key] = feature_stats(extract(x))
-    return _REFERENCE_STATS[key]
+def _split(dataset: "Dataset", split: str) -> Tensor:
+    if split not in ("train", "test"):
+        raise ConfigError("eval.reference_split", split, "train or test")
+    return dataset.train if split == "train" else dataset.test
+
+
+def reference_key(dataset: "Dataset", split: str, extractor: str, count: int) -> tuple[str, dict]:
+    """(key, spec) of the reference features of ``count`` examples of a split under an extractor
+    identity (:func:`_extractor_identity`): the key is a sha256 of the spec, which names the data set,
+    the split, a digest of the split's tensor, the extractor, the count and the cache format version."""
+    spec = {
+        "version": REFERENCE_CACHE_VERSION,
+        "dataset": dataset.name,
+        "split": split,
+        "data": _tensor_digest(_split(dataset, split)),
+        "extractor": extractor,
+        "count": int(count),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(), spec
+
+
+def reference_path(cache_dir: str, dataset: "Dataset", split: str, key: str) -> str:
+    """Cache file of the reference features with this key."""
+    return os.path.join(os.path.expanduser(cache_dir), f"reference-{dataset.name}-{split}-{key[:16]}.npz")
+
+
+def _save_reference(path: str, reference: Reference, spec: dict) -> None:
+    """Write an .npz (no pickles) next to its final path, then os.replace it there. Features are
+    stored as float32 when that is exact (network features are float32 widened to float64)."""
+    features = reference.features
+    narrow = features.astype(np.float32)
+    if np.array_equal(narrow.astype(np.float64), features):
+        features = narrow
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, features=features, mu=reference.mu, sigma=reference.sigma,
+                     key=np.array(reference.key), spec=np.array(json.dumps(spec, sort_keys=True)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _load_reference(path: str, key: str, count: int) -> Reference | None:
+    """The cached reference in ``path`` if it is readable and has this key, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["key"]) != key:
+                return None
+            features = saved["features"].astype(np.float64)
+            mu, sigma = saved["mu"].astype(np.float64), saved["sigma"].astype(np.float64)
+    except Exception:  # missing, truncated or foreign file: recompute and overwrite it
+        return None
+    d = features.shape[1] if features.ndim == 2 else -1
+    if features.shape != (count, d) or mu.shape != (d,) or sigma.shape != (d, d):
+        return None
+    return Reference(features=features, mu=mu, sigma=sigma, key=key, source="disk")
+
+
+def reference_features(
+    dataset: "Dataset", split: str, name: str, extract: Extract, info: dict, cache_dir: str | None = None
+) -> Reference:
+    """Features, mean and covariance of a whole split under an extractor (from :func:`get_extractor`).
+
+    Looked up in this process first, then (when ``cache_dir`` is given) in the cache file
+    :func:`reference_path`; extracted and written there only when neither has them.
+    """
+    x = _split(dataset, split)
+    key, spec = reference_key(dataset, split, _extractor_identity(name, info), len(x))
+    if key in _REFERENCE_STATS:
+        return _REFERENCE_STATS[key]
+    path = reference_path(cache_dir, dataset, split, key) if cache_dir is not None else None
+    reference = _load_reference(path, key, len(x)) if path is not None else None
+    if reference is None:
+        features = np.asarray(extract(x), dtype=np.float64)
+        reference = Reference(features, *feature_stats(features), key=key, source="computed")
+        if path is not None:
+            _save_reference(path, reference, spec)
+    _REFERENCE_STATS[key] = reference
+    return reference
 
 
 def compute_fid(samples: Tensor, dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> FIDResult:
-    """FID of `samples` (shaped like the data set's examples, images in [-1, 1]) and its floor.
+    """FID (and, if ``cfg.kid``, KID) of `samples` (shaped like the data set's examples, images in
+    [-1, 1]) and their floors.
 
     n = cfg.fid_n, or min(len(samples), len(test split)). ``fid``: the first n samples against the
     statistics of the full ``cfg.reference_split``. ``fid_reference``: n held-out real examples
     against the same statistics: the first n test examples when the reference is the train split;
-    a fixed seeded choice of n train examples when it is the test split.
+    a fixed seeded choice of n train examples when it is the test split. ``kid`` and
+    ``kid_reference``: the same two sets against the reference split's features (:func:`kernel_distance`).
+    The reference features are cached under ``cfg.cache_dir`` (:func:`reference_features`).
     """
     if cfg.reference_split not in ("train", "test"):
         raise ConfigError("eval.reference_split", cfg.reference_split, "train or test")
@@ -454,17 +638,26 @@ def compute_fid(samples: Tensor, dataset: "Dataset", cfg: EvalConfig, device: to
             detail=f"{len(samples)} samples, {len(dataset.test)} test and {len(dataset.train)} train examples",
         )
     name, extract, info = get_extractor(cfg.extractor, dataset, cfg, device)
-    mu_ref, sigma_ref = reference_stats(dataset, cfg.reference_split, name, extract, info)
+    reference = reference_features(dataset, cfg.reference_split, name, extract, info, cfg.cache_dir)
 
     if cfg.reference_split == "train":
         held_out = held_out[:n]
     else:
         generator = torch.Generator().manual_seed(0)
         held_out = held_out[torch.randperm(len(held_out), generator=generator)[:n]]
-    fid = frechet_from_stats(*feature_stats(extract(samples[:n])), mu_ref, sigma_ref)
-    fid_reference = frechet_from_stats(*feature_stats(extract(held_out)), mu_ref, sigma_ref)
+    sample_features, held_out_features = extract(samples[:n]), extract(held_out)
+    fid = frechet_from_stats(*feature_stats(sample_features), reference.mu, reference.sigma)
+    fid_reference = frechet_from_stats(*feature_stats(held_out_features), reference.mu, reference.sigma)
 
     tags = {"fid.extractor": name, "fid.reference_split": cfg.reference_split, "fid.n": str(n)}
     if name == "classifier":
         tags["fid.classifier_accuracy"] = f"{info['accuracy']:.4f}"
-    return FIDResult(fid=fid, fid_reference=fid_reference, n=n, tags=tags)
+    kid = kid_reference = None
+    if cfg.kid:
+        # clean-fid's argument order (reference first); the same seed for both, so the reference
+        # side of every subset pair is the same in kid and kid_reference
+        kid = kernel_distance(reference.features, sample_features)
+        kid_reference = kernel_distance(reference.features, held_out_features)
+        tags["kid.subsets"] = str(KID_SUBSETS)
+        tags["kid.subset_size"] = str(min(n, len(reference.features), KID_SUBSET_SIZE))
+    return FIDResult(fid=fid, fid_reference=fid_reference, n=n, tags=tags, kid=kid, kid_reference=kid_reference)

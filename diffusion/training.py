@@ -181,6 +181,17 @@ class Trainer:
                 variance=self.cfg.model.variance,
             )
 
+    def heldout_likelihood(self):
+        """Bits/dim of the first ``eval.bpd_n`` test examples under the EMA model
+        (``diffusion.likelihood.heldout_likelihood``), with a generator seeded from the trial seed."""
+        from .likelihood import heldout_likelihood
+
+        self.ema.module.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
+        x = self.dataset.test[: self.cfg.eval.bpd_n].to(self.device)
+        return heldout_likelihood(self.ema_denoiser(), x, self.dataset.levels, self.cfg.eval, generator,
+                                  variance=self.cfg.model.variance, batch_size=self.cfg.sample.batch_size)
+
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         rng = {

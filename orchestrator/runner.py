@@ -22,6 +22,9 @@ class TrialSummary:
     status: str  # FINISHED, FAILED or KILLED
     fid: Optional[float] = None
     fid_reference: Optional[float] = None
+    kid: Optional[float] = None
+    bpd_ode: Optional[float] = None
+    bpd_elbo: Optional[float] = None
     minutes: Optional[float] = None
     error: str = ""
 
@@ -123,12 +126,13 @@ def run_sweep(sweep: Sweep, workdir: str = ".") -> int:
 
 
 def prepare_extractors(sweep: Sweep) -> None:
-    """Train (or load) each FID feature extractor the sweep needs once, in the driver, so that
-    concurrent trials load it from the cache instead of each training their own copy."""
+    """Train (or load) each FID feature extractor the sweep needs once, in the driver, and extract the
+    reference split's features into the cache, so that concurrent trials load both from the cache
+    instead of each computing its own copy."""
     import torch
 
     from diffusion.data import load_dataset
-    from diffusion.metrics import get_extractor
+    from diffusion.metrics import get_extractor, reference_features
 
     seen = set()
     for trial in sweep.trials:
@@ -138,7 +142,8 @@ def prepare_extractors(sweep: Sweep) -> None:
             continue
         seen.add(key)
         dataset = load_dataset(cfg.data)
-        name, _, info = get_extractor(cfg.eval.extractor, dataset, cfg.eval, torch.device("cpu"))
+        name, extract, info = get_extractor(cfg.eval.extractor, dataset, cfg.eval, torch.device("cpu"))
+        reference_features(dataset, cfg.eval.reference_split, name, extract, info, cfg.eval.cache_dir)
         if name == "classifier":
             origin = "loaded from cache" if info.get("loaded_from_cache") else "trained"
             print(f"FID features for {cfg.data.name}: classifier {origin}, test accuracy {info['accuracy']:.4f}",
@@ -193,7 +198,8 @@ def _summaries(client, experiment_id: str, parent_id: str, sweep: Sweep) -> list
         minutes = (run.info.end_time - run.info.start_time) / 60000 if run.info.end_time else None
         out.append(TrialSummary(
             trial.name, trial.axes, run.info.status, metrics.get("fid"), metrics.get("fid_reference"),
-            minutes, run.data.tags.get(FAILURE_TAG, ""),
+            metrics.get("kid"), metrics.get("bpd_ode"), metrics.get("bpd_elbo"), minutes,
+            run.data.tags.get(FAILURE_TAG, ""),
         ))
     return out
 
@@ -201,12 +207,13 @@ def _summaries(client, experiment_id: str, parent_id: str, sweep: Sweep) -> list
 def summary_table(sweep: Sweep, summaries: list[TrialSummary], seconds: float) -> str:
     axes = [a for a in sweep.varying if a != "variant"]
     trial_by_name = {t.name: t for t in sweep.trials}
-    header = ["trial", "variant", *axes, "status", "fid", "fid_reference", "minutes"]
+    header = ["trial", "variant", *axes, "status", "fid", "fid_reference", "kid", "bpd_ode", "bpd_elbo", "minutes"]
     rows = []
     for s in summaries:
         trial = trial_by_name[s.name]
         rows.append([s.name, trial.variant, *[str(s.axes.get(a)) for a in axes], s.status,
-                     _number(s.fid), _number(s.fid_reference), _number(s.minutes, 1)])
+                     _number(s.fid), _number(s.fid_reference), _number(s.kid, 4), _number(s.bpd_ode, 2),
+                     _number(s.bpd_elbo, 2), _number(s.minutes, 1)])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["", f"sweep {sweep.name}: {len(summaries)} trial(s) in {seconds / 60:.1f} min"]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))

@@ -127,7 +127,17 @@ def _train_and_evaluate(cfg: TrialConfig, client: MlflowClient, run_id: str, out
             raise RuntimeError("samples contain NaN or infinite values: FID cannot be computed")
         result = compute_fid(samples, dataset, cfg.eval, device)
         metrics.update({"fid": result.fid, "fid_reference": result.fid_reference})
+        if result.kid is not None:
+            metrics.update({"kid": result.kid, "kid_reference": result.kid_reference})
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in result.tags.items()])
+    if cfg.eval.bpd:
+        started = time.perf_counter()
+        likelihood = trainer.heldout_likelihood()
+        metrics.update(likelihood.metrics)
+        metrics["bpd_seconds"] = time.perf_counter() - started
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in likelihood.tags.items()])
+        if likelihood.elbo_curve is not None:
+            client.log_dict(run_id, likelihood.elbo_curve, "elbo_terms.json")
     if trainer.process.learned:  # the trained VDM schedule, for plotting and comparison across trials
         t = torch.linspace(0, 1, 101, dtype=torch.float64)
         with torch.no_grad():

@@ -1,8 +1,11 @@
-"""Tests of diffusion.metrics: Frechet numerics, feature extractors and compute_fid (offline, < 60 s)."""
+"""Tests of diffusion.metrics: Frechet and kernel distances, feature extractors, the reference cache
+and compute_fid (offline, < 60 s)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import math
 import os
 import time
@@ -24,6 +27,7 @@ TEST_CLASSIFIER_STEPS = 300  # reaches ~98% test accuracy on digits in a few sec
 def one_thread():
     """One torch and one BLAS thread: these small networks and 128 x 128 matrix square roots gain
     little from two, and lose a lot when other processes share the cores (threads wait for each other)."""
+    import scipy.linalg  # noqa: F401  scipy's own OpenBLAS (sqrtm): threadpool_limits only limits loaded libraries
     from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
     threads = torch.get_num_threads()
@@ -102,6 +106,91 @@ def test_same_distribution_gives_near_zero_fid():
 def test_feature_stats_rejects_too_few_examples():
     with pytest.raises(ValueError):
         metrics.feature_stats(np.zeros((1, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel distance (KID)
+
+
+def direct_unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased squared MMD of two sets of m examples with the kernel k(a, b) = (a.b / d + 1)^3, pair by
+    pair with exactly rounded sums: the within-set terms averaged over i != j, the cross term over all
+    m^2 pairs (both averages are unbiased because x and y are independent)."""
+    m, d = x.shape
+    assert y.shape == (m, d)
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        return (math.fsum(float(p) * float(q) for p, q in zip(a, b)) / d + 1) ** 3
+
+    xx = math.fsum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+    yy = math.fsum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    xy = math.fsum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / (m * m)
+
+
+def test_kernel_distance_equals_direct_unbiased_mmd():
+    from cleanfid.fid import kernel_distance as cleanfid_kernel_distance
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((20, 4))
+    y = 0.8 * rng.standard_normal((20, 4)) + 0.5
+    expected = direct_unbiased_mmd2(x, y)
+    assert expected > 0.1  # a distance worth comparing
+    # subsets of min(20, 20, 1000) examples drawn without replacement: each subset is the whole set
+    assert metrics.kernel_distance(x, y, num_subsets=3) == pytest.approx(expected, rel=1e-12)
+    assert metrics.kernel_distance(y, x, num_subsets=1) == pytest.approx(expected, rel=1e-12)
+    state = np.random.get_state()
+    try:  # clean-fid's own function agrees whatever its random state
+        np.random.seed(99)
+        assert cleanfid_kernel_distance(x, y, num_subsets=2) == pytest.approx(expected, rel=1e-12)
+    finally:
+        np.random.set_state(state)
+    # the same examples on both sides: the unbiased estimate is not zero, but it is what it should be
+    assert metrics.kernel_distance(x, x, num_subsets=1) == pytest.approx(direct_unbiased_mmd2(x, x), rel=1e-12)
+
+
+def test_kernel_distance_subsets_are_seeded_and_numpy_rng_is_left_alone():
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((30, 3))
+    b = rng.standard_normal((50, 3)) + 0.3
+    np.random.seed(123)
+    before = np.random.get_state()
+    got = metrics.kernel_distance(a, b, num_subsets=4, max_subset_size=10)
+    after = np.random.get_state()
+    assert after[0] == before[0] and np.array_equal(after[1], before[1]) and after[2:] == before[2:]
+    assert metrics.kernel_distance(a, b, num_subsets=4, max_subset_size=10) == got
+    assert metrics.kernel_distance(a, b, num_subsets=4, max_subset_size=10, seed=1) != got
+    # clean-fid's draws in its order (a subset of the second argument, then of the first), from the
+    # legacy RandomState that np.random.seed(KID_SEED) sets up, then the direct computation
+    draws = np.random.RandomState(metrics.KID_SEED)
+    terms = []
+    for _ in range(4):
+        from_b = b[draws.choice(len(b), 10, replace=False)]
+        from_a = a[draws.choice(len(a), 10, replace=False)]
+        terms.append(direct_unbiased_mmd2(from_a, from_b))
+    assert got == pytest.approx(math.fsum(terms) / 4, rel=1e-10, abs=1e-12)
+
+
+def test_kernel_distance_rejects_unusable_input():
+    with pytest.raises(ValueError):
+        metrics.kernel_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError):
+        metrics.kernel_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError):
+        metrics.kernel_distance(np.zeros((5, 3)), np.zeros((5, 3)), num_subsets=0)
+
+
+def test_same_distribution_gives_near_zero_kid():
+    rng = np.random.default_rng(7)
+    mixing = rng.standard_normal((16, 16)) / 4
+    a = rng.standard_normal((500, 16)) @ mixing
+    b = rng.standard_normal((500, 16)) @ mixing
+    other = rng.standard_normal((500, 16)) @ mixing * 1.3 + 0.5
+    same, different = metrics.kernel_distance(a, b), metrics.kernel_distance(a, other)
+    # KID is unbiased: zero in expectation for equal distributions; its standard deviation here is
+    # about 0.007 (20 independent repetitions), so 0.05 is 7 standard deviations
+    assert abs(same) < 0.05
+    assert different > 1.0 and abs(same) < 0.05 * different
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,11 +291,17 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
         "fid.reference_split": "train",
         "fid.n": str(len(digits.test)),
         "fid.classifier_accuracy": f"{accuracy:.4f}",
+        "kid.subsets": "100",
+        "kid.subset_size": str(len(digits.test)),  # min(n, reference examples, 1000)
     }
+    assert result.kid == result.kid_reference  # the same images and the same subsets
     noise = torch.randn(len(digits.test), 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     noisy = metrics.compute_fid(noise, digits, classifier_cfg, CPU)
     assert noisy.fid > 20 * noisy.fid_reference
     assert noisy.fid_reference == pytest.approx(result.fid_reference, rel=1e-12)
+    # KID of real test images against the train features is zero up to its sampling error (here
+    # about -0.05; disjoint halves of the train split give 0.01 +- 0.03), far below that of noise
+    assert noisy.kid > 20 * abs(noisy.kid_reference) and noisy.kid_reference == result.kid_reference
 
 
 def test_compute_fid_against_test_split(digits, classifier_cfg, trained):
@@ -222,47 +317,173 @@ def test_compute_fid_against_test_split(digits, classifier_cfg, trained):
     assert again.fid_reference == result.fid_reference
 
 
-def test_reference_statistics_are_memoized(digits, classifier_cfg, trained, monkeypatch):
+def test_compute_fid_equals_cleanfid_on_the_same_features(digits, classifier_cfg, trained):
+    from cleanfid.fid import fid_from_feats, kernel_distance as cleanfid_kernel_distance
+
+    samples = digits.train[:200].flip(-1)  # mirrored digits: another distribution
+    result = metrics.compute_fid(samples, digits, dataclasses.replace(classifier_cfg, fid_n=200), CPU)
+    extract = trained[0][1]
+    sample_feats, reference_feats, held_out_feats = extract(samples), extract(digits.train), extract(digits.test[:200])
+    assert result.fid == pytest.approx(float(fid_from_feats(sample_feats, reference_feats)), rel=1e-12)
+    assert result.fid_reference == pytest.approx(float(fid_from_feats(held_out_feats, reference_feats)), rel=1e-12)
+    state = np.random.get_state()
+    try:  # clean-fid's KID with its global random state seeded as kernel_distance seeds it
+        np.random.seed(metrics.KID_SEED)
+        kid = cleanfid_kernel_distance(reference_feats, sample_feats)
+        np.random.seed(metrics.KID_SEED)
+        kid_reference = cleanfid_kernel_distance(reference_feats, held_out_feats)
+    finally:
+        np.random.set_state(state)
+    assert result.kid == pytest.approx(kid, rel=1e-12)
+    assert result.kid_reference == pytest.approx(kid_reference, rel=1e-12)
+    assert result.fid > 2 * result.fid_reference and result.kid > 2 * abs(result.kid_reference)
+    assert result.tags["kid.subset_size"] == "200"
+
+
+def _counting_extractors(monkeypatch) -> list[int]:
+    """Make compute_fid get the real extractors, wrapped to record the examples of each call."""
+    calls: list[int] = []
+    original = metrics.get_extractor
+
+    def get_extractor(name, dataset, cfg, device):
+        resolved, extract, info = original(name, dataset, cfg, device)
+
+        def counted(x):
+            calls.append(len(x))
+            return extract(x)
+
+        return resolved, counted, info
+
+    monkeypatch.setattr(metrics, "get_extractor", get_extractor)
+    return calls
+
+
+def _reference_files(directory) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith("reference-"))
+
+
+def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_cfg, trained, monkeypatch):
+    directory = os.path.expanduser(classifier_cfg.cache_dir)
     metrics._REFERENCE_STATS.clear()
-    calls = []
-    original = metrics.feature_stats
-    monkeypatch.setattr(metrics, "feature_stats", lambda feats: calls.append(len(feats)) or original(feats))
-    metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
+    for name in _reference_files(directory):
+        os.remove(os.path.join(directory, name))
+    calls = _counting_extractors(monkeypatch)
+
+    first = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
     assert calls == [len(digits.train), 50, 50]  # reference, samples, held-out
-    calls.clear()
+    [computed] = metrics._REFERENCE_STATS.values()
+    assert computed.source == "computed" and computed.features.shape == (len(digits.train), 128)
+    [name] = _reference_files(directory)
+    path = os.path.join(directory, name)
+    assert path == metrics.reference_path(directory, digits, "train", computed.key)
+    assert name.startswith("reference-digits-train-") and name.endswith(".npz")
+    assert not [f for f in os.listdir(directory) if f.startswith(".tmp-")]  # temp file replaced
+    with np.load(path, allow_pickle=False) as saved:
+        assert sorted(saved.files) == ["features", "key", "mu", "sigma", "spec"]
+        assert str(saved["key"]) == computed.key
+        assert saved["features"].dtype == np.float32  # float32 network features, stored exactly
+        np.testing.assert_array_equal(saved["features"].astype(np.float64), computed.features)
+        np.testing.assert_array_equal(saved["sigma"], computed.sigma)
+        spec = json.loads(str(saved["spec"]))
+    assert spec == metrics.reference_key(digits, "train", spec["extractor"], len(digits.train))[1]
+    assert spec["extractor"] == metrics._extractor_identity("classifier", trained[0][2])
+    mtime = os.stat(path).st_mtime_ns
+
+    calls.clear()  # the same process: the split is not extracted again
     metrics.compute_fid(digits.test[:60], digits, classifier_cfg, CPU)
     assert calls == [60, 60]
 
+    metrics._REFERENCE_STATS.clear()  # as in a fresh process: the file is read instead
+    calls.clear()
+    second = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
+    assert calls == [50, 50]
+    loaded = metrics._REFERENCE_STATS[computed.key]
+    assert loaded.source == "disk" and os.stat(path).st_mtime_ns == mtime
+    for attribute in ("features", "mu", "sigma"):
+        np.testing.assert_array_equal(getattr(loaded, attribute), getattr(computed, attribute))
+    assert (second.fid, second.fid_reference, second.kid, second.kid_reference) == \
+        (first.fid, first.fid_reference, first.kid, first.kid_reference)
 
-def test_fid_n_larger_than_available_is_a_config_error(digits):
+    with open(path, "wb") as handle:  # a damaged file is recomputed and replaced
+        handle.write(b"not an npz file")
+    metrics._REFERENCE_STATS.clear()
+    calls.clear()
+    third = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
+    assert calls == [len(digits.train), 50, 50] and third.fid == first.fid and third.kid == first.kid
+    with np.load(path, allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["features"].astype(np.float64), computed.features)
+
+
+def test_reference_keys_differ_by_split_extractor_count_and_data(digits, trained, tmp_path):
+    _, extract, info = trained[0]
+    classifier = metrics._extractor_identity("classifier", info)
+    count = len(digits.train)
+    key, spec = metrics.reference_key(digits, "train", classifier, count)
+    assert metrics.reference_key(digits, "train", classifier, count) == (key, spec)  # stable
+    changed = dataclasses.replace(digits, train=digits.train.clone())
+    changed.train[0, 0, 0, 0] += 0.5
+    retrained = metrics._extractor_identity("classifier", {**info, "weights": "0" * 64})  # same key, other weights
+    others = [
+        metrics.reference_key(digits, "test", classifier, count)[0],
+        metrics.reference_key(digits, "train", "raw", count)[0],
+        metrics.reference_key(digits, "train", retrained, count)[0],
+        metrics.reference_key(digits, "train", classifier, count - 1)[0],
+        metrics.reference_key(changed, "train", classifier, count)[0],
+    ]
+    assert retrained != classifier
+    assert len({key, *others}) == 1 + len(others)
+    assert len({metrics.reference_path(str(tmp_path), digits, "train", k) for k in (key, *others)}) == 1 + len(others)
+    # one file per split and extractor in a shared cache directory
+    metrics._REFERENCE_STATS.clear()
+    _, raw, raw_info = metrics.get_extractor("raw", digits, EvalConfig(), CPU)
+    references = [
+        metrics.reference_features(digits, "train", "raw", raw, raw_info, str(tmp_path)),
+        metrics.reference_features(digits, "test", "raw", raw, raw_info, str(tmp_path)),
+        metrics.reference_features(digits, "train", "classifier", extract, info, str(tmp_path)),
+    ]
+    assert [r.features.shape for r in references] == [(count, 64), (len(digits.test), 64), (count, 128)]
+    assert len(_reference_files(tmp_path)) == 3
+    # without a cache directory: kept in this process only
+    metrics._REFERENCE_STATS.clear()
+    assert metrics.reference_features(digits, "test", "raw", raw, raw_info, None).source == "computed"
+    assert len(_reference_files(tmp_path)) == 3
+
+
+def test_fid_n_larger_than_available_is_a_config_error(digits, tmp_path):
     points = load_dataset(DataConfig(name="moons", n_points=500))
     samples = points.test[:80]
+    cfg = EvalConfig(extractor="raw", kid=False, cache_dir=str(tmp_path))
     with pytest.raises(ConfigError) as error:
-        metrics.compute_fid(samples, points, EvalConfig(extractor="raw", fid_n=81), CPU)
+        metrics.compute_fid(samples, points, dataclasses.replace(cfg, fid_n=81), CPU)
     assert error.value.key == "eval.fid_n"
     with pytest.raises(ConfigError) as error:
-        metrics.compute_fid(points.train, points, EvalConfig(extractor="raw", fid_n=len(points.test) + 1), CPU)
+        metrics.compute_fid(points.train, points, dataclasses.replace(cfg, fid_n=len(points.test) + 1), CPU)
     assert error.value.key == "eval.fid_n"
     # default n: min(samples, test split)
-    assert metrics.compute_fid(samples, points, EvalConfig(extractor="raw"), CPU).n == 80
-    assert metrics.compute_fid(points.train, points, EvalConfig(extractor="raw"), CPU).n == len(points.test)
+    assert metrics.compute_fid(samples, points, cfg, CPU).n == 80
+    assert metrics.compute_fid(points.train, points, cfg, CPU).n == len(points.test)
 
 
 # --------------------------------------------------------------------------------------------------
 # raw, auto, inception
 
 
-def test_raw_on_points():
+def test_raw_on_points(tmp_path):
     points = load_dataset(DataConfig(name="moons", n_points=2000))
-    name, extract, _ = metrics.get_extractor("auto", points, EvalConfig(), CPU)
+    cfg = EvalConfig(cache_dir=str(tmp_path), kid=False)
+    name, extract, _ = metrics.get_extractor("auto", points, cfg, CPU)
     assert name == "raw"
     np.testing.assert_array_equal(extract(points.test), points.test.double().numpy())
-    result = metrics.compute_fid(points.test, points, EvalConfig(), CPU)
+    result = metrics.compute_fid(points.test, points, cfg, CPU)
     assert result.tags == {"fid.extractor": "raw", "fid.reference_split": "train", "fid.n": str(len(points.test))}
+    assert result.kid is None and result.kid_reference is None  # eval.kid = false
     assert result.fid == pytest.approx(result.fid_reference, rel=1e-12)
     assert result.fid < 0.05
-    shifted = metrics.compute_fid(points.test + 1.0, points, EvalConfig(), CPU)
+    shifted = metrics.compute_fid(points.test + 1.0, points, cfg, CPU)
     assert shifted.fid == pytest.approx(2.0, rel=0.1)  # ||(1, 1)||^2 on top of the sampling error
+    with_kid = metrics.compute_fid(points.test + 1.0, points, dataclasses.replace(cfg, kid=True), CPU)
+    assert with_kid.fid == shifted.fid and with_kid.kid > 20 * abs(with_kid.kid_reference)
+    assert with_kid.tags["kid.subsets"] == "100" and with_kid.tags["kid.subset_size"] == str(len(points.test))
 
 
 def test_auto_resolution(digits, classifier_cfg, trained, tmp_path, monkeypatch):
@@ -329,6 +550,9 @@ def test_inception_pipeline_with_stand_in_weights(digits, tmp_path, monkeypatch)
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
     name, extract, info = metrics.get_extractor("auto", unlabelled, EvalConfig(), CPU)
     assert name == "inception" and info["path"] == str(tmp_path / metrics.INCEPTION_FILE)
+    # the reference cache is keyed by the weights' content, not their location
+    assert info["weights"] == hashlib.sha256((tmp_path / metrics.INCEPTION_FILE).read_bytes()).hexdigest()
+    assert metrics._extractor_identity(name, info) == "inception-" + info["weights"][:16]
     images = digits.test[:10]
     features = extract(images)
     assert features.shape == (10, 2048)

@@ -1,4 +1,5 @@
 """End to end with real Ray and a real MLflow tracking server on loopback."""
+import math
 import os
 import signal
 import subprocess
@@ -64,8 +65,14 @@ def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
             assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
             assert run.data.params["sample.sampler"] in ("ancestral", "annealed_langevin")
             assert run.data.params["train.steps"] == "30"
-            for metric in ("fid", "fid_reference", "sample_nfe", "sample_seconds", "train_seconds"):
+            for metric in ("fid", "fid_reference", "sample_nfe", "sample_seconds", "train_seconds",
+                           "bpd_ode", "bpd_ode_stderr", "bpd_ode_nfe", "bpd_elbo", "bpd_elbo_stderr"):
                 assert metric in run.data.metrics, metric
+            # a bound on the discrete digits (17 levels): above 0, and the ODE's and the ELBO's estimates are
+            # on the same scale (bits per discrete value); an untrained model sits far above log2(17) = 4.1
+            assert 0 < run.data.metrics["bpd_elbo"] and 0 < run.data.metrics["bpd_ode"] < 100
+            assert run.data.tags["bpd.dequantization"].startswith("uniform, (k + u) / 17")
+            assert run.data.tags["bpd_ode.rtol"] == "0.001" and run.data.tags["bpd.n"] == "64"
             assert run.data.metrics["fid"] > 0 and run.data.metrics["fid_reference"] >= 0
             assert run.data.tags["fid.extractor"] == "classifier"
             history = client.get_metric_history(run.info.run_id, "train_loss")
@@ -163,3 +170,7 @@ def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"samples.png", "config.yaml", "ema.pt"} <= artifacts
         assert ("schedule.json" in artifacts) == (run.data.params["process.schedule"] == "learned")
+        # bits/dim for every process, discrete ones (and the learned schedule) included
+        assert math.isfinite(run.data.metrics["bpd_ode"]) and run.data.metrics["bpd_ode_nfe"] >= 2
+        discrete = run.data.params["process.T"] != "continuous"
+        assert ("bpd_elbo" in run.data.metrics) == discrete == ("elbo_terms.json" in artifacts)
