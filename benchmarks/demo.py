@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from orchestrator.sweepfile import load_sweep  # noqa: E402
 from orchestrator.tracking import LocalServer  # noqa: E402
+from report import write_section  # noqa: E402  (benchmarks/report.py)
 
 
 
@@ -82,15 +83,8 @@ def main() -> int:
 
 
 def _write(report: str, sweep_name: str, sweep_file: str) -> None:
-    BEGIN, END = markers(sweep_name)
-    path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    if BEGIN not in text:
-        text = text.rstrip("\n") + f"\n\n## Sweep `{sweep_file}`\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(f"{head}{BEGIN}\n{report}\n{END}{tail}")
+    begin, end = markers(sweep_name)
+    write_section(report, begin, end, f"Sweep `{sweep_file}`")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ class EvalConfig:
     fid_n: Optional[int] = None  # samples used for FID (default: min(sample.n, test split size))
     kid: bool = True  # also compute KID (clean-fid's unbiased polynomial-kernel MMD on the same features), with kid_reference
     bpd: bool = True  # bits/dim of held-out data: bpd_ode (probability-flow ODE) and, for an integer process.T, bpd_elbo
-    bpd_n: int = 256  # held-out (test split) examples in the bits/dim estimates
+    bpd_n: int = 128  # held-out (test split) examples in the bits/dim estimates
     ode_rtol: float = 1e-5  # bpd_ode: relative tolerance of the adaptive RK45 solve
     ode_atol: float = 1e-5  # bpd_ode: absolute tolerance
     divergence: str = "hutchinson"  # bpd_ode: hutchinson (unbiased, probes fixed per solve) or exact (D backward passes; low-dimensional data)

@@ -447,6 +447,31 @@ def build_process(cfg: ProcessConfig) -> GaussianProcess:
                              lambda t: torch.log(-torch.expm1(log_alphabar(t))), cfg.t_min)
 
 
+LIMIT_TOLERANCE = 0.25  # largest |log-SNR difference| on the grid for a continuous limit to stand in
+
+
+def continuous_limit(cfg: ProcessConfig, process: GaussianProcess) -> tuple[GaussianProcess, float]:
+    """The continuous-time process of the same schedule, for a discrete ``process`` built from ``cfg``, and
+    the largest |lambda_continuous - lambda_discrete| over the grid times 1/T, ..., (T - 5)/T (the last steps
+    are left out: there cosine and sigmoid clip their betas at max_beta, at log-SNRs where the data is gone).
+
+    Returns ``(process, deviation)`` unchanged when the process is continuous already, and the limit only if
+    the deviation is below LIMIT_TOLERANCE (vp linear or ve geometric at T = 1000: 0.09 and 0.01); small T
+    (NCSN's 10 levels: 1.4) keep their own path, which is interpolated between grid times. A learned schedule's
+    limit is the same log-SNR network in continuous time (deviation 0)."""
+    import dataclasses
+
+    if process.T is None:
+        return process, 0.0
+    if process.learned:
+        return LearnedProcess(process.schedule, None, 1.0 / process.T), 0.0
+    limit = build_process(dataclasses.replace(cfg, T=CONTINUOUS, t_min=1.0 / process.T))
+    grid = torch.arange(1, max(process.T - 5, 1) + 1, dtype=torch.float64) / process.T
+    log_snr = lambda p: 2 * (p.log_alpha64(grid) - p.log_sigma64(grid))  # noqa: E731
+    deviation = (log_snr(limit) - log_snr(process)).abs().max().item()
+    return (limit if deviation < LIMIT_TOLERANCE else process), deviation
+
+
 def _derivative(value: Tensor, t: Tensor, create_graph: bool = False) -> Tensor:
     """d value / d t elementwise (zero where value does not depend on t, as ve's log alpha = 0);
     ``create_graph`` keeps it differentiable (for a learned schedule)."""

@@ -157,3 +157,29 @@ def test_discrete_process_interpolates_between_grid_times():
     log_alpha = process.alpha(grid).log()
     assert process.alpha(mid).log().item() == pytest.approx(log_alpha.mean().item(), rel=1e-5)
     assert process.alpha(grid)[0].item() == pytest.approx(process.alphas[3].item(), rel=1e-6)
+
+
+def test_continuous_limit_stands_in_only_where_it_matches_the_grid():
+    """bpd_ode runs a discrete model on its schedule's continuous-time form when their log-SNRs agree on the
+    grid (DDPM's T = 1000: the VP-SDE with beta from 0.1 to 20, Song et al. 2021 eq. 33), and keeps the
+    interpolated discrete path where they do not (NCSN's 10 levels)."""
+    import dataclasses
+
+    from diffusion.processes import LIMIT_TOLERANCE, continuous_limit
+
+    ddpm_cfg = ProcessConfig(name="vp", schedule="linear", T=1000)
+    ddpm = build_process(ddpm_cfg)
+    limit, deviation = continuous_limit(ddpm_cfg, ddpm)
+    assert limit.T is None and limit.t_min == pytest.approx(1e-3) and deviation < LIMIT_TOLERANCE
+    grid = torch.tensor([0.01, 0.3, 0.7, 0.99])
+    assert torch.allclose(limit.log_snr(grid), ddpm.log_snr(grid), atol=LIMIT_TOLERANCE)
+    ncsn_cfg = ProcessConfig(name="ve", schedule="geometric", T=10)
+    ncsn = build_process(ncsn_cfg)
+    same, deviation = continuous_limit(ncsn_cfg, ncsn)
+    assert same is ncsn and deviation > 1
+    continuous = build_process(dataclasses.replace(ddpm_cfg, T="continuous"))
+    assert continuous_limit(ddpm_cfg, continuous) == (continuous, 0.0)
+    learned_cfg = ProcessConfig(schedule="learned", T=50, learned_hidden=8)
+    learned = build_process(learned_cfg)
+    twin, deviation = continuous_limit(learned_cfg, learned)
+    assert twin.T is None and twin.schedule is learned.schedule and deviation == 0.0
