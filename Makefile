@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-samplers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
+
+bench-samplers: $(STAMP)
+	$(BIN)/python benchmarks/samplers.py
 
 clean:
 	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log
