@@ -60,8 +60,9 @@ def main() -> int:
         f"Wall time of the whole sweep (Ray and MLflow start-up included): **{wall / 60:.1f} min** "
         f"for {len(sweep.trials)} trials, exit status {result.returncode}.",
         "",
-        "| trial | status | train steps | train img/s | train s | sample s | NFE | FID | fid_reference | FID / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trial | status | train steps | train img/s | train s | sample s | NFE | FID | fid_reference | FID / floor "
+        "| KID | bpd_ode | bpd_elbo | bpd s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         m, p = run.data.metrics, run.data.params
@@ -70,7 +71,9 @@ def main() -> int:
             f"| {run.data.tags['trial']} | {run.info.status} | {p.get('train.steps')} "
             f"| {m.get('train_examples_per_second', float('nan')):.0f} | {m.get('train_seconds', float('nan')):.0f} "
             f"| {m.get('sample_seconds', float('nan')):.0f} | {m.get('sample_nfe', float('nan')):.0f} "
-            f"| {m.get('fid', float('nan')):.3f} | {m.get('fid_reference', float('nan')):.3f} | {ratio:.1f} |"
+            f"| {m.get('fid', float('nan')):.3f} | {m.get('fid_reference', float('nan')):.3f} | {ratio:.1f} "
+            f"| {m.get('kid', float('nan')):.4f} | {m.get('bpd_ode', float('nan')):.3f} "
+            f"| {m.get('bpd_elbo', float('nan')):.3f} | {m.get('bpd_seconds', float('nan')):.0f} |"
         )
     tags = runs[0].data.tags if runs else {}
     lines += ["", f"FID features: {tags.get('fid.extractor')} (test accuracy {tags.get('fid.classifier_accuracy')}), "
