@@ -147,6 +147,13 @@ def reverse_variance(process: DiscreteProcess, s: Tensor, t: Tensor, variance: s
     raise ConfigError("model.variance", variance, " or ".join(VARIANCES))
 
 
+def reverse_variance_like(process: DiscreteProcess, s: Tensor, t: Tensor, variance: str, v: Optional[Tensor],
+                          like: Tensor) -> Tensor:
+    """:func:`reverse_variance` shaped to broadcast against ``like`` [B, ...]."""
+    var = reverse_variance(process, s, t, variance, v)
+    return var if var.dim() == like.dim() else expand(var, like)
+
+
 def decoder_variance(process: DiscreteProcess) -> Tensor:
     """Variance of the decoder p(x0 | x_1): sigma_1^2 / alpha_1^2.
 
@@ -233,8 +240,7 @@ def _transition_kl(process, x0, x_t, x0_hat, s, t, variance, v=None) -> Tensor:
     mean_q, _ = process.posterior(x_t, x0, s, t)
     mean_p, _ = process.posterior(x_t, x0_hat, s, t)
     var_q = expand(process.posterior_variance(s, t).to(t.device), x0)
-    var_p = reverse_variance(process, s, t, variance, v)
-    var_p = var_p if var_p.dim() == x0.dim() else expand(var_p, x0)
+    var_p = reverse_variance_like(process, s, t, variance, v, x0)
     return _sum_dims(gaussian_kl(mean_q, var_q, mean_p, var_p))
 
 

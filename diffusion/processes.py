@@ -15,6 +15,7 @@ sampler and loss serves every process.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -352,7 +353,7 @@ class MonotoneLogSNR(torch.nn.Module):
         super().__init__()
         self.gamma_0, self.gamma_1 = -float(log_snr_max), -float(log_snr_min)
         g = torch.Generator().manual_seed(0)  # the initial schedule does not depend on the trial seed
-        self.w1 = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64) + 0.5413)  # softplus -> 1
+        self.w1 = torch.nn.Parameter(torch.full((1,), math.log(math.expm1(1.0)), dtype=torch.float64))  # softplus -> 1
         self.b1 = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
         self.w2 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
         self.b2 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
@@ -459,8 +460,6 @@ def continuous_limit(cfg: ProcessConfig, process: GaussianProcess) -> tuple[Gaus
     the deviation is below LIMIT_TOLERANCE (vp linear or ve geometric at T = 1000: 0.09 and 0.01); small T
     (NCSN's 10 levels: 1.4) keep their own path, which is interpolated between grid times. A learned schedule's
     limit is the same log-SNR network in continuous time (deviation 0)."""
-    import dataclasses
-
     if process.T is None:
         return process, 0.0
     if process.learned:

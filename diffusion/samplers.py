@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .config import SampleConfig
 from .denoiser import Denoiser
+from .elbo import reverse_variance_like
 from .processes import GaussianProcess, expand
 from .registry import Registry
 
@@ -73,8 +74,6 @@ def ancestral(denoiser, x_T, timesteps, *, generator, options, variance="beta_ti
     beta-tilde (the posterior variance), beta (sigma^2_{t|s}, the forward variance) or the network's
     learned_range interpolation between them (``diffusion.elbo.reverse_variance``). On a subset of
     the grid this is improved-diffusion's respacing (Nichol & Dhariwal 2021, sec. 4)."""
-    from .elbo import reverse_variance
-
     process, x = denoiser.process, x_T
     for k, t, s in _pairs(timesteps):
         tt = _full(t, x)
@@ -85,8 +84,7 @@ def ancestral(denoiser, x_T, timesteps, *, generator, options, variance="beta_ti
             x = x0_hat
         else:
             mean, _ = process.posterior(x, x0_hat, _full(s, x), tt)
-            var = reverse_variance(process, _full(s, x), tt, variance, head)
-            var = var if var.dim() == x.dim() else expand(var, x)
+            var = reverse_variance_like(process, _full(s, x), tt, variance, head, x)
             x = mean + var.sqrt().to(x.dtype) * _noise(x, generator)
         if callback:
             callback(k, t, x)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from .config import TrialConfig
+from .config import TrialConfig, validate
 from .data import Dataset
 from .denoiser import Denoiser, network_denoiser
 from .losses import WEIGHTINGS, TimeSampler, diffusion_loss
@@ -71,6 +71,7 @@ class Trainer:
     """Trains the network of one trial config on one data set."""
 
     def __init__(self, cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None):
+        validate(cfg)  # the same checks as `orchestrator validate`, for configs built in code
         self.cfg = cfg
         self.dataset = dataset
         self.device = device or select_device(cfg.resources.device)
@@ -78,11 +79,6 @@ class Trainer:
         self.process = build_process(cfg.process)
         self.parameterization = PARAMETERIZATIONS.get(cfg.model.parameterization)
         self.weighting = WEIGHTINGS.get(cfg.loss.weighting)
-        if cfg.loss.objective != "denoising" and dataset.is_image:
-            from .errors import ConfigError
-
-            raise ConfigError("loss.objective", cfg.loss.objective, "denoising for image data",
-                              detail="implicit and sliced score matching are for low-dimensional data")
         self.network = build_network(cfg.model, dataset.shape).to(self.device)
         self.ema = AveragedModel(self.network, multi_avg_fn=ema_update(cfg.train.ema_decay, cfg.train.ema_warmup))
         groups = [{"params": list(self.network.parameters())}]
@@ -185,7 +181,6 @@ class Trainer:
         """Bits/dim of the first ``eval.bpd_n`` test examples under the EMA model
         (``diffusion.likelihood.heldout_likelihood``), with a generator seeded from the trial seed."""
         from .likelihood import heldout_likelihood
-
         from .processes import continuous_limit
 
         self.ema.module.eval()
@@ -199,11 +194,8 @@ class Trainer:
                                     variance=self.cfg.model.variance, batch_size=self.cfg.sample.batch_size,
                                     ode_denoiser=ode)
         if self.process.T is not None:
-            result.tags["bpd_ode.path"] = (
-                f"continuous limit of the schedule (max |log-SNR difference| on the grid {deviation:.3f})"
-                if path is not self.process else
-                f"the discrete process, interpolated between grid times (continuous limit off by {deviation:.2f} in log-SNR)"
-                if deviation else "the discrete process, interpolated between grid times")
+            limit = "continuous limit of the schedule" if path is not self.process else "the discrete process"
+            result.tags["bpd_ode.path"] = f"{limit} (max |log-SNR difference| of the limit on the grid: {deviation:.3f})"
         return result
 
     # --- checkpoints -------------------------------------------------------------------------
