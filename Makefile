@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-samplers clean
+.PHONY: install demo test bench bench-samplers bench-likelihood bench-orchestration clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ bench: $(STAMP)
 
 bench-samplers: $(STAMP)
 	$(BIN)/python benchmarks/samplers.py
+
+bench-likelihood: $(STAMP)
+	$(BIN)/python benchmarks/likelihood.py
+
+bench-orchestration: $(STAMP)
+	$(BIN)/python benchmarks/orchestration.py
 
 clean:
 	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log

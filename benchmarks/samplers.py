@@ -107,9 +107,7 @@ def trained_model(cfg: TrialConfig, dataset, cache_dir: str) -> tuple[Trainer, d
     weights, meta_path = os.path.join(directory, "ema.pt"), os.path.join(directory, "config.json")
     trainer = Trainer(cfg, dataset, torch.device("cpu"))
     if os.path.exists(weights) and os.path.exists(meta_path):
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        trainer.ema.module.load_state_dict(state["network"])
-        trainer.step = int(state["step"])
+        trainer.load_ema(weights)
         with open(meta_path, encoding="utf-8") as handle:
             meta = json.load(handle)["training"]
         return trainer, {**meta, "cached": True, "path": directory}

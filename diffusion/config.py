@@ -7,8 +7,11 @@ Every field's comment is its documentation: the README's option table is generat
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from .errors import ConfigError
 
@@ -131,6 +134,8 @@ class ResourcesConfig:
     gpu: float = 0.0  # GPUs reserved per trial (fractions share a GPU)
     device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
     amp: bool = True  # bfloat16/float16 autocast on CUDA (ignored on CPU)
+    custom: Dict[str, float] = field(default_factory=dict)  # Ray custom resources per trial, e.g. {node_a: 1} to pin trials to nodes started with --resources
+    max_failures: int = 2  # retries of a trial whose worker failed (killed, out of memory, node lost); training resumes from its last checkpoint
 
 
 @dataclass
@@ -144,6 +149,38 @@ class TrialConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0  # seed of training, sampling and evaluation
+
+
+# What determines the trained weights: these sections and the seed (plus the package version). The sample,
+# eval and resources sections never do, nor do the train options that only decide what is recorded.
+TRAINING_SECTIONS = ("data", "process", "model", "loss", "train")
+NOT_TRAINING = {"train": ("log_every", "checkpoint_every")}
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusion-orchestrator")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+def training_spec(cfg: TrialConfig) -> dict:
+    """Everything that affects training, as plain data: the TRAINING_SECTIONS (less NOT_TRAINING), the seed
+    and the package version."""
+    spec = {}
+    for name in TRAINING_SECTIONS:
+        section = dataclasses.asdict(getattr(cfg, name))
+        spec[name] = {k: v for k, v in section.items() if k not in NOT_TRAINING.get(name, ())}
+    return {**spec, "seed": cfg.seed, "version": package_version()}
+
+
+def training_key(cfg: TrialConfig) -> str:
+    """The training stage's identity: a hash of :func:`training_spec`. Trials with the same key train the
+    same model, whatever their sampler, NFE or evaluation settings."""
+    blob = json.dumps(training_spec(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _check(cond: bool, key: str, value, accepted: str) -> None:
@@ -238,4 +275,9 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     _check(cfg.resources.cpu > 0, "resources.cpu", cfg.resources.cpu, "a positive number")
     _check(cfg.resources.gpu >= 0, "resources.gpu", cfg.resources.gpu, "a number >= 0 (fractions allowed)")
     _check(cfg.resources.device in ("auto", "cpu", "cuda"), "resources.device", cfg.resources.device, "auto, cpu or cuda")
+    for name, amount in cfg.resources.custom.items():
+        _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"resources.custom.{name}", name,
+               "a custom resource name (CPU and GPU are resources.cpu and resources.gpu)")
+        _check(amount >= 0, f"resources.custom.{name}", amount, "a number >= 0")
+    _check(cfg.resources.max_failures >= 0, "resources.max_failures", cfg.resources.max_failures, "an integer >= 0")
     return cfg

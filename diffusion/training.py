@@ -21,7 +21,7 @@ from .denoiser import Denoiser, network_denoiser
 from .losses import WEIGHTINGS, TimeSampler, diffusion_loss
 from .nets import build_network
 from .parameterizations import PARAMETERIZATIONS
-from .processes import build_process
+from .processes import build_process, continuous_limit
 from .samplers import draw_samples
 from .storage import save_atomic
 
@@ -181,22 +181,31 @@ class Trainer:
         """Bits/dim of the first ``eval.bpd_n`` test examples under the EMA model
         (``diffusion.likelihood.heldout_likelihood``), with a generator seeded from the trial seed."""
         from .likelihood import heldout_likelihood
-        from .processes import continuous_limit
 
-        self.ema.module.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
         x = self.dataset.test[: self.cfg.eval.bpd_n].to(self.device)
-        path, deviation = self.process, 0.0
-        if not self.parameterization.needs_step:  # mean reads its output through the discrete step
-            path, deviation = continuous_limit(self.cfg.process, self.process)
-        ode = network_denoiser(self.ema.module, self.parameterization, path, self.learned_variance)
+        ode, path_tag = self.ode_denoiser()
         result = heldout_likelihood(self.ema_denoiser(), x, self.dataset.levels, self.cfg.eval, generator,
                                     variance=self.cfg.model.variance, batch_size=self.cfg.sample.batch_size,
                                     ode_denoiser=ode)
-        if self.process.T is not None:
-            limit = "continuous limit of the schedule" if path is not self.process else "the discrete process"
-            result.tags["bpd_ode.path"] = f"{limit} (max |log-SNR difference| of the limit on the grid: {deviation:.3f})"
+        if path_tag:
+            result.tags["bpd_ode.path"] = path_tag
         return result
+
+    def ode_denoiser(self) -> tuple[Denoiser, str]:
+        """The EMA model (in eval mode) on the path its probability-flow ODE runs on, with a note of that
+        path for discrete models ("" for continuous ones): a discrete model runs through the continuous limit
+        of its schedule (``processes.continuous_limit``) unless its parameterization reads the discrete step
+        (``mean``), which stays on the discrete process."""
+        self.ema.module.eval()
+        path, deviation = self.process, 0.0
+        if not self.parameterization.needs_step:
+            path, deviation = continuous_limit(self.cfg.process, self.process)
+        ode = network_denoiser(self.ema.module, self.parameterization, path, self.learned_variance)
+        if self.process.T is None:
+            return ode, ""
+        limit = "continuous limit of the schedule" if path is not self.process else "the discrete process"
+        return ode, f"{limit} (max |log-SNR difference| of the limit on the grid: {deviation:.3f})"
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -252,6 +261,15 @@ class Trainer:
         if self.process.learned:
             state["schedule"] = self.process.schedule.state_dict()
         save_atomic(state, path)
+
+    def load_ema(self, path: str) -> None:
+        """Load what :meth:`save_ema` wrote into the EMA network (and the learned schedule): a trained model
+        to sample from and evaluate, without its optimizer state."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.ema.module.load_state_dict(state["network"])
+        if self.process.learned:
+            self.process.schedule.load_state_dict(state["schedule"])
+        self.step = int(state["step"])
 
 
 def _numpy_state_to_tensors(state) -> dict:

@@ -1,8 +1,14 @@
 """``orchestrator``: run, validate and inspect sweeps of diffusion-model trials.
 
-    orchestrator sweep FILE [key=value ...] [--dry-run]
+    orchestrator sweep FILE [key=value ...] [--dry-run] [--no-cache] [--resume] [--address ADDRESS]
+    orchestrator resume FILE [key=value ...] [--address ADDRESS]
     orchestrator validate FILE [key=value ...]
     orchestrator options
+    orchestrator submit FILE [key=value ...] [--address URL] [--tracking-uri URI] [--resubmit] [--dry-run]
+    orchestrator submit FILE [key=value ...] --slurm [--nodes N] [--gpus-per-node G] [--cpus-per-node C]
+                                             [--partition P] [--time HH:MM:SS] [--dry-run]
+    orchestrator status JOB [--address URL]
+    orchestrator logs JOB [--address URL] [--follow]
 
 Bad input (a missing or unparsable file, an unknown key, a wrong type, an unknown choice, an
 out-of-range value) prints one message naming the key, the value and what is accepted, and exits
@@ -16,7 +22,8 @@ import sys
 from diffusion.errors import ConfigError
 
 from .options import option_table
-from .runner import EXIT_USAGE, describe, run_sweep
+from .runner import EXIT_USAGE, describe, model_cache, plan, run_sweep
+from .submit import SubmitError, job_logs, job_status, submit_job, submit_slurm
 from .sweepfile import load_sweep
 
 
@@ -26,12 +33,85 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run every trial of a sweep file on Ray Tune, recorded in MLflow")
     sweep.add_argument("file", help="sweep file (YAML)")
     sweep.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file, e.g. base.train.steps=100")
-    sweep.add_argument("--dry-run", action="store_true", help="list the trials and run nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="list the trials and how many models would be trained or reused; run nothing")
+    sweep.add_argument("--no-cache", action="store_true",
+                       help="retrain every model even when the model cache has it (the cache entries are replaced)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the latest unfinished run of this sweep: finished trials are not rerun")
+    resume = commands.add_parser("resume", help="continue the latest unfinished run of a sweep (sweep FILE --resume)")
+    resume.add_argument("file")
+    resume.add_argument("overrides", nargs="*", help="the overrides the sweep was started with")
+    for command in (sweep, resume):
+        command.add_argument("--address", default=None,
+                             help="join a running Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default: start "
+                                  "a local Ray instance)")
     validate = commands.add_parser("validate", help="check a sweep file and list its trials; run nothing")
     validate.add_argument("file")
     validate.add_argument("overrides", nargs="*")
     commands.add_parser("options", help="print every trial-config option with its default and meaning")
+    _add_cluster_commands(commands)
     return parser
+
+
+JOB_SERVER_HELP = ("the Ray job server (dashboard) URL, e.g. http://head:8265 (default: $RAY_API_SERVER_ADDRESS, "
+                   "else $RAY_ADDRESS, else http://127.0.0.1:8265)")
+
+
+def _add_cluster_commands(commands) -> None:
+    submit = commands.add_parser(
+        "submit", help="submit a sweep to a Ray cluster as a Ray Job (once per sweep), or as a Slurm batch job")
+    submit.add_argument("file", help="sweep file (YAML), inside the current directory for a Ray Job")
+    submit.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file")
+    submit.add_argument("--address", default=None, help=JOB_SERVER_HELP)
+    submit.add_argument("--tracking-uri", default=None,
+                        help="the MLflow URI as the cluster reaches it (default: $MLFLOW_TRACKING_URI)")
+    submit.add_argument("--resubmit", action="store_true",
+                        help="submit again when the sweep's latest job has ended, as <id>-2, <id>-3, ...; it "
+                             "continues the sweep's unfinished MLflow run if there is one")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="show what would be submitted (with --slurm: write and print the batch script); "
+                             "submit nothing")
+    slurm = submit.add_argument_group("Slurm (--slurm)")
+    slurm.add_argument("--slurm", action="store_true",
+                       help="write <sweep name>.sbatch (a Ray cluster over the allocation, then the sweep) and "
+                            "submit it with sbatch when sbatch is on PATH")
+    slurm.add_argument("--nodes", default=None, help="nodes (default 1)")
+    slurm.add_argument("--gpus-per-node", default=None, help="GPUs per node (default 0)")
+    slurm.add_argument("--cpus-per-node", default=None, help="CPUs per node (default: the partition's default)")
+    slurm.add_argument("--partition", default=None, help="Slurm partition")
+    slurm.add_argument("--time", default=None, help="time limit, HH:MM:SS or D-HH:MM:SS")
+    status = commands.add_parser("status", help="print the status of a Ray job submitted with orchestrator submit")
+    status.add_argument("job", help="the job's submission id")
+    status.add_argument("--address", default=None, help=JOB_SERVER_HELP)
+    logs = commands.add_parser("logs", help="print the logs of a Ray job submitted with orchestrator submit")
+    logs.add_argument("job", help="the job's submission id")
+    logs.add_argument("--address", default=None, help=JOB_SERVER_HELP)
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing the logs until the job ends")
+
+
+def _cluster_command(args) -> int:
+    if args.command == "submit":
+        slurm_only = {"--nodes": args.nodes, "--gpus-per-node": args.gpus_per_node,
+                      "--cpus-per-node": args.cpus_per_node, "--partition": args.partition, "--time": args.time}
+        if args.slurm:
+            for flag, value in {"--address": args.address, "--tracking-uri": args.tracking_uri,
+                                "--resubmit": args.resubmit or None}.items():
+                if value is not None:
+                    raise ConfigError(flag, value, "no " + flag + " with --slurm",
+                                      detail="the batch job starts its own Ray cluster and reads MLFLOW_TRACKING_URI "
+                                             "from the environment sbatch passes on")
+            return submit_slurm(args.file, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                cpus_per_node=args.cpus_per_node, partition=args.partition, time=args.time,
+                                dry_run=args.dry_run)
+        for flag, value in slurm_only.items():
+            if value is not None:
+                raise ConfigError(flag, value, f"{flag} only with --slurm")
+        return submit_job(args.file, args.overrides, address=args.address, tracking_uri=args.tracking_uri,
+                          resubmit=args.resubmit, dry_run=args.dry_run)
+    if args.command == "status":
+        return job_status(args.job, address=args.address)
+    return job_logs(args.job, address=args.address, follow=args.follow)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,16 +119,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "options":
         print(option_table())
         return 0
+    if args.command in ("submit", "status", "logs"):
+        try:
+            return _cluster_command(args)
+        except ConfigError as error:
+            print(f"orchestrator: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except SubmitError as error:
+            print(f"orchestrator: error: {error}", file=sys.stderr)
+            return 1
     try:
         sweep = load_sweep(args.file, args.overrides)
     except ConfigError as error:
         print(f"orchestrator: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "validate" or args.dry_run:
-        print(describe(sweep))
-        return 0
+    use_cache = not getattr(args, "no_cache", False)
     try:
-        return run_sweep(sweep)
+        if args.command == "validate" or getattr(args, "dry_run", False):
+            cache = model_cache(sweep)
+            print(describe(sweep, plan(sweep, cache, use_cache), cache))
+            return 0
+        resume = args.command == "resume" or args.resume
+        return run_sweep(sweep, use_cache=use_cache, resume=resume, address=args.address)
     except ConfigError as error:
         print(f"orchestrator: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,14 +1,24 @@
-"""One trial: train, sample, evaluate, and record everything in one MLflow child run.
+"""The work of a sweep on a Ray worker: train a model once into the model cache, evaluate trials on it.
 
-``run_trial`` is the Ray Tune function trainable; ``execute_trial`` does the work and can also be
-called without Ray (one process, one trial).
+A sweep's trials are grouped by training key (``diffusion.config.training_key``: everything that affects
+training, never the sampler or the evaluation settings). A *task* is what one Ray Tune trial does:
+
+- ``train``: train the group's model in its own MLflow run (tag ``stage=train``: the training curve, the
+  EMA weights), checkpointing into the model cache (``orchestrator.cache``) and publishing the trained
+  weights there; then evaluate the group's first trial on it;
+- evaluate trials on a model from the cache: each trial has its own MLflow run (tag ``stage=evaluate``:
+  samples, FID, KID, bits/dim), linked to the training run by the tags ``training_run_id`` and
+  ``training_hash``.
+
+``run_task`` is the Ray Tune function trainable; ``execute_task`` does the work and can also be called
+without Ray (one process).
 """
 from __future__ import annotations
 
 import io
 import math
 import os
-import tempfile
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,24 +29,29 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from diffusion.config import TrialConfig
+from diffusion.config import TrialConfig, training_spec
 from diffusion.data import load_dataset
 from diffusion.metrics import compute_fid
 from diffusion.training import Trainer, TrainingDiverged, select_device
 
+from .cache import MODEL_FILE, ModelCache, likelihood_key, read_json
 from .sweepfile import flatten
+from .tracking import PARENT_TAG
 
 FAILURE_TAG = "failure_reason"
+STAGE_TAG, TRAIN, EVALUATE = "stage", "train", "evaluate"
+TRAINING_RUN_TAG, TRAINING_HASH_TAG = "training_run_id", "training_hash"
 
 
 @dataclass
 class TrialContext:
-    """Where a trial records itself: the tracking server, experiment and parent run."""
+    """Where a task records itself (the tracking server, experiment and parent run) and finds models."""
 
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     sweep_name: str
+    cache_root: str
 
 
 @dataclass
@@ -46,42 +61,64 @@ class TrialOutcome:
     step: int = 0
 
 
-def run_trial(config: dict) -> None:
-    """Ray Tune function trainable: ``config`` holds "trial" (Trial.as_dict()) and "context"."""
+def run_task(config: dict) -> None:
+    """Ray Tune function trainable: ``config`` holds "task" (see ``execute_task``) and "context"."""
     from ray import tune
 
-    execute_trial(config["trial"], TrialContext(**config["context"]), report=tune.report)
+    execute_task(config["task"], TrialContext(**config["context"]), report=tune.report)
 
 
-def execute_trial(trial: dict, context: TrialContext, report: Optional[Callable[[dict], None]] = None) -> TrialOutcome:
-    cfg: TrialConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrialConfig), trial["config"]))
-    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+def execute_task(task: dict, context: TrialContext, report: Optional[Callable[[dict], None]] = None) -> list[TrialOutcome]:
+    """``task``: {"key": training key, "train": bool, "group": names of every trial of the key,
+    "trials": [Trial.as_dict(), ...] to evaluate}. Trains first when "train" is set (a failed training
+    fails the task's evaluations too, with the reason), then evaluates each trial.
+
+    Idempotent within a sweep run: a training or evaluation already FINISHED under the parent run is
+    not redone, an unfinished one continues in its own MLflow run (training from its last checkpoint).
+    So Ray may run a task again after its worker died, and ``orchestrator resume`` may rerun the tasks
+    of a killed sweep. An error the task raises itself is recorded (status FAILED, ``failure_reason``)
+    and reported to Tune as ``failed``, not raised, since running it again would fail again; only lost
+    contact with the tracking server is raised, for Tune to retry (``resources.max_failures``)."""
+    entered = time.time()
     client = MlflowClient(context.tracking_uri)
-    tags = {
-        "mlflow.parentRunId": context.parent_run_id,
-        "sweep": context.sweep_name,
-        "variant": trial["variant"],
-        "trial": trial["name"],
-    }
-    run = client.create_run(context.experiment_id, run_name=trial["name"], tags=tags)
-    run_id = run.info.run_id
-    outcome = TrialOutcome(run_id)
+    cache = ModelCache(context.cache_root)
     report = report or (lambda metrics: None)
     try:
-        _log_params(client, run_id, trial["config"])
-        client.log_text(run_id, OmegaConf.to_yaml(trial["config"]), "config.yaml")
-        _train_and_evaluate(cfg, client, run_id, outcome, report)
-    except BaseException as error:  # recorded, then re-raised so Ray marks the trial as errored
-        reason = f"{type(error).__name__}: {error}"
-        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        if not isinstance(error, (TrainingDiverged, KeyboardInterrupt)):
-            client.log_text(run_id, traceback.format_exc(), "traceback.txt")
-        client.set_terminated(run_id, status=status)
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    report({**outcome.metrics, "step": outcome.step})
-    return outcome
+        if task["train"]:
+            try:
+                train_model(_config(task["trials"][0]), task["key"], task["group"], context, client, cache, report,
+                            entered)
+            except BaseException as error:
+                if not _transient(error):
+                    for trial in task["trials"]:
+                        record_unevaluated(client, context, trial, task["key"], f"training failed: {_reason(error)}",
+                                           "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+                raise
+        return [evaluate_trial(trial, task["key"], context, client, cache, report) for trial in task["trials"]]
+    except Exception as error:  # recorded where it happened
+        if _transient(error):
+            raise
+        report({"failed": 1.0, "step": 0})
+        return []
+
+
+def _transient(error: BaseException) -> bool:
+    """Lost contact with the tracking server (after the MLflow client's own retries): worth a retry."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    return isinstance(error, MlflowException) and any(
+        word in str(error) for word in ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out"))
+
+
+def _config(trial: dict) -> TrialConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrialConfig), trial["config"]))
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _log_params(client: MlflowClient, run_id: str, config: dict) -> None:
@@ -90,32 +127,198 @@ def _log_params(client: MlflowClient, run_id: str, config: dict) -> None:
         client.log_batch(run_id, params=params[start : start + 100])
 
 
-def _train_and_evaluate(cfg: TrialConfig, client: MlflowClient, run_id: str, outcome: TrialOutcome, report) -> None:
+def _fail(client: MlflowClient, run_id: str, error: BaseException) -> None:
+    """Record why a run ended and end it: FAILED, or KILLED on Ctrl-C."""
+    client.set_tag(run_id, FAILURE_TAG, _reason(error)[:5000])
+    if not isinstance(error, (TrainingDiverged, KeyboardInterrupt)):
+        client.log_text(run_id, traceback.format_exc(), "traceback.txt")
+    client.set_terminated(run_id, status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
+
+def _base_tags(context: TrialContext, stage: str, key: str) -> dict:
+    return {PARENT_TAG: context.parent_run_id, "sweep": context.sweep_name, STAGE_TAG: stage, TRAINING_HASH_TAG: key}
+
+
+def find_run(client: MlflowClient, context: TrialContext, stage: str, **tags: str):
+    """This sweep run's latest child run of ``stage`` with ``tags`` (e.g. trial=name), or None."""
+    filters = [f"tags.`{PARENT_TAG}` = '{context.parent_run_id}'", f"tags.{STAGE_TAG} = '{stage}'"]
+    filters += [f"tags.`{name}` = '{value}'" for name, value in tags.items()]
+    runs = client.search_runs([context.experiment_id], " and ".join(filters), max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def _where(client: MlflowClient, run_id: str, device) -> None:
+    """Tag where this attempt runs: the device, the host and process (``worker``), and the Ray node."""
+    tags = {"device": str(device), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            tags["ray_node"] = ray.get_runtime_context().get_node_id()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _reopen(client: MlflowClient, run) -> str:
+    """Continue an unfinished run: RUNNING again, its failure reason cleared, the attempt counted."""
+    run_id = run.info.run_id
+    client.update_run(run_id, status="RUNNING")
+    if FAILURE_TAG in run.data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)
+    client.set_tag(run_id, "attempts", str(int(run.data.tags.get("attempts", "1")) + 1))
+    return run_id
+
+
+# --------------------------------------------------------------------------------------------
+# Training stage
+# --------------------------------------------------------------------------------------------
+
+
+def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
+                cache: ModelCache, report: Callable[[dict], None], entered: Optional[float] = None) -> str:
+    """Train the model of ``key`` in a training run and publish it in the cache; returns the run id.
+
+    When this sweep run already has a training run for the key, that run continues: nothing is done if it
+    finished and the cache has the model; otherwise training resumes from the cache's last checkpoint
+    (bit for bit: the checkpoint holds every random state), and the steps logged before are not logged
+    twice."""
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    spec = training_spec(cfg)
+    previous = find_run(client, context, TRAIN, **{TRAINING_HASH_TAG: key})
+    if previous is not None and previous.info.status == "FINISHED" and cache.has(key):
+        return previous.info.run_id
+    checkpoint = cache.path(key, "checkpoint.pt")
+    logged = 0
+    if previous is None:
+        tags = {**_base_tags(context, TRAIN, key), "trials": ",".join(group)[:5000]}
+        run_id = client.create_run(context.experiment_id, run_name=f"train-{key[:8]}", tags=tags).info.run_id
+        if os.path.exists(checkpoint):  # another sweep's unfinished training: this run starts from step 0
+            os.remove(checkpoint)
+    else:
+        run_id = _reopen(client, previous)
+        logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
+    cache.write(key, "spec.json", spec)
+    cache.write(key, "run.json", {"run_id": run_id, "experiment_id": context.experiment_id})
+    try:
+        if previous is None:
+            _log_params(client, run_id, spec)
+            client.log_text(run_id, OmegaConf.to_yaml(spec), "config.yaml")
+        device = select_device(cfg.resources.device)
+        _where(client, run_id, device)
+        trainer = Trainer(cfg, load_dataset(cfg.data), device)
+        if previous is not None and os.path.exists(checkpoint):
+            trainer.load(checkpoint)
+            client.set_tag(run_id, "resumed_from_step", str(trainer.step))
+
+        def on_log(step: int, loss: float) -> None:
+            if step > logged:  # a resumed run repeats the steps after its checkpoint: log them once
+                client.log_metric(run_id, "train_loss", loss, step=step)
+            report({"train_loss": loss, "step": step})
+
+        def on_checkpoint(step: int) -> None:
+            trainer.save(cache.path(key, "checkpoint.pt"))
+
+        # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
+        startup = time.time() - (entered or time.time())
+        first_step, started = trainer.step, time.perf_counter()
+        trainer.train(on_log=on_log, on_checkpoint=on_checkpoint)
+        seconds = time.perf_counter() - started
+        history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+        metrics = {"train_seconds": seconds, "startup_seconds": startup,
+                   "train_examples_per_second": (trainer.step - first_step) * cfg.train.batch_size / seconds}
+        if trainer.process.learned:  # the trained VDM schedule, for plotting and comparison across trials
+            t = torch.linspace(0, 1, 101, dtype=torch.float64)
+            with torch.no_grad():
+                log_snr = trainer.process.schedule(t).cpu()
+            client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
+        trainer.save_ema(cache.path(key, "ema.pt"))
+        client.log_artifact(run_id, cache.path(key, "ema.pt"))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
+        cache.write(key, MODEL_FILE, {"run_id": run_id, "experiment_id": context.experiment_id, "steps": trainer.step,
+                                      "train_loss": history[-1].value if history else float("nan"), **metrics})
+    except BaseException as error:  # recorded, then re-raised so Ray marks the trial as errored
+        _fail(client, run_id, error)
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation stage
+# --------------------------------------------------------------------------------------------
+
+
+def _evaluation_run(client: MlflowClient, context: TrialContext, trial: dict, key: str, training_run: str) -> Optional[str]:
+    """The trial's evaluation run: a new one, or this sweep run's unfinished one reopened; None when it
+    already FINISHED (nothing to do)."""
+    previous = find_run(client, context, EVALUATE, trial=trial["name"])
+    if previous is not None:
+        if previous.info.status == "FINISHED":
+            return None
+        run_id = _reopen(client, previous)
+        client.set_tag(run_id, TRAINING_RUN_TAG, training_run)
+        return run_id
+    tags = {**_base_tags(context, EVALUATE, key), "variant": trial["variant"], "trial": trial["name"],
+            TRAINING_RUN_TAG: training_run}
+    run_id = client.create_run(context.experiment_id, run_name=trial["name"], tags=tags).info.run_id
+    _log_params(client, run_id, trial["config"])
+    client.log_text(run_id, OmegaConf.to_yaml(trial["config"]), "config.yaml")
+    return run_id
+
+
+def record_unevaluated(client: MlflowClient, context: TrialContext, trial: dict, key: str, reason: str,
+                       status: str = "FAILED") -> Optional[str]:
+    """An evaluation run for a trial that cannot be evaluated (its model's training failed), ended with
+    ``status`` and the reason, so that every trial of the sweep has its run."""
+    training = (ModelCache(context.cache_root).training_run(key) or {}).get("run_id", "")
+    run_id = _evaluation_run(client, context, trial, key, training)
+    if run_id is not None:
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+        client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def evaluate_trial(trial: dict, key: str, context: TrialContext, client: MlflowClient, cache: ModelCache,
+                   report: Callable[[dict], None]) -> TrialOutcome:
+    """Sample from the cached model of ``key`` with the trial's settings and measure it, in its own run."""
+    cfg = _config(trial)
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    model = cache.model(key)
+    run_id = _evaluation_run(client, context, trial, key, model["run_id"] if model else "")
+    if run_id is None:  # finished in an earlier attempt
+        return TrialOutcome(find_run(client, context, EVALUATE, trial=trial["name"]).info.run_id)
+    outcome = TrialOutcome(run_id)
+    try:
+        if model is None:
+            raise RuntimeError(f"no trained model with training key {key} in {cache.root}")
+        _evaluate(cfg, key, model, client, run_id, cache, outcome)
+    except BaseException as error:  # recorded, then re-raised so Ray marks the trial as errored
+        _fail(client, run_id, error)
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    report({**outcome.metrics, "step": outcome.step})
+    return outcome
+
+
+def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run_id: str, cache: ModelCache,
+              outcome: TrialOutcome) -> None:
     device = select_device(cfg.resources.device)
-    client.set_tag(run_id, "device", str(device))
+    _where(client, run_id, device)
     dataset = load_dataset(cfg.data)
     trainer = Trainer(cfg, dataset, device)
-    workdir = tempfile.mkdtemp(prefix="trial-")
-
-    def on_log(step: int, loss: float) -> None:
-        client.log_metric(run_id, "train_loss", loss, step=step)
-        report({"train_loss": loss, "step": step})
-
-    def on_checkpoint(step: int) -> None:
-        trainer.save(os.path.join(workdir, "checkpoint.pt"))
-
-    started = time.perf_counter()
-    trainer.train(on_log=on_log, on_checkpoint=on_checkpoint)
-    train_seconds = time.perf_counter() - started
+    trainer.load_ema(cache.path(key, "ema.pt"))
 
     started = time.perf_counter()
     samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1)
-    sample_seconds = time.perf_counter() - started
     metrics = {
-        "train_seconds": train_seconds,
-        "train_examples_per_second": cfg.train.steps * cfg.train.batch_size / train_seconds,
-        "sample_seconds": sample_seconds,
+        "sample_seconds": time.perf_counter() - started,
         "sample_nfe": float(nfe),
+        # the model's training summary, next to what was measured on it (the curve is in the training run)
+        "train_loss": model["train_loss"],
+        "train_seconds": model["train_seconds"],
     }
     finite = torch.isfinite(samples).all().item()
     client.set_tag(run_id, "samples_finite", str(bool(finite)))
@@ -131,24 +334,31 @@ def _train_and_evaluate(cfg: TrialConfig, client: MlflowClient, run_id: str, out
             metrics.update({"kid": result.kid, "kid_reference": result.kid_reference})
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in result.tags.items()])
     if cfg.eval.bpd:
-        started = time.perf_counter()
-        likelihood = trainer.heldout_likelihood()
-        metrics.update(likelihood.metrics)
-        metrics["bpd_seconds"] = time.perf_counter() - started
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in likelihood.tags.items()])
-        if likelihood.elbo_curve is not None:
-            client.log_dict(run_id, likelihood.elbo_curve, "elbo_terms.json")
-    if trainer.process.learned:  # the trained VDM schedule, for plotting and comparison across trials
-        t = torch.linspace(0, 1, 101, dtype=torch.float64)
-        with torch.no_grad():
-            log_snr = trainer.process.schedule(t).cpu()
-        client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
-    ema_path = os.path.join(workdir, "ema.pt")
-    trainer.save_ema(ema_path)
-    client.log_artifact(run_id, ema_path)
+        likelihood = _heldout_likelihood(trainer, cfg, key, cache, run_id)
+        metrics.update(likelihood["metrics"])
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in likelihood["tags"].items()])
+        if likelihood["elbo_curve"] is not None:
+            client.log_dict(run_id, likelihood["elbo_curve"], "elbo_terms.json")
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
     outcome.metrics, outcome.step = metrics, trainer.step
+
+
+def _heldout_likelihood(trainer: Trainer, cfg: TrialConfig, key: str, cache: ModelCache, run_id: str) -> dict:
+    """Bits/dim of held-out data under the model, computed once per model and likelihood settings: the
+    first evaluation computes it (the others wait on the lock) and later ones read it from the cache.
+    The tag ``bpd.computed_by_run`` names the run that computed it; ``bpd_seconds`` is its time there."""
+    name = f"likelihood-{likelihood_key(cfg)}"
+    with cache.lock(key, name):
+        stored = read_json(cache.path(key, f"{name}.json"))
+        if stored is None:
+            started = time.perf_counter()
+            result = trainer.heldout_likelihood()
+            metrics = {**result.metrics, "bpd_seconds": time.perf_counter() - started}
+            stored = {"metrics": metrics, "tags": {**result.tags, "bpd.computed_by_run": run_id},
+                      "elbo_curve": result.elbo_curve}
+            cache.write(key, f"{name}.json", stored)
+    return stored
 
 
 def _log_sample_grid(client: MlflowClient, run_id: str, samples: torch.Tensor, is_image: bool, step: int) -> None:

@@ -50,28 +50,14 @@ def to_bits(nats: torch.Tensor) -> torch.Tensor:
     return nats / (DIM * LN2)
 
 
-def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
-    """-log N(x; mean, U diag(variances) U^T) with U = DATA's eigenvectors, per example."""
-    z = (x.double() - mean) @ DATA.eigvecs
-    return 0.5 * ((z**2 / variances).sum(1) + variances.log().sum() + DIM * math.log(2 * math.pi))
-
-
 def coefs(process, t: float) -> tuple[float, float]:
     t64 = torch.tensor([t], dtype=torch.float64)
     return process.log_alpha64(t64).exp().item(), process.log_sigma64(t64).exp().item()
 
 
 def closed_forms(process, x0: torch.Tensor, t0: float) -> dict:
-    """Per-example NLLs in nats: of the data N(mu, C), of the marginal q_t0 = N(alpha mu, alpha^2 C + sigma^2 I)
-    at x0, and NLL_flow (module docstring), the exact value of what the ODE integrates."""
-    lam, mu, U = DATA.eigvals, DATA.mean, DATA.eigvecs
-    a0, s0 = coefs(process, t0)
-    a1, s1 = coefs(process, 1.0)
-    var0, var1 = a0**2 * lam + s0**2, a1**2 * lam + s1**2
-    x1 = a1 * mu + (((x0.double() - a0 * mu) @ U) * (var1 / var0).sqrt()) @ U.T
-    prior = 0.5 * ((x1**2).sum(1) / s1**2 + DIM * math.log(2 * math.pi * s1**2))
-    return {"data": gaussian_nll(x0, mu, lam), "marginal": gaussian_nll(x0, a0 * mu, var0),
-            "flow": prior - 0.5 * (var1 / var0).log().sum(), "x1": x1}
+    """NLLs per example in nats: flow (what the ODE integrates), data, marginal, and x1 (GaussianData.flow_nll)."""
+    return DATA.flow_nll(process, x0, t0)
 
 
 def sample(n: int, seed: int) -> torch.Tensor:

@@ -38,12 +38,30 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def child_runs(client, experiment_name):
+def all_runs(client, experiment_name):
+    """(parents, training runs, evaluation runs) of an experiment."""
     experiment = client.get_experiment_by_name(experiment_name)
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
+    training = [r for r in children if r.data.tags.get("stage") == "train"]
+    evaluation = [r for r in children if r.data.tags.get("stage") == "evaluate"]
+    assert len(training) + len(evaluation) == len(children)
+    return parents, training, evaluation
+
+
+def child_runs(client, experiment_name):
+    """(parents, evaluation runs): one evaluation run per trial."""
+    parents, _, evaluation = all_runs(client, experiment_name)
+    return parents, evaluation
+
+
+def training_run_of(client, run):
+    """The training run an evaluation run links to, checked to carry the same training hash."""
+    training = client.get_run(run.data.tags["training_run_id"])
+    assert training.data.tags["stage"] == "train"
+    assert training.data.tags["training_hash"] == run.data.tags["training_hash"]
+    return training
 
 
 def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
@@ -75,10 +93,16 @@ def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
             assert run.data.tags["bpd_ode.rtol"] == "0.001" and run.data.tags["bpd.n"] == "64"
             assert run.data.metrics["fid"] > 0 and run.data.metrics["fid_reference"] >= 0
             assert run.data.tags["fid.extractor"] == "classifier"
-            history = client.get_metric_history(run.info.run_id, "train_loss")
+            # the training curve and the weights are in the linked training run; its final loss is copied here
+            training = training_run_of(client, run)
+            assert training.info.status == "FINISHED" and training.data.tags["trials"] == run.data.tags["trial"]
+            history = client.get_metric_history(training.info.run_id, "train_loss")
             assert [m.step for m in history] == [10, 20, 30]
+            assert run.data.metrics["train_loss"] == history[-1].value
+            assert training.data.params["train.steps"] == "30" and "sample.sampler" not in training.data.params
+            assert "ema.pt" in {a.path for a in client.list_artifacts(training.info.run_id)}
             artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-            assert {"samples.png", "config.yaml", "ema.pt"} <= artifacts
+            assert {"samples.png", "config.yaml"} <= artifacts
             png = client.download_artifacts(run.info.run_id, "samples.png", str(tmp_path / run.info.run_id))
             with open(png, "rb") as handle:
                 assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -145,9 +169,10 @@ def test_ctrl_c_ends_every_run_killed(tmp_path, server, cache_dir):
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-3000:]
-    parents, children = child_runs(client, "interrupted")
+    parents, training, evaluation = all_runs(client, "interrupted")
     assert [r.info.status for r in parents] == ["KILLED"]
-    assert sorted(r.info.status for r in children) == ["KILLED", "KILLED"]
+    assert [r.info.status for r in training] == ["KILLED", "KILLED"]
+    assert all(r.info.status == "KILLED" for r in evaluation)
 
 
 def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
@@ -168,9 +193,63 @@ def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
         assert run.data.tags["samples_finite"] == "True"
         assert run.data.metrics["fid"] > 0 and run.data.metrics["sample_nfe"] >= 1
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"samples.png", "config.yaml", "ema.pt"} <= artifacts
-        assert ("schedule.json" in artifacts) == (run.data.params["process.schedule"] == "learned")
+        assert {"samples.png", "config.yaml"} <= artifacts
+        trained = {a.path for a in client.list_artifacts(training_run_of(client, run).info.run_id)}
+        assert "ema.pt" in trained
+        assert ("schedule.json" in trained) == (run.data.params["process.schedule"] == "learned")
         # bits/dim for every process, discrete ones (and the learned schedule) included
         assert math.isfinite(run.data.metrics["bpd_ode"]) and run.data.metrics["bpd_ode_nfe"] >= 2
         discrete = run.data.params["process.T"] != "continuous"
         assert ("bpd_elbo" in run.data.metrics) == discrete == ("elbo_terms.json" in artifacts)
+
+
+def test_train_once_evaluate_many(tmp_path, server, cache_dir):
+    """2 samplers x 2 seeds train 2 models, not 4; each evaluation run links to its model's training run,
+    and the held-out likelihood (sampler-independent) is computed once per model. Run again, the sweep
+    trains nothing and evaluates on the cached models; with --no-cache it would train both again."""
+    base = yaml.safe_load(open(SMOKE))
+    sweep = {"name": "train_once", "base": base["base"],
+             "grid": {"sample.sampler": ["ancestral", "ddim"], "seed": [0, 1]}}
+    sweep["base"].update(base["variants"]["ddpm"])
+    sweep["base"]["eval"]["cache_dir"] = cache_dir
+    path = tmp_path / "train_once.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    env = {"MLFLOW_TRACKING_URI": server.uri}
+
+    dry = orchestrator(["sweep", str(path), "--dry-run"], cwd=tmp_path, env_extra=env)
+    assert dry.returncode == 0 and "training: 2 model(s) to train, 0 reused from the cache" in dry.stdout
+    assert "4 evaluation(s)" in dry.stdout and not (tmp_path / "ray_results").exists()
+
+    first = orchestrator(["sweep", str(path)], cwd=tmp_path, env_extra=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    client = MlflowClient(server.uri)
+    _, training, evaluation = all_runs(client, "train_once")
+    assert len(training) == 2 and len(evaluation) == 4
+    by_seed = {}
+    for run in evaluation:
+        assert run.info.status == "FINISHED"
+        by_seed.setdefault(run.data.params["seed"], []).append(run)
+    for seed, runs in by_seed.items():
+        assert sorted(r.data.params["sample.sampler"] for r in runs) == ["ancestral", "ddim"]
+        models = {training_run_of(client, r).info.run_id for r in runs}
+        assert len(models) == 1  # one model per seed, whatever the sampler
+        assert client.get_run(models.pop()).data.params["seed"] == seed
+        assert runs[0].data.metrics["fid"] != runs[1].data.metrics["fid"]  # different samplers, different samples
+        # the likelihood does not depend on the sampler: computed once, by one of the two runs
+        assert runs[0].data.metrics["bpd_ode"] == runs[1].data.metrics["bpd_ode"]
+        assert runs[0].data.tags["bpd.computed_by_run"] == runs[1].data.tags["bpd.computed_by_run"]
+        assert runs[0].data.tags["bpd.computed_by_run"] in {r.info.run_id for r in runs}
+    assert {r.data.tags["training_hash"] for r in evaluation} == {r.data.tags["training_hash"] for r in training}
+
+    again = orchestrator(["sweep", str(path)], cwd=tmp_path, env_extra=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "training: 0 model(s) to train, 2 reused from the cache" in again.stdout
+    _, training_again, evaluation_again = all_runs(client, "train_once")
+    assert {r.info.run_id for r in training_again} == {r.info.run_id for r in training}  # nothing retrained
+    new = [r for r in evaluation_again if r.info.run_id not in {e.info.run_id for e in evaluation}]
+    assert len(new) == 4 and all(r.info.status == "FINISHED" for r in new)
+    assert {r.data.tags["training_run_id"] for r in new} == {r.info.run_id for r in training}
+
+    # --no-cache plans to retrain every model (the invalidation itself: tests/test_cache.py)
+    fresh = orchestrator(["sweep", str(path), "--dry-run", "--no-cache"], cwd=tmp_path, env_extra=env)
+    assert fresh.returncode == 0 and "training: 2 model(s) to train, 0 reused from the cache" in fresh.stdout

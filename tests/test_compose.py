@@ -1,0 +1,511 @@
+"""The cluster deployment (docker-compose.yml, .env.example, docker/*.Dockerfile), checked without
+Docker: its structure and hygiene from the parsed YAML, and the MLflow server command line it runs,
+started here for real with SQLite and a local directory standing in for PostgreSQL and S3."""
+import base64
+import configparser
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from importlib.util import find_spec
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPOSE = os.path.join(ROOT, "docker-compose.yml")
+ENV_EXAMPLE = os.path.join(ROOT, ".env.example")
+
+SERVICES = {"postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker"}
+ONE_SHOT = {"minio-init"}
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY|CREDENTIAL", re.IGNORECASE)
+PLACEHOLDER = "change-me"
+LOOPBACK = "127.0.0.1"
+
+# Compose interpolation: $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
+# ${VAR?error}, ${VAR:+alternative}, ${VAR+alternative}, and the bare $VAR.
+_REFERENCE = re.compile(
+    r"\$(?:(?P<escaped>\$)"
+    r"|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+class MissingVariable(Exception):
+    pass
+
+
+def interpolate(text: str, env: dict) -> str:
+    """What Docker Compose makes of ``text`` given the variables ``env``."""
+    def replace(match):
+        if match["escaped"]:
+            return "$"
+        name = match["name"] or match["bare"]
+        op, arg = match["op"], match["arg"] or ""
+        value = env.get(name)
+        is_set = value is not None
+        non_empty = bool(value)
+        if op in (":-", "-"):
+            return value if (non_empty if op == ":-" else is_set) else arg
+        if op in (":?", "?"):
+            if not (non_empty if op == ":?" else is_set):
+                raise MissingVariable(f"{name}: {arg}")
+            return value
+        if op in (":+", "+"):
+            return arg if (non_empty if op == ":+" else is_set) else ""
+        return value or ""
+    return _REFERENCE.sub(replace, text)
+
+
+def references(text: str) -> list[re.Match]:
+    return [m for m in _REFERENCE.finditer(text) if not m["escaped"]]
+
+
+def strings(node):
+    """Every string of a parsed YAML document, keys included."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from strings(key)
+            yield from strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item)
+
+
+def environment(service: dict) -> dict:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {str(k): (None if v is None else str(v)) for k, v in env.items()}
+
+
+def read_env_example() -> tuple[dict, dict]:
+    """(variables, the comment block right above each) of .env.example."""
+    values, comments, block = {}, {}, []
+    with open(ENV_EXAMPLE) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                block = []
+            elif line.startswith("#"):
+                block.append(line)
+            else:
+                name, sep, value = line.partition("=")
+                assert sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name), f".env.example: bad line {line!r}"
+                assert name not in values, f".env.example: {name} twice"
+                values[name], comments[name] = value, list(block)
+                block = []
+    return values, comments
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    with open(COMPOSE) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def test_services(services):
+    assert SERVICES <= set(services), f"missing services: {SERVICES - set(services)}"
+
+
+def _pinned(reference: str) -> bool:
+    if "${" in reference or reference.startswith("$"):
+        return False
+    if "@sha256:" in reference:
+        return True
+    name, _, tag = reference.rpartition(":")
+    return bool(name) and "/" not in tag and tag not in ("", "latest")
+
+
+def _dockerfile(service: dict) -> str:
+    build = service["build"]
+    context = build if isinstance(build, str) else build.get("context", ".")
+    dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+    return os.path.join(ROOT, context, dockerfile)
+
+
+def test_images_pinned(services):
+    for name, service in services.items():
+        if "image" in service:
+            assert _pinned(service["image"]), f"{name}: image {service['image']!r} is not pinned"
+        if "build" not in service:
+            assert "image" in service, f"{name}: neither image nor build"
+            continue
+        path = _dockerfile(service)
+        assert os.path.isfile(path), f"{name}: {path} missing"
+        with open(path) as f:
+            text = f.read()
+        bases = re.findall(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)", text, re.MULTILINE | re.IGNORECASE)
+        assert bases, f"{path}: no FROM"
+        for base in bases:
+            assert _pinned(base), f"{path}: base image {base!r} is not pinned"
+        # Every package that pip installs is pinned too (the project itself excepted).
+        for command in re.findall(r"pip install((?:[^\n]*\\\n)*[^\n]*)", text):
+            for word in command.replace("\\\n", " ").split():
+                word = word.strip("\"'")
+                if word.startswith("-") or word in (".", "&&") or word.startswith(("/", "./")):
+                    continue
+                assert "==" in word, f"{path}: pip install {word!r} is not pinned"
+
+
+def _published(port) -> tuple[str, str]:
+    """(the raw host part, the host address once interpolated with no .env)."""
+    if isinstance(port, dict):
+        raw = str(port.get("host_ip", ""))
+        return raw, interpolate(raw, {})
+    # HOST:PUBLISHED:TARGET; the host part may hold a ${VAR:-default} (with a colon of its own).
+    parts = str(port).rsplit(":", 2)
+    if len(parts) < 3:
+        return "", ""
+    return parts[0], interpolate(parts[0], {})
+
+
+def test_ports_bind_loopback_by_default(services):
+    seen = 0
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            raw, host = _published(port)
+            assert host == LOOPBACK, f"{name}: port {port!r} is published on {host or 'every interface'!r}"
+            assert raw in ("${BIND_ADDRESS:-127.0.0.1}", LOOPBACK), f"{name}: port {port!r}"
+            seen += 1
+    assert seen, "nothing is published"
+    values, _ = read_env_example()
+    assert values["BIND_ADDRESS"] == LOOPBACK
+
+
+def test_published_ports(services):
+    def ports(name):
+        return {interpolate(str(p), {}).rsplit(":", 1)[-1] for p in services[name].get("ports", [])}
+    assert ports("mlflow") == {"5000"}
+    assert ports("ray-head") == {"8265", "6379", "10001"}
+    for name in ("postgres", "minio", "minio-init", "ray-worker"):
+        assert not services[name].get("ports"), f"{name} publishes a port"
+
+
+def test_no_literal_secret(compose, services):
+    for name, service in services.items():
+        for key, value in environment(service).items():
+            if not SECRET_NAME.search(key):
+                continue
+            assert value is not None and re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]*\}", value), (
+                f"{name}: {key} must be a required ${{VAR:?message}} reference, not {value!r}")
+    for text in strings(compose):
+        # No credentials inside a URI (scheme://user:password@host), whatever the variables hold.
+        bare = _REFERENCE.sub("VAR", text)
+        assert not re.search(r"://[^/@\s]*:[^/@\s]*@", bare), f"a URI carries a password: {text!r}"
+        for option in ("--password", "--token", "--secret"):
+            assert option not in text, f"a secret on a command line: {text!r}"
+
+
+def test_env_example_lists_every_variable(compose):
+    used, bare = set(), []
+    for text in strings(compose):
+        for match in references(text):
+            if match["bare"]:
+                bare.append(text)
+            else:
+                used.add(match["name"])
+                assert "${" not in (match["arg"] or ""), f"nested interpolation in {text!r}"
+    assert not bare, f"use ${{VAR}}, not $VAR (or $$ for the container's shell): {bare}"
+    values, comments = read_env_example()
+    assert used - set(values) == set(), f"not in .env.example: {sorted(used - set(values))}"
+    assert set(values) - used == set(), f"in .env.example but unused: {sorted(set(values) - used)}"
+    for name in values:
+        assert comments[name], f".env.example: {name} has no comment"
+
+
+def test_env_example_holds_no_secret():
+    values, _ = read_env_example()
+    secret_names = [name for name in values if SECRET_NAME.search(name)]
+    assert "RAY_AUTH_TOKEN" in secret_names and "MLFLOW_AUTH_ADMIN_PASSWORD" in secret_names
+    for name in secret_names:
+        assert values[name] == PLACEHOLDER, f".env.example: {name} must be the placeholder {PLACEHOLDER}"
+
+
+def test_env_file_is_git_ignored():
+    """.env holds the real secrets: git (and `ray job submit --working-dir .`, which honours
+    .gitignore) must leave it out, and must keep .env.example."""
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0
+    assert ignored(".env"), "add the line `.env` to .gitignore"
+    assert not ignored(".env.example")
+
+
+def test_healthchecks(services):
+    for name, service in services.items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "no", f"{name} is a one-shot service"
+            continue
+        check = service.get("healthcheck")
+        assert check and not check.get("disable"), f"{name} has no healthcheck"
+        test = check["test"]
+        assert test and test != ["NONE"], f"{name}: empty healthcheck"
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+
+
+def test_start_order(services):
+    allowed = {"service_healthy", "service_completed_successfully"}
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: depends_on needs conditions"
+        for target, spec in depends.items():
+            condition = (spec or {}).get("condition")
+            assert condition in allowed, f"{name} -> {target}: condition {condition!r}"
+            if condition == "service_healthy":
+                assert "healthcheck" in services[target], f"{name} waits for {target}, which has no healthcheck"
+            else:
+                assert target in ONE_SHOT
+    order = {"minio-init": "minio", "mlflow": "postgres", "ray-head": "mlflow", "ray-worker": "ray-head"}
+    for name, target in order.items():
+        assert target in services[name]["depends_on"], f"{name} does not wait for {target}"
+    assert services["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+
+
+def test_gpu_worker(services):
+    devices = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    assert "deploy" not in services["ray-head"]
+
+
+def _mounts(service: dict) -> dict:
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts[volume["source"]] = volume["target"]
+        else:
+            source, target = volume.split(":")[:2]
+            mounts[source] = target
+    return mounts
+
+
+def test_shared_volume(compose, services):
+    head, worker = _mounts(services["ray-head"]), _mounts(services["ray-worker"])
+    assert "shared" in compose["volumes"]
+    assert head.get("shared") == worker.get("shared") == "/shared"
+    for name in ("ray-head", "ray-worker"):
+        assert "/shared/ray_results" in " ".join(services[name]["command"])
+
+
+def test_ray_token_auth(services):
+    # The installed Ray reads its auth mode from RAY_AUTH_MODE ("token" enables it) and the token
+    # from RAY_AUTH_TOKEN (or a file at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token).
+    ray_dir = os.path.dirname(find_spec("ray").origin)
+    with open(os.path.join(ray_dir, "_private", "authentication", "authentication_token_setup.py")) as f:
+        assert 'AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"' in f.read()
+    with open(os.path.join(ray_dir, "exceptions.py")) as f:
+        assert "`RAY_AUTH_TOKEN` environment variable" in f.read()
+    for name in ("ray-head", "ray-worker"):
+        env = environment(services[name])
+        assert env["RAY_AUTH_MODE"] == "token"
+        assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+
+
+def test_ray_head_command(services):
+    command = " ".join(services["ray-head"]["command"])
+    for option in ("--head", "--block", "--port=6379", "--dashboard-host=0.0.0.0", "--dashboard-port=8265",
+                   "--ray-client-server-port=10001"):
+        assert option in command
+    worker = " ".join(services["ray-worker"]["command"])
+    assert "--address=ray-head:6379" in worker and "--block" in worker
+    # Every option exists in the installed `ray start`.
+    from ray.scripts.scripts import start
+    known = {opt for param in start.params for opt in param.opts + param.secondary_opts}
+    for text in (command, worker):
+        words = shlex.split(interpolate(text.split("ray start", 1)[1], {}))
+        flags = {word.split("=")[0] for word in words if word.startswith("--")}
+        assert flags <= known, f"unknown ray start options: {flags - known}"
+
+
+def _option(command: list[str], flag: str):
+    """The value of ``flag`` (``--flag value`` or ``--flag=value``) in ``command``, else None."""
+    for i, word in enumerate(command):
+        if word == flag:
+            return command[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _set_option(command: list[str], flag: str, value: str) -> list[str]:
+    out = list(command)
+    for i, word in enumerate(out):
+        if word == flag:
+            out[i + 1] = value
+            return out
+        if word.startswith(flag + "="):
+            out[i] = f"{flag}={value}"
+            return out
+    raise AssertionError(f"{flag} is not in the command")
+
+
+def test_mlflow_command(services):
+    service = services["mlflow"]
+    command = [str(word) for word in service["command"]]
+    assert command[:2] == ["mlflow", "server"]
+    assert _option(command, "--app-name") == "basic-auth"
+    assert "--serve-artifacts" in command
+    assert _option(command, "--artifacts-destination").startswith("s3://${MLFLOW_ARTIFACTS_BUCKET")
+    values, _ = read_env_example()
+    backend = interpolate(_option(command, "--backend-store-uri"), values)
+    assert backend.startswith("postgresql://") and ":" not in backend.split("://", 1)[1].split("@")[0]
+    hosts = interpolate(_option(command, "--allowed-hosts"), values).split(",")
+    assert "*" not in hosts and "mlflow:5000" in hosts, "workers reach MLflow as mlflow:5000"
+    env = environment(service)
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] in [c["target"] for c in service["configs"]]
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    # Every option exists in the installed mlflow server command.
+    from mlflow.cli import server
+    known = {opt for param in server.params for opt in param.opts + param.secondary_opts}
+    flags = {word.split("=")[0] for word in command[2:] if word.startswith("--")}
+    assert flags <= known, f"unknown mlflow server options: {flags - known}"
+
+
+def test_mlflow_auth_config(compose):
+    parser = configparser.ConfigParser()
+    parser.read_string(interpolate(compose["configs"]["mlflow_auth"]["content"], {}))
+    section = parser["mlflow"]
+    assert section["default_permission"] == "READ"
+    assert section["database_uri"].startswith("postgresql://") and "@" in section["database_uri"]
+    assert ":" not in section["database_uri"].split("://", 1)[1].split("@")[0], "a password in the auth ini"
+    assert "admin_password" not in section
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLflow server of the compose file, started for real.
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _request(url: str, auth=None, host=None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    if host:
+        request.add_header("Host", host)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@contextmanager
+def mlflow_server(compose, tmp_path):
+    """The compose file's MLflow command line and environment, with SQLite for PostgreSQL, a local
+    directory for S3, 127.0.0.1 on a free port and one worker; yields (uri, admin credentials).
+    The server runs in its own process group, killed on the way out."""
+    values, _ = read_env_example()
+    variables = dict(values)
+    variables.update({name: secrets.token_urlsafe(24) for name in values if values[name] == PLACEHOLDER})
+    service = compose["services"]["mlflow"]
+
+    port = _free_port()
+    command = [interpolate(str(word), variables) for word in service["command"]]
+    assert command[:2] == ["mlflow", "server"]
+    command = [sys.executable, "-m", "mlflow", "server", *command[2:]]
+    for flag, value in {
+        "--host": LOOPBACK,
+        "--port": str(port),
+        "--workers": "1",
+        "--backend-store-uri": "sqlite:///" + str(tmp_path / "mlflow.db"),
+        "--artifacts-destination": str(tmp_path / "artifacts"),
+    }.items():
+        command = _set_option(command, flag, value)
+
+    auth = configparser.ConfigParser()
+    auth.read_string(interpolate(compose["configs"]["mlflow_auth"]["content"], variables))
+    auth["mlflow"]["database_uri"] = "sqlite:///" + str(tmp_path / "basic_auth.db")
+    ini = tmp_path / "basic_auth.ini"
+    with open(ini, "w") as f:
+        auth.write(f)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({k: interpolate(v, variables) for k, v in environment(service).items() if v is not None})
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+
+    log_path = tmp_path / "server.log"
+    uri = f"http://{LOOPBACK}:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                text = log_path.read_text(errors="replace")
+                hint = ""
+                if "flask_wtf" in text.lower() or "Flask-WTF" in text:
+                    hint = ("\nMLflow's basic-auth app needs Flask-WTF, which is not installed here: "
+                            "install mlflow[auth] (Flask-WTF<2).")
+                pytest.fail(f"mlflow server exited with status {process.returncode}{hint}\n"
+                            f"command: {' '.join(command)}\n--- log (end) ---\n{text[-4000:]}")
+            try:
+                if _request(uri + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health within 120 s; log:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.3)
+        yield uri, admin
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.mark.integration
+def test_mlflow_server_of_compose_requires_auth(compose, tmp_path, monkeypatch):
+    with mlflow_server(compose, tmp_path) as (uri, admin):
+        _check_server(uri, admin, monkeypatch)
+
+
+def _check_server(uri, admin, monkeypatch):
+    search = uri + "/api/2.0/mlflow/experiments/search?max_results=1"
+
+    assert _request(uri + "/health")[0] == 200  # no credentials needed for the healthcheck
+    status, _ = _request(search)
+    assert status == 401, f"an unauthenticated call answered {status}"
+    status, _ = _request(search, auth=(admin[0], admin[1] + "x"))
+    assert status == 401, f"a wrong password answered {status}"
+    status, body = _request(search, auth=admin)
+    assert status == 200, body[:500]
+    assert "experiments" in json.loads(body)
+    # --allowed-hosts: a Host header that is not listed is refused.
+    status, _ = _request(search, auth=admin, host="attacker.example.com")
+    assert status == 403, f"an unlisted Host header answered {status}"
+
+    # What a researcher does: credentials in the environment only, artifacts through the proxy.
+    from mlflow.tracking import MlflowClient
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("compose-smoke")
+    run = client.create_run(experiment)
+    client.log_dict(run.info.run_id, {"ok": True}, "check.json")
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["check.json"]
