@@ -47,10 +47,13 @@ def main() -> int:
     try:
         client = MlflowClient(server.uri)
         experiment = client.get_experiment_by_name(sweep.name)
-        runs = client.search_runs([experiment.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''")
+        children = client.search_runs([experiment.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''",
+                                      max_results=1000)
     finally:
         server.stop()
-    runs = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.data.tags["trial"])
+    children = [r for r in children if "mlflow.parentRunId" in r.data.tags]
+    training = {r.info.run_id: r for r in children if r.data.tags.get("stage") == "train"}
+    runs = sorted((r for r in children if r.data.tags.get("stage") == "evaluate"), key=lambda r: r.data.tags["trial"])
     shown = " ".join(["orchestrator sweep", sweep_file, *args])
     lines = [
         f"Command: `python benchmarks/demo.py {' '.join([sweep_file, *args])}` (runs `{shown}`), "
@@ -58,23 +61,22 @@ def main() -> int:
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}, {platform.machine()}.",
         "",
         f"Wall time of the whole sweep (Ray and MLflow start-up included): **{wall / 60:.1f} min** "
-        f"for {len(sweep.trials)} trials, exit status {result.returncode}.",
+        f"for {len(sweep.trials)} trials ({len(training)} model(s) trained), exit status {result.returncode}.",
         "",
         "| trial | status | train steps | train img/s | train s | sample s | NFE | FID | fid_reference | FID / floor "
         "| KID | bpd_ode | bpd_elbo | bpd s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        m, p = run.data.metrics, run.data.params
-        ratio = m["fid"] / m["fid_reference"] if m.get("fid") and m.get("fid_reference") else float("nan")
-        lines.append(
-            f"| {run.data.tags['trial']} | {run.info.status} | {p.get('train.steps')} "
-            f"| {m.get('train_examples_per_second', float('nan')):.0f} | {m.get('train_seconds', float('nan')):.0f} "
-            f"| {m.get('sample_seconds', float('nan')):.0f} | {m.get('sample_nfe', float('nan')):.0f} "
-            f"| {m.get('fid', float('nan')):.3f} | {m.get('fid_reference', float('nan')):.3f} | {ratio:.1f} "
-            f"| {m.get('kid', float('nan')):.4f} | {m.get('bpd_ode', float('nan')):.3f} "
-            f"| {m.get('bpd_elbo', float('nan')):.3f} | {m.get('bpd_seconds', float('nan')):.0f} |"
-        )
+        trained = training.get(run.data.tags.get("training_run_id"))
+        m, p = {**(trained.data.metrics if trained else {}), **run.data.metrics}, run.data.params
+        ratio = m["fid"] / m["fid_reference"] if m.get("fid") and m.get("fid_reference") else None
+        cells = [run.data.tags["trial"], run.info.status, p.get("train.steps"),
+                 _number(m.get("train_examples_per_second"), 0), _number(m.get("train_seconds"), 0),
+                 _number(m.get("sample_seconds"), 0), _number(m.get("sample_nfe"), 0), _number(m.get("fid"), 3),
+                 _number(m.get("fid_reference"), 3), _number(ratio, 1), _number(m.get("kid"), 4),
+                 _number(m.get("bpd_ode"), 3), _number(m.get("bpd_elbo"), 3), _number(m.get("bpd_seconds"), 0)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     tags = runs[0].data.tags if runs else {}
     lines += ["", f"FID features: {tags.get('fid.extractor')} (test accuracy {tags.get('fid.classifier_accuracy')}), "
               f"{tags.get('fid.n')} samples against the {tags.get('fid.reference_split')} split; "
@@ -83,6 +85,11 @@ def main() -> int:
     print(report)
     _write(report, sweep.name, sweep_file)
     return result.returncode
+
+
+def _number(value, digits: int) -> str:
+    """A metric for the table; "-" where a trial has none (e.g. bpd_elbo in continuous time)."""
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def _write(report: str, sweep_name: str, sweep_file: str) -> None:

@@ -120,6 +120,7 @@ class EvalConfig:
     bpd_n: int = 128  # held-out (test split) examples in the bits/dim estimates
     ode_rtol: float = 1e-5  # bpd_ode: relative tolerance of the adaptive RK45 solve
     ode_atol: float = 1e-5  # bpd_ode: absolute tolerance
+    ode_max_nfe: int = 1000  # bpd_ode: give up (tag bpd_ode.error) after this many solver evaluations per solve
     divergence: str = "hutchinson"  # bpd_ode: hutchinson (unbiased, probes fixed per solve) or exact (D backward passes; low-dimensional data)
     hutchinson_probes: int = 1  # bpd_ode: probe vectors per example
     probe: str = "rademacher"  # bpd_ode: rademacher or gaussian probes
@@ -266,6 +267,7 @@ def validate(cfg: TrialConfig) -> TrialConfig:
         _check(getattr(cfg.eval, key) >= 1, f"eval.{key}", getattr(cfg.eval, key), "an integer >= 1")
     _check(cfg.eval.ode_rtol > 0, "eval.ode_rtol", cfg.eval.ode_rtol, "a positive number")
     _check(cfg.eval.ode_atol > 0, "eval.ode_atol", cfg.eval.ode_atol, "a positive number")
+    _check(cfg.eval.ode_max_nfe >= 10, "eval.ode_max_nfe", cfg.eval.ode_max_nfe, "an integer >= 10")
     _check(cfg.eval.divergence in ("hutchinson", "exact"), "eval.divergence", cfg.eval.divergence, "hutchinson or exact")
     _check(cfg.eval.probe in ("rademacher", "gaussian"), "eval.probe", cfg.eval.probe, "rademacher or gaussian")
     _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")

@@ -189,6 +189,7 @@ def ode_log_likelihood(
     distribution: str = "rademacher",
     generator: Optional[torch.Generator] = None,
     t_start: Optional[float] = None,
+    max_nfe: Optional[int] = None,
 ) -> LikelihoodResult:
     """-log p_{t_start}(x0) in nats per example under the probability-flow ODE of ``denoiser``.
 
@@ -207,6 +208,8 @@ def ode_log_likelihood(
       "hutchinson" (``probes`` vectors of ``distribution`` per example, drawn once from ``generator``
       and fixed for the solve; the trajectory does not depend on them and delta is linear in the
       estimates, so the NLL is an unbiased estimate of the exact-divergence NLL, up to solver error).
+    - ``max_nfe``: give up (RuntimeError) once the solver has evaluated the vector field this many times,
+      instead of letting a stiff or non-smooth field (a model that is not a smooth function of t) run on.
     - The denoiser is evaluated in x0's dtype (float32 data for a float32 network, which should be in
       eval mode; float64 for an exact analytic denoiser), with t as float32 [B] as the samplers pass it.
     """
@@ -226,7 +229,14 @@ def ode_log_likelihood(
     if divergence == "hutchinson":
         vectors = draw_probes(tuple(shape), probes, distribution, generator, dtype, device)
 
+    evaluations = 0
+
     def augmented(t: float, y: np.ndarray) -> np.ndarray:
+        nonlocal evaluations
+        evaluations += 1
+        if max_nfe is not None and evaluations > max_nfe:
+            raise RuntimeError(f"the probability-flow ODE solve needed more than {max_nfe} evaluations "
+                               f"(eval.ode_max_nfe), at t = {t:.4g}")
         x = torch.from_numpy(y[: B * D]).to(device, dtype).reshape(shape)
         tt = torch.full((B,), t, dtype=torch.float32, device=device)
         f, g2 = process.sde(torch.tensor([t], dtype=torch.float64))
@@ -354,7 +364,7 @@ def heldout_likelihood(denoiser: Denoiser, x: Tensor, levels: Optional[int], opt
                 result = ode_log_likelihood(ode_denoiser or denoiser, y.to(batch.device), rtol=options.ode_rtol,
                                             atol=options.ode_atol, divergence=options.divergence,
                                             probes=options.hutchinson_probes, distribution=options.probe,
-                                            generator=generator)
+                                            generator=generator, max_nfe=options.ode_max_nfe)
                 offset = math.log2(levels / 2) if levels else 0.0
                 per_example[start:start + len(batch)] += result.bits_per_dim(offset).cpu() / options.dequant_draws
                 nfes.append(result.nfe)
@@ -366,6 +376,7 @@ def heldout_likelihood(denoiser: Denoiser, x: Tensor, levels: Optional[int], opt
     tags.update({
         "bpd_ode.method": "probability-flow ODE, scipy RK45, from t_min to 1, prior N(0, sigma(1)^2 I)",
         "bpd_ode.rtol": str(options.ode_rtol), "bpd_ode.atol": str(options.ode_atol),
+        "bpd_ode.max_nfe": str(options.ode_max_nfe),
         "bpd_ode.divergence": options.divergence if options.divergence == "exact"
         else f"hutchinson, {options.hutchinson_probes} {options.probe} probe(s) per example, fixed per solve",
         "bpd_ode.t_start": str(default_t_start((ode_denoiser or denoiser).process)),

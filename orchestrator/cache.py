@@ -19,28 +19,15 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from typing import Iterator, Optional
 
 from diffusion.config import TrialConfig
+from diffusion.storage import write_json_atomic
 
 MODEL_FILE = "model.json"
 # The eval options the held-out likelihood depends on (with the training key and the sampling batch size).
-LIKELIHOOD_OPTIONS = ("bpd_n", "ode_rtol", "ode_atol", "divergence", "hutchinson_probes", "probe", "dequant_draws")
-
-
-def write_json_atomic(data: dict, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+LIKELIHOOD_OPTIONS = ("bpd_n", "ode_rtol", "ode_atol", "ode_max_nfe", "divergence", "hutchinson_probes", "probe",
+                      "dequant_draws")
 
 
 def read_json(path: str) -> Optional[dict]:

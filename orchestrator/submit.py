@@ -34,12 +34,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from diffusion.errors import ConfigError
+from diffusion.storage import write_text_atomic
 
 from .sweepfile import Sweep, load_sweep
 from .tracking import TRACKING_ENV
@@ -462,7 +462,10 @@ else
     IFS=, read -r -a NODES <<< "$SLURM_JOB_NODELIST"
 fi
 NUM_NODES=${#NODES[@]}
-HEAD_NODE=${NODES[0]}
+HEAD_NODE=${NODES[0]:-}
+if [ -z "$HEAD_NODE" ]; then
+    echo "orchestrator: no node in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST" >&2; exit 1
+fi
 if [ "$NUM_NODES" -gt 1 ] && ! command -v srun >/dev/null 2>&1; then
     echo "orchestrator: srun is needed to start Ray on $NUM_NODES nodes" >&2; exit 1
 fi
@@ -604,20 +607,6 @@ def slurm_script(sweep: Sweep, file: str, overrides: list[str], options: dict, w
     return re.sub(r"@[A-Z]+@", lambda match: values.get(match.group(0), match.group(0)), _SCRIPT)
 
 
-def write_atomically(path: str, text: str, mode: int = 0o755) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def submit_slurm(file: str, overrides: list[str], nodes=None, gpus_per_node=None, cpus_per_node=None,
                  partition=None, time=None, dry_run: bool = False, workdir: str = ".",
                  out: Callable[[str], None] = print) -> int:
@@ -627,7 +616,7 @@ def submit_slurm(file: str, overrides: list[str], nodes=None, gpus_per_node=None
     script_name = f"{sweep.name}.sbatch"
     path = os.path.join(os.path.abspath(workdir), script_name)
     text = slurm_script(sweep, file, overrides, options, workdir, script_name)
-    write_atomically(path, text)
+    write_text_atomic(path, text, mode=0o755)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     note = None
     if not uri:

@@ -59,6 +59,9 @@ class LocalServer:
         ]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        # MLflow's server-side job runner (GenAI evaluation jobs, periodic tasks) starts several worker
+        # processes that sweeps never use: on a 2-core machine they cost the trials CPU.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         self.process = subprocess.Popen(
             command, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )

@@ -238,6 +238,29 @@ def test_ode_nll_with_hutchinson_is_unbiased(distribution):
     assert torch.equal(again.nll, first.nll) and not torch.allclose(again.nll, other.nll)
 
 
+def test_solver_gives_up_after_max_nfe():
+    """A solve that would need more evaluations than max_nfe stops with a RuntimeError (what heldout_likelihood
+    records as the tag bpd_ode.error) instead of running on; a generous cap changes nothing."""
+    denoiser = DATA.denoiser(build_process(PROCESSES["vp"]))
+    x0 = sample(4, 3)
+    with pytest.raises(RuntimeError, match="more than 8 evaluations"):
+        ode_log_likelihood(denoiser, x0, divergence="exact", max_nfe=8)
+    free = ode_log_likelihood(denoiser, x0, divergence="exact")
+    capped = ode_log_likelihood(denoiser, x0, divergence="exact", max_nfe=free.nfe)
+    assert torch.equal(free.nll, capped.nll)
+
+
+def test_heldout_likelihood_records_a_solver_that_gives_up():
+    from diffusion.config import EvalConfig
+    from diffusion.likelihood import heldout_likelihood
+
+    options = EvalConfig(bpd_n=4, divergence="exact", ode_max_nfe=10)
+    result = heldout_likelihood(DATA.denoiser(build_process(PROCESSES["vp1000"])), sample(4, 5), None, options,
+                                torch.Generator().manual_seed(0))
+    assert "bpd_ode" not in result.metrics and "more than 10 evaluations" in result.tags["bpd_ode.error"]
+    assert result.tags["bpd_ode.max_nfe"] == "10" and "bpd_elbo" in result.metrics  # the bound is still measured
+
+
 def test_options_are_checked():
     denoiser = DATA.denoiser(build_process(PROCESSES["vp"]))
     x0 = sample(2, 0)

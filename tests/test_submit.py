@@ -101,8 +101,10 @@ def test_sbatch_script_runs_the_sweep_with_exact_arguments_and_stops_its_ray(tmp
     (a file name with a space, an override with a quote), and the `ray start` it began is stopped."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    (stubs / "ray").write_text('#!/bin/bash\necho "ray $*" >> "$STUB_LOG"\n'
-                               'if [ "$1" = start ]; then echo $$ > "$STUB_LOG.pid"; exec sleep 300; fi\nexit 0\n')
+    (stubs / "ray").write_text(  # `ray status` answers once `ray start` runs
+        '#!/bin/bash\necho "ray $*" >> "$STUB_LOG"\n'
+        'if [ "$1" = start ]; then echo $$ > "$STUB_LOG.tmp"; mv "$STUB_LOG.tmp" "$STUB_LOG.pid"; exec sleep 300; fi\n'
+        'while [ ! -s "$STUB_LOG.pid" ]; do sleep 0.1; done\nexit 0\n')
     (stubs / "python").write_text('#!/bin/bash\nif [ "$1" = -c ]; then echo stub-token; exit 0; fi\n'
                                   'printf "%s\\0" "$@" > "$STUB_LOG.argv"\nexit 0\n')
     for stub in ("ray", "python"):
@@ -249,6 +251,9 @@ def test_resubmission_is_idempotent_and_resubmit_numbers_attempts(project, monke
     assert submit.submit_job("sweeps/smoke.yaml", [], address=address, client=fake, resubmit=True) == 0
     assert fake.submitted[-1]["submission_id"] == f"{base}-3"
     assert fake.submitted[-1]["entrypoint"].endswith("--address auto")
+    # MLflow out of reach from here: "cannot tell" (the new attempt then runs the sweep again)
+    monkeypatch.undo()
+    assert submit._unfinished_run(load_sweep(SMOKE), ["http://127.0.0.1:1", None]) is None
 
 
 def test_default_job_server_address(monkeypatch):
@@ -300,7 +305,8 @@ def alive(pid):
 
 
 def processes_under(temp_dir):
-    """Pids of the live processes whose command line names ``temp_dir``: that Ray session's only."""
+    """Pids of the live processes whose command line names ``temp_dir`` or that run in it (a job's
+    driver runs in its working_dir, unpacked there): that Ray session's only."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -308,11 +314,36 @@ def processes_under(temp_dir):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
                 cmdline = handle.read().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if temp_dir in cmdline and alive(entry):
+        if (temp_dir in cmdline or cwd == temp_dir or cwd.startswith(temp_dir + os.sep)) and alive(entry):
             found.append(int(entry))
     return found
+
+
+def process_group(pgid):
+    """Pids of the live processes of process group ``pgid`` (Ray's worker processes rename themselves,
+    ray::IDLE and such, but stay in the group of the `ray start` that started their node)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def wait_until_gone(pids, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return [pid for pid in pids if alive(pid)]
 
 
 def kill_leftovers(temp_dir):
@@ -323,10 +354,17 @@ def kill_leftovers(temp_dir):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    deadline = time.monotonic() + 20
-    while any(alive(pid) for pid in leftovers) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until_gone(leftovers)
     return leftovers
+
+
+def remove_temp_dir(temp_dir):
+    """Remove a Ray temp dir; a file written during the shutdown (metrics discovery) may recreate it once."""
+    for _ in range(5):
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        time.sleep(1)
+        if not os.path.exists(temp_dir):
+            return
 
 
 @contextmanager
@@ -367,11 +405,13 @@ def ray_head(env):
             try:
                 process.wait(timeout=90)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                pass
+        if wait_until_gone(process_group(process.pid)):  # its own group: new session at Popen
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         log.close()
         kill_leftovers(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        remove_temp_dir(temp_dir)
         os.unlink(temp_dir + ".log")
 
 
@@ -425,6 +465,8 @@ def test_ray_job_runs_the_sweep_once(project, server, cache_dir):
         runs = evaluation_runs(MlflowClient(server.uri), "smoke")
         assert sorted(r.data.tags["variant"] for r in runs) == ["ddpm", "ncsn"]
         assert all(r.info.status == "FINISHED" for r in runs)
+        # what --resubmit checks: the sweep's MLflow run finished, so there is nothing to resume
+        assert submit._unfinished_run(load_sweep(str(project / "sweeps/smoke.yaml"), args[1:]), [server.uri]) is False
 
         again = cli(["submit", *args, "--address", url], cwd=project, env_extra=tracking)
         assert again.returncode == 0, again.stderr
@@ -460,6 +502,9 @@ def test_slurm_script_runs_the_sweep_on_one_node_and_stops_its_ray(project, serv
         runs = evaluation_runs(MlflowClient(server.uri), "smoke")
         assert sorted(r.data.tags["variant"] for r in runs) == ["ddpm", "ncsn"]
         assert all(r.info.status == "FINISHED" for r in runs)
+        # the script's Ray processes are all gone: those of the script's process group (the `ray start` it
+        # ran in the background and its node's processes) and any naming or running in its temp dir
+        assert wait_until_gone(process_group(process.pid)) == [], "the script left Ray processes running"
         assert processes_under(temp_dir) == [], "the script left Ray processes running"
     finally:
         if process.poll() is None:
@@ -467,7 +512,9 @@ def test_slurm_script_runs_the_sweep_on_one_node_and_stops_its_ray(project, serv
             try:
                 process.wait(timeout=90)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                pass
+        if wait_until_gone(process_group(process.pid), timeout=5):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         kill_leftovers(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        remove_temp_dir(temp_dir)
