@@ -222,6 +222,7 @@ def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, work
 
     if not tasks:
         return
+
     def resources(config: dict) -> dict:
         wanted = config["task"]["trials"][0]["config"]["resources"]
         return {"cpu": wanted["cpu"], "gpu": wanted["gpu"], **dict(wanted["custom"])}

@@ -8,13 +8,12 @@ import sys
 import time
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.localcluster import LocalCluster
 from orchestrator.tracking import LocalServer
+from smallsweep import small_sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.integration
 
 
@@ -35,13 +34,7 @@ def server(tmp_path_factory):
 
 
 def sweep_file(path, name: str, steps: int, variants: dict, checkpoint_every: int = 0) -> str:
-    smoke = yaml.safe_load(open(os.path.join(ROOT, "sweeps", "smoke.yaml")))
-    base = {**smoke["base"], **smoke["variants"]["ddpm"]}
-    base["train"] = {**base["train"], "steps": steps, "log_every": 10, "checkpoint_every": checkpoint_every}
-    base["sample"] = {**base["sample"], "n": 16, "batch_size": 16, "grid": 0}
-    base["eval"] = {"fid": False, "bpd": False}
-    path.write_text(yaml.safe_dump({"name": name, "base": base, "variants": variants}))
-    return str(path)
+    return small_sweep(path, name, steps, checkpoint_every, variants=variants)
 
 
 def sweep(cluster: LocalCluster, path: str, cwd, uri: str) -> subprocess.Popen:

@@ -7,10 +7,10 @@ import sys
 import time
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import LocalServer, free_port
+from smallsweep import small_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.integration
@@ -24,17 +24,9 @@ def server(tmp_path_factory):
 
 
 def write_sweep(path, name: str, steps: int, seeds: list[int], max_concurrent=None) -> str:
-    """The smoke DDPM with a longer training (a checkpoint every 50 steps), no FID or bits/dim."""
-    smoke = yaml.safe_load(open(os.path.join(ROOT, "sweeps", "smoke.yaml")))
-    base = {**smoke["base"], **smoke["variants"]["ddpm"]}
-    base["train"] = {**base["train"], "steps": steps, "log_every": 10, "checkpoint_every": 50}
-    base["sample"] = {**base["sample"], "n": 16, "batch_size": 16, "grid": 0}
-    base["eval"] = {"fid": False, "bpd": False}
-    sweep = {"name": name, "base": base, "grid": {"seed": seeds}}
-    if max_concurrent:
-        sweep["max_concurrent"] = max_concurrent
-    path.write_text(yaml.safe_dump(sweep))
-    return str(path)
+    """A checkpoint every 50 steps, one trial per seed."""
+    extra = {"max_concurrent": max_concurrent} if max_concurrent else {}
+    return small_sweep(path, name, steps, checkpoint_every=50, grid={"seed": seeds}, **extra)
 
 
 def start(args, cwd, uri) -> subprocess.Popen:
