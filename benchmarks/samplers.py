@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from diffusion.config import (  # noqa: E402
     DataConfig, EvalConfig, LossConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig,
-    validate,
+    training_key, training_spec, validate,
 )
 from diffusion.data import load_dataset  # noqa: E402
 from diffusion.metrics import compute_fid  # noqa: E402
@@ -70,7 +69,6 @@ MODEL = {
     "train": {"batch_size": 128, "lr": 1e-3, "warmup": 100, "ema_decay": 0.995, "log_every": 50,
               "checkpoint_every": 0},
 }
-TRAINING_SECTIONS = tuple(MODEL)
 
 
 def model_config(train_steps: int, seed: int) -> TrialConfig:
@@ -80,30 +78,10 @@ def model_config(train_steps: int, seed: int) -> TrialConfig:
     return validate(TrialConfig(**sections, train=train, eval=EvalConfig(extractor="classifier"), seed=seed))
 
 
-def training_spec(cfg: TrialConfig) -> dict:
-    """What determines the trained weights: the settings of MODEL, train.steps, the seed, and any other
-    value of those sections that is not at its default (so options added to the config later, with
-    defaults, do not invalidate the cache)."""
-    spec = {}
-    for name in TRAINING_SECTIONS:
-        section = getattr(cfg, name)
-        default = type(section)()
-        spec[name] = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-                      if f.name in MODEL[name] or getattr(section, f.name) != getattr(default, f.name)}
-    spec["train"]["steps"] = cfg.train.steps
-    spec["seed"] = cfg.seed
-    return spec
-
-
-def config_key(cfg: TrialConfig) -> str:
-    """Short hash of the training spec: the name of the model's cache directory."""
-    return hashlib.sha256(json.dumps(training_spec(cfg), sort_keys=True).encode()).hexdigest()[:12]
-
-
 def trained_model(cfg: TrialConfig, dataset, cache_dir: str) -> tuple[Trainer, dict]:
     """A Trainer whose EMA network holds the trained weights: loaded from the cache, or trained and cached.
     Returns it with the training metadata (steps, seconds, final loss, cache path)."""
-    directory = os.path.join(os.path.expanduser(cache_dir), config_key(cfg))
+    directory = os.path.join(os.path.expanduser(cache_dir), training_key(cfg))
     weights, meta_path = os.path.join(directory, "ema.pt"), os.path.join(directory, "config.json")
     trainer = Trainer(cfg, dataset, torch.device("cpu"))
     if os.path.exists(weights) and os.path.exists(meta_path):
@@ -119,9 +97,8 @@ def trained_model(cfg: TrialConfig, dataset, cache_dir: str) -> tuple[Trainer, d
             "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()[1]}
     os.makedirs(directory, exist_ok=True)
     trainer.save_ema(weights)
-    config = {name: dataclasses.asdict(getattr(cfg, name)) for name in TRAINING_SECTIONS}
     with open(meta_path, "w", encoding="utf-8") as handle:
-        json.dump({"spec": training_spec(cfg), "config": {**config, "seed": cfg.seed}, "training": meta}, handle,
+        json.dump({"spec": training_spec(cfg), "training": meta}, handle,
                   indent=2)
     return trainer, {**meta, "cached": False, "path": directory}
 

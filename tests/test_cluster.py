@@ -2,7 +2,6 @@
 with token authentication and custom resources. A sweep joins it with --address; trials land on both
 nodes; a worker node that is stopped mid-sweep has its trial rescheduled on the remaining node, resuming
 from the last checkpoint in the same MLflow run."""
-import os
 import subprocess
 import sys
 import time
