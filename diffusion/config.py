@@ -62,6 +62,7 @@ class ModelConfig:
     dropout: float = 0.0  # unet: dropout inside ResNet blocks
     hidden: int = 256  # mlp: hidden width
     depth: int = 4  # mlp: hidden layers
+    class_conditional: bool = False  # a class-conditional network (label embedding added to the time embedding), on labelled data sets
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the gradient norm at this value (0 disables)
     log_every: int = 50  # record train_loss every this many steps
     checkpoint_every: int = 1000  # save a resumable checkpoint every this many steps (0: only at the end)
+    cond_dropout: float = 0.0  # class_conditional: probability that a training label is replaced by the null label, training the unconditional model classifier-free guidance needs (Ho & Salimans 2022 use 0.1-0.2)
 
 
 @dataclass
@@ -107,6 +109,9 @@ class SampleConfig:
     step_size: float = 2e-5  # annealed_langevin: eps; level i uses eps * sigma_i^2 / sigma_min^2
     denoise: bool = True  # annealed_langevin: final Tweedie denoising step x + sigma_min^2 * score
     grid: int = 64  # samples shown in the logged image grid
+    guidance_scale: float = 1.0  # class_conditional: classifier-free guidance s, eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, eq. 6 with s = 1 + w): 0 unconditional, 1 conditional, > 1 guided (needs train.cond_dropout > 0 unless 1)
+    classifier_scale: float = 0.0  # classifier guidance (Dhariwal & Nichol 2021): scale of grad log p(y | x_t) added to the score, from a noise-conditional classifier trained once per data set, process and seed (0: off)
+    classifier_steps: int = 2000  # classifier guidance: training steps of the noise-conditional classifier
 
 
 @dataclass
@@ -189,6 +194,34 @@ def _check(cond: bool, key: str, value, accepted: str) -> None:
         raise ConfigError(key, value, accepted)
 
 
+def _check_conditioning(cfg: TrialConfig, labelled: tuple[str, ...]) -> None:
+    """Class conditioning and guidance: labels must exist, and guidance needs the model it extrapolates from."""
+    sample = cfg.sample
+    conditional = cfg.model.class_conditional
+    if conditional or sample.classifier_scale > 0:
+        key, value = ("model.class_conditional", True) if conditional else ("sample.classifier_scale", sample.classifier_scale)
+        _check(cfg.data.name in labelled, "data.name", cfg.data.name,
+               f"a labelled data set ({', '.join(labelled)}) with {key} = {value}")
+    if conditional:
+        _check(cfg.loss.objective == "denoising", "loss.objective", cfg.loss.objective,
+               "denoising with model.class_conditional (the score-matching objectives are unconditional)")
+    _check(0.0 <= cfg.train.cond_dropout < 1.0, "train.cond_dropout", cfg.train.cond_dropout, "a number in [0, 1)")
+    if cfg.train.cond_dropout > 0:
+        _check(conditional, "train.cond_dropout", cfg.train.cond_dropout,
+               "0 unless model.class_conditional is true (label dropout trains a conditional model's unconditional half)")
+    _check(sample.guidance_scale >= 0, "sample.guidance_scale", sample.guidance_scale, "a number >= 0")
+    if sample.guidance_scale != 1.0:
+        if not conditional:
+            raise ConfigError("sample.guidance_scale", sample.guidance_scale,
+                              "1 (no guidance) unless model.class_conditional is true",
+                              detail="classifier-free guidance mixes a class-conditional model's two predictions")
+        if cfg.train.cond_dropout == 0:
+            raise ConfigError("sample.guidance_scale", sample.guidance_scale, "1 when train.cond_dropout is 0",
+                              detail="the unconditional prediction is only trained with label dropout (train.cond_dropout > 0)")
+    _check(sample.classifier_scale >= 0, "sample.classifier_scale", sample.classifier_scale, "a number >= 0")
+    _check(sample.classifier_steps >= 1, "sample.classifier_steps", sample.classifier_steps, "an integer >= 1")
+
+
 def validate(cfg: TrialConfig) -> TrialConfig:
     """Check every value of a trial config; raise ConfigError naming the first bad one."""
     # Imported here: the registries import this module.
@@ -218,6 +251,7 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     if cfg.process.schedule == "learned":
         _check(cfg.loss.weighting == "elbo", "loss.weighting", cfg.loss.weighting,
                "elbo with process.schedule learned (the VDM schedule is trained by the variational bound)")
+    _check_conditioning(cfg, data.LABELLED_SETS)
     if cfg.loss.objective != "denoising":
         from . import score_matching
 

@@ -59,6 +59,10 @@ class Dataset:
         return tuple(self.train.shape[1:])
 
 
+# The data sets with class labels (class conditioning, guidance, per-class metrics).
+LABELLED_SETS = ("digits", "moons", "gaussian_mixture", "mnist", "fashion_mnist", "cifar10")
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load the data set named by ``cfg.name``; raise :class:`ConfigError` if it is unknown or missing."""
     return DATASETS.get(cfg.name)(cfg)

@@ -23,10 +23,11 @@ class Denoiser:
     With ``learned_variance``, ``eps_fn`` returns a pair (eps_hat, v): v [B, ...] is the raw output of
     a variance head, read by ``diffusion.elbo.reverse_variance`` (``model.variance: learned_range``)."""
 
-    def __init__(self, eps_fn: EpsFunction, process: GaussianProcess, learned_variance: bool = False):
+    def __init__(self, eps_fn: EpsFunction, process: GaussianProcess, learned_variance: bool = False, cost: int = 1):
         self.eps_fn = eps_fn
         self.process = process
         self.learned_variance = learned_variance
+        self.cost = cost  # network evaluations per call (2 for classifier-free guidance)
 
     def _coefs(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return expand(self.process.alpha(t), x_t), expand(self.process.sigma(t), x_t)
@@ -50,18 +51,39 @@ class Denoiser:
 
 def network_denoiser(
     network: torch.nn.Module, parameterization: Parameterization, process: GaussianProcess,
-    learned_variance: bool = False,
+    learned_variance: bool = False, labels: Optional[Tensor] = None, guidance_scale: float = 1.0,
 ) -> Denoiser:
     """Wrap ``network(x_t, t) -> output`` so that its output is read through ``parameterization``. With
-    ``learned_variance`` the network has twice the data's channels: the second half is the variance head."""
+    ``learned_variance`` the network has twice the data's channels: the second half is the variance head.
 
-    def eps_fn(x_t: Tensor, t: Tensor):
+    ``labels [B]``: the classes a class-conditional network is asked for (None: its unconditional
+    model). ``guidance_scale`` s: classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w),
+    eps_hat = eps_u + s (eps_c - eps_u), the unconditional and conditional predictions made in one
+    network call on a doubled batch; s = 1 is the conditional model alone, s = 0 the unconditional
+    one. Guidance acts on eps_hat, so it combines with every parameterization and sampler; a variance
+    head is read from the conditional half."""
+
+    def predict(x_t: Tensor, t: Tensor, y: Optional[Tensor]):
         alpha, sigma = expand(process.alpha(t), x_t), expand(process.sigma(t), x_t)
-        output = network(parameterization.input_scale(alpha, sigma) * x_t, process.network_time(t))
+        inputs = (parameterization.input_scale(alpha, sigma) * x_t, process.network_time(t))
+        output = network(*inputs) if y is None else network(*inputs, y)
         head = None
         if learned_variance:
             output, head = output.chunk(2, dim=1)
-        eps = parameterization.to_eps(output, x_t, alpha, sigma, t=t, process=process)
+        return parameterization.to_eps(output, x_t, alpha, sigma, t=t, process=process), head
+
+    guided = labels is not None and guidance_scale != 1.0
+
+    def eps_fn(x_t: Tensor, t: Tensor):
+        if guidance_scale == 0.0:
+            eps, head = predict(x_t, t, None)
+        elif not guided:
+            eps, head = predict(x_t, t, labels)
+        else:
+            null = torch.full_like(labels, network.label_embedding.num_classes)
+            both, heads = predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
+            eps_c, eps_u = both.chunk(2)
+            eps, head = eps_u + guidance_scale * (eps_c - eps_u), None if heads is None else heads.chunk(2)[0]
         return (eps, head) if learned_variance else eps
 
-    return Denoiser(eps_fn, process, learned_variance)
+    return Denoiser(eps_fn, process, learned_variance, cost=2 if guided and guidance_scale != 0.0 else 1)

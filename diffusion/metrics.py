@@ -661,3 +661,47 @@ def compute_fid(samples: Tensor, dataset: "Dataset", cfg: EvalConfig, device: to
         tags["kid.subsets"] = str(KID_SUBSETS)
         tags["kid.subset_size"] = str(min(n, len(reference.features), KID_SUBSET_SIZE))
     return FIDResult(fid=fid, fid_reference=fid_reference, n=n, tags=tags, kid=kid, kid_reference=kid_reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditional sampling
+
+
+def conditional_metrics(samples: Tensor, labels: Tensor, dataset: "Dataset", cfg: EvalConfig,
+                        device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+    """How well samples asked for classes ``labels [n]`` match them, on a labelled image data set.
+
+    ``class_accuracy``: the share of samples that the data set's classifier (the network of the
+    ``classifier`` FID extractor, :func:`load_or_train_classifier`) assigns to their requested class;
+    ``class_accuracy_reference`` is its accuracy on the test split (the ceiling). ``fid_class_mean``: the
+    mean over classes of the FID of the samples of class c against the class-c train examples (classifier
+    features), with ``fid_class_reference_mean``, the same for the class-c test examples (the floor), and
+    ``fid_class_<c>`` per class. Returns (metrics, tags)."""
+    if not _is_image(dataset) or dataset.train_labels is None:
+        raise ConfigError("data.name", dataset.name, "a labelled image data set for per-class metrics")
+    model, info = load_or_train_classifier(dataset, cfg, device)
+    samples = samples.clamp(-1, 1)
+    predicted = torch.from_numpy(_batched_features(model, samples, device).argmax(axis=1))
+    metrics = {"class_accuracy": float((predicted == labels.cpu()).float().mean()),
+               "class_accuracy_reference": float(info["accuracy"])}
+
+    def features(x: Tensor) -> np.ndarray:
+        return _batched_features(lambda batch: model.features(batch.clamp(-1, 1)), x, device)
+
+    sample_features, train_features, test_features = features(samples), features(dataset.train), features(dataset.test)
+    fids, floors = [], []
+    for c in range(_num_classes(dataset)):
+        mine, train_c = sample_features[labels.cpu().numpy() == c], train_features[dataset.train_labels.numpy() == c]
+        test_c = test_features[dataset.test_labels.numpy() == c]
+        count = min(len(mine), len(test_c))
+        if count < 2:
+            continue
+        reference = feature_stats(train_c)
+        fids.append(frechet_from_stats(*feature_stats(mine[:count]), *reference))
+        floors.append(frechet_from_stats(*feature_stats(test_c[:count]), *reference))
+        metrics[f"fid_class_{c}"] = fids[-1]
+    if fids:
+        metrics["fid_class_mean"] = float(np.mean(fids))
+        metrics["fid_class_reference_mean"] = float(np.mean(floors))
+    tags = {"class_metrics.classifier": f"classifier-{info['key'][:16]}", "class_metrics.classes": str(len(fids))}
+    return metrics, tags

@@ -58,9 +58,10 @@ def validate(cfg: ModelConfig) -> None:
         raise _config_error("depth", cfg.depth, "an integer >= 1")
 
 
-def build_network(cfg: ModelConfig, data_shape: Sequence[int]) -> nn.Module:
+def build_network(cfg: ModelConfig, data_shape: Sequence[int], num_classes: Optional[int] = None) -> nn.Module:
     """The network ``cfg.arch`` names, sized for examples of shape data_shape (``(C, H, W)`` or ``(D,)``).
-    With ``variance: learned_range`` it outputs twice the channels: the prediction, then the variance head."""
+    With ``variance: learned_range`` it outputs twice the channels: the prediction, then the variance head.
+    With ``num_classes`` (``model.class_conditional``) it takes a class label as a third input."""
     validate(cfg)
     data_shape = tuple(int(n) for n in data_shape)
     arch = cfg.arch
@@ -71,10 +72,11 @@ def build_network(cfg: ModelConfig, data_shape: Sequence[int]) -> nn.Module:
         return UNet(
             in_channels=data_shape[0], channels=cfg.channels, channel_mult=cfg.channel_mult,
             num_res_blocks=cfg.num_res_blocks, attention=cfg.attention, groups=cfg.groups, dropout=cfg.dropout,
-            out_channels=data_shape[0] * outputs,
+            out_channels=data_shape[0] * outputs, num_classes=num_classes,
         )
     if arch == "mlp" and len(data_shape) == 1:
-        return MLP(dim=data_shape[0], hidden=cfg.hidden, depth=cfg.depth, out_dim=data_shape[0] * outputs)
+        return MLP(dim=data_shape[0], hidden=cfg.hidden, depth=cfg.depth, out_dim=data_shape[0] * outputs,
+                   num_classes=num_classes)
     raise ConfigError(
         "model.arch", cfg.arch, "unet (or auto) for images (C, H, W), mlp (or auto) for vectors (D,)",
         detail=f"data shape is {data_shape}",
@@ -121,6 +123,33 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(self.sinusoid(t))
+
+
+class LabelEmbedding(nn.Module):
+    """``labels [B] -> [B, dim]``, added to the time embedding: a class-conditional network (as in
+    Dhariwal & Nichol 2021 and Ho & Salimans 2022). Label ``num_classes`` (or ``labels=None``) is the
+    null label: the unconditional model that classifier-free guidance trains by label dropout. Its
+    embedding starts at zero, so an untrained conditional network equals the unconditional one."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+        with torch.no_grad():
+            self.table.weight[num_classes].zero_()
+
+    def forward(self, labels: Optional[Tensor], batch_size: int, device: torch.device) -> Tensor:
+        if labels is None:
+            labels = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
+        return self.table(labels.reshape(batch_size).long())
+
+
+def _conditioning(time_embedding: Tensor, labels: Optional[Tensor], label_embedding: Optional[LabelEmbedding]) -> Tensor:
+    if label_embedding is None:
+        if labels is not None:
+            raise ValueError("labels given to a network that is not class-conditional")
+        return time_embedding
+    return time_embedding + label_embedding(labels, time_embedding.shape[0], time_embedding.device)
 
 
 def _batch_times(t: Tensor, batch_size: int) -> Tensor:
@@ -234,11 +263,12 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, channels: int = 32, channel_mult: Sequence[int] = (1, 2),
                  num_res_blocks: int = 1, attention: bool = True, groups: int = 8, dropout: float = 0.0,
-                 attention_heads: int = 1, out_channels: int | None = None):
+                 attention_heads: int = 1, out_channels: int | None = None, num_classes: int | None = None):
         super().__init__()
         level_channels = [channels * mult for mult in channel_mult]
         time_dim = 4 * channels
         self.time_embedding = TimeEmbedding(time_dim)
+        self.label_embedding = LabelEmbedding(num_classes, time_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         def res_blocks(widths: list[tuple[int, int]]) -> nn.ModuleList:
@@ -272,9 +302,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x ``[B, C, H, W]``, t ``[B]`` (or a scalar) in [0, 1] -> ``[B, C, H, W]``."""
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """x ``[B, C, H, W]``, t ``[B]`` (or a scalar) in [0, 1], labels ``[B]`` (class-conditional
+        networks; None or ``num_classes``: unconditional) -> ``[B, C, H, W]``."""
         time_embedding = self.time_embedding(_batch_times(t, x.shape[0]))  # [B, 4 * channels]
+        time_embedding = _conditioning(time_embedding, labels, self.label_embedding)
         h = self.conv_in(x)
         skips = []  # outputs of the downsampling ResBlocks, consumed in reverse order
         for level, blocks in enumerate(self.down_levels):
@@ -309,9 +341,11 @@ class MLP(nn.Module):
     output layer is zero-initialised, as the U-Net's.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None,
+                 num_classes: int | None = None):
         super().__init__()
         self.time_embedding = TimeEmbedding(hidden)
+        self.label_embedding = LabelEmbedding(num_classes, hidden) if num_classes else None
         widths = [dim] + [hidden] * depth
         self.hidden_layers = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
         self.time_layers = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(depth))
@@ -319,9 +353,10 @@ class MLP(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x ``[B, D]``, t ``[B]`` (or a scalar) in [0, 1] -> ``[B, D]``."""
-        time_embedding = F.silu(self.time_embedding(_batch_times(t, x.shape[0])))  # [B, hidden]
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """x ``[B, D]``, t ``[B]`` (or a scalar) in [0, 1], labels ``[B]`` or None -> ``[B, D]``."""
+        time_embedding = self.time_embedding(_batch_times(t, x.shape[0]))
+        time_embedding = F.silu(_conditioning(time_embedding, labels, self.label_embedding))  # [B, hidden]
         h = x
         for hidden_layer, time_layer in zip(self.hidden_layers, self.time_layers):
             h = F.silu(hidden_layer(h) + time_layer(time_embedding))

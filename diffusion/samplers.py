@@ -364,22 +364,30 @@ def make_timesteps(process: GaussianProcess, options: SampleConfig, device="cpu"
 
 
 def draw_samples(
-    denoiser: Denoiser,
+    denoiser: Denoiser | Callable[[int, int], Denoiser],
     options: SampleConfig,
     shape: tuple[int, ...],
     n: int,
     generator: torch.Generator,
     device: torch.device,
     variance: str = "beta_tilde",
+    process: Optional[GaussianProcess] = None,
 ) -> tuple[Tensor, int]:
     """n samples of per-example ``shape`` in batches of ``options.batch_size`` with the configured
-    sampler. Returns (samples on CPU [n, *shape], nfe per sample)."""
+    sampler. ``denoiser`` is one Denoiser, or a function ``(start, size) -> Denoiser`` for the batch of
+    samples start..start+size (a class-conditional model's labels follow the batch; then ``process`` names
+    the process). Returns (samples on CPU [n, *shape], NFE per sample: the sampler's count of
+    denoiser calls times the network evaluations per call, ``Denoiser.cost``, 2 with guidance)."""
     sampler = SAMPLERS.get(options.sampler)
-    timesteps = make_timesteps(denoiser.process, options, device)
+    denoiser_for = (lambda start, size: denoiser) if isinstance(denoiser, Denoiser) else denoiser
+    process = process or denoiser.process
+    timesteps = make_timesteps(process, options, device)
     batches, nfe = [], 0
     for start in range(0, n, options.batch_size):
         size = min(options.batch_size, n - start)
-        x_T = denoiser.process.prior_sample((size, *shape), generator, device)
-        x, nfe = sampler(denoiser, x_T, timesteps, generator=generator, options=options, variance=variance)
+        x_T = process.prior_sample((size, *shape), generator, device)
+        model = denoiser_for(start, size)
+        x, calls = sampler(model, x_T, timesteps, generator=generator, options=options, variance=variance)
+        nfe = calls * model.cost
         batches.append(x.float().cpu())
     return torch.cat(batches), nfe

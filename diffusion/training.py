@@ -79,7 +79,13 @@ class Trainer:
         self.process = build_process(cfg.process)
         self.parameterization = PARAMETERIZATIONS.get(cfg.model.parameterization)
         self.weighting = WEIGHTINGS.get(cfg.loss.weighting)
-        self.network = build_network(cfg.model, dataset.shape).to(self.device)
+        self.num_classes = dataset.num_classes if cfg.model.class_conditional else None
+        if cfg.model.class_conditional and (dataset.train_labels is None or not dataset.num_classes):
+            from .errors import ConfigError
+
+            raise ConfigError("model.class_conditional", True, "false for a data set without labels",
+                              detail=f"data set {dataset.name} has no labels")
+        self.network = build_network(cfg.model, dataset.shape, self.num_classes).to(self.device)
         self.ema = AveragedModel(self.network, multi_avg_fn=ema_update(cfg.train.ema_decay, cfg.train.ema_warmup))
         groups = [{"params": list(self.network.parameters())}]
         if self.process.learned:  # the VDM schedule trains with the same optimizer
@@ -94,15 +100,30 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.time_sampler = TimeSampler(self.process, cfg.loss)
         self.train_data = dataset.train.to(self.device)
+        self.train_labels = dataset.train_labels.to(self.device) if self.num_classes else None
         self.step = 0
         self.amp = cfg.resources.amp and self.device.type == "cuda"
 
     # --- denoisers ---------------------------------------------------------------------------
-    def denoiser(self) -> Denoiser:
-        return network_denoiser(self.network, self.parameterization, self.process, self.learned_variance)
+    def denoiser(self, labels: Optional[torch.Tensor] = None) -> Denoiser:
+        return network_denoiser(self.network, self.parameterization, self.process, self.learned_variance, labels)
 
-    def ema_denoiser(self) -> Denoiser:
-        return network_denoiser(self.ema.module, self.parameterization, self.process, self.learned_variance)
+    def ema_denoiser(self, labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> Denoiser:
+        """The EMA model; for a class-conditional one, asked for ``labels`` (None: its unconditional
+        model) with classifier-free guidance ``guidance_scale``."""
+        return network_denoiser(self.ema.module, self.parameterization, self.process, self.learned_variance, labels,
+                                guidance_scale)
+
+    def training_labels(self, index: torch.Tensor) -> Optional[torch.Tensor]:
+        """The labels of a training batch of a class-conditional model, each replaced by the null label
+        with probability ``train.cond_dropout`` (Ho & Salimans 2022, Algorithm 1); None otherwise."""
+        if self.num_classes is None:
+            return None
+        labels = self.train_labels[index]
+        if self.cfg.train.cond_dropout > 0:
+            dropped = torch.rand(labels.shape, generator=self.generator, device=self.device) < self.cfg.train.cond_dropout
+            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return labels
 
     # --- training ----------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -112,8 +133,9 @@ class Trainer:
             len(self.train_data), (self.cfg.train.batch_size,), generator=self.generator, device=self.device
         )
         x0 = self.train_data[index]
+        labels = self.training_labels(index)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            losses = diffusion_loss(self.denoiser(), self.weighting, x0, self.generator, self.cfg.loss,
+            losses = diffusion_loss(self.denoiser(labels), self.weighting, x0, self.generator, self.cfg.loss,
                                     levels=self.dataset.levels, variance=self.cfg.model.variance,
                                     time_sampler=self.time_sampler, reduction="none")
         loss = losses.mean()
@@ -167,15 +189,39 @@ class Trainer:
         return history
 
     # --- sampling ----------------------------------------------------------------------------
-    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, int]:
-        """n samples from the EMA network; returns (samples on CPU, NFE per sample)."""
+    def sample_labels(self, n: int) -> Optional[torch.Tensor]:
+        """The classes n samples are asked for (every class in turn) when sampling is conditional: a
+        class-conditional model or classifier guidance; None otherwise."""
+        if self.num_classes is None and self.cfg.sample.classifier_scale == 0:
+            return None
+        from .guidance import round_robin_labels
+
+        return round_robin_labels(n, self.dataset.num_classes)
+
+    def sample(self, n: int, seed: int, labels: Optional[torch.Tensor] = None,
+               classifier: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
+        """n samples from the EMA network; returns (samples on CPU, NFE per sample). ``labels [n]``: the
+        class of each sample (default :meth:`sample_labels`); ``classifier``: the noise-conditional
+        classifier of classifier guidance (``sample.classifier_scale`` > 0)."""
         self.ema.module.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        labels = self.sample_labels(n) if labels is None else labels
+        scale = self.cfg.sample.classifier_scale
+        if scale > 0 and classifier is None:
+            raise ValueError("sample.classifier_scale > 0 needs the noise-conditional classifier")
+
+        def denoiser_for(start: int, size: int) -> Denoiser:
+            batch = None if labels is None else labels[start:start + size].to(self.device)
+            model = self.ema_denoiser(batch if self.num_classes else None, self.cfg.sample.guidance_scale)
+            if scale > 0:
+                from .guidance import classifier_guided
+
+                model = classifier_guided(model, classifier.eval(), batch, scale)
+            return model
+
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return draw_samples(
-                self.ema_denoiser(), self.cfg.sample, self.dataset.shape, n, generator, self.device,
-                variance=self.cfg.model.variance,
-            )
+            return draw_samples(denoiser_for, self.cfg.sample, self.dataset.shape, n, generator, self.device,
+                                variance=self.cfg.model.variance, process=self.process)
 
     def heldout_likelihood(self):
         """Bits/dim of the first ``eval.bpd_n`` test examples under the EMA model

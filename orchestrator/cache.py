@@ -9,8 +9,15 @@ One directory per key (``diffusion.config.training_key``) under ``<storage>/mode
     model.json           written last: the entry is complete (training run, steps, final loss, seconds)
     likelihood-<h>.json  bits/dim of the model under one set of likelihood settings (``eval`` section)
 
-Every file is written to a temporary name and renamed, so a reader on another node of a shared file
-system sees a whole file or none; an entry counts as present only once ``model.json`` exists.
+``<storage>`` is a directory (local, or a shared file system seen by every node) or an object-store URI
+that pyarrow understands (``s3://bucket/prefix``, ``gs://bucket/prefix``). Credentials never go in the
+URI: they come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...), which the sweep
+hands to its workers (``orchestrator.tracking.worker_env``) and never records.
+
+In a directory every file is written to a temporary name and renamed; an object store makes an object
+visible whole when its upload completes. Either way a reader on another node sees a whole file or none,
+and an entry counts as present only once ``model.json`` exists. Binary files of an object-store entry
+are written to and read from a local staging copy (:meth:`ModelCache.local`, :meth:`ModelCache.fetch`).
 """
 from __future__ import annotations
 
@@ -19,15 +26,22 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Iterator, Optional
+from urllib.parse import parse_qs, urlsplit
 
 from diffusion.config import TrialConfig
-from diffusion.storage import write_json_atomic
+from diffusion.errors import ConfigError
+from diffusion.storage import write_atomic, write_json_atomic
 
 MODEL_FILE = "model.json"
 # The eval options the held-out likelihood depends on (with the training key and the sampling batch size).
 LIKELIHOOD_OPTIONS = ("bpd_n", "ode_rtol", "ode_atol", "ode_max_nfe", "divergence", "hutchinson_probes", "probe",
                       "dequant_draws")
+# URI query parameters (pyarrow's) and URL parts that would put a secret into the sweep file and its records.
+SECRET_QUERY = ("access_key", "secret_key", "session_token", "password", "token")
+STAGING_ENV = "ORCHESTRATOR_CACHE_STAGING"  # where object-store entries are staged locally
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -45,22 +59,160 @@ def likelihood_key(cfg: TrialConfig) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def is_uri(location: str) -> bool:
+    """An object-store (or other pyarrow file system) URI rather than a directory path."""
+    return "://" in location and not location.startswith("file://")
+
+
+def local_path(location: str) -> str:
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
+def check_uri(key: str, uri: str) -> None:
+    """ConfigError when ``uri`` carries a credential (user:password@ or a secret query parameter)."""
+    parts = urlsplit(uri)
+    query = {name.lower() for name in parse_qs(parts.query)}
+    if parts.password is not None or parts.username is not None or query & set(SECRET_QUERY):
+        shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+        raise ConfigError(key, shown + "?...", "a URI without credentials, e.g. s3://bucket/prefix",
+                          detail="credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                                 "AWS_ENDPOINT_URL, ...), never from the sweep file, which is recorded")
+
+
+def filesystem(uri: str):
+    """(pyarrow file system, path inside it) of a storage URI. An ``s3://`` URI without ``endpoint_override``
+    takes its endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (an S3-compatible store such
+    as MinIO; pyarrow does not read these variables itself), and its region from ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION``; the keys come from the environment as usual."""
+    from pyarrow import fs as pafs
+
+    parts = urlsplit(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if parts.scheme == "s3" and endpoint and "endpoint_override" not in parse_qs(parts.query):
+        where = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        options = {"region": region} if region else {}
+        return pafs.S3FileSystem(endpoint_override=where.netloc, scheme=where.scheme, **options), \
+            f"{parts.netloc}{parts.path}".rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
+
+
 class ModelCache:
-    """Trained models by training key under ``root`` (a local or shared-file-system directory)."""
+    """Trained models by training key under ``root``: a directory, or an object-store URI (pyarrow)."""
 
-    def __init__(self, root: str):
-        self.root = os.path.abspath(os.path.expanduser(root))
+    def __init__(self, root: str, staging: Optional[str] = None):
+        self.remote = is_uri(root)
+        if self.remote:
+            check_uri("storage", root)
+            self.root = root.rstrip("/")
+            digest = hashlib.sha256(self.root.encode()).hexdigest()[:12]
+            base = staging or os.environ.get(STAGING_ENV) or os.path.join(tempfile.gettempdir(), "orchestrator-cache")
+            self.staging = os.path.join(os.path.expanduser(base), digest)
+            self._fs = None
+        else:
+            self.root = os.path.abspath(os.path.expanduser(local_path(root)))
+            self.staging = self.root
+            self._fs = None
 
-    def entry(self, key: str) -> str:
-        return os.path.join(self.root, key)
+    # -- where things are --------------------------------------------------------------------------
 
-    def path(self, key: str, name: str) -> str:
-        return os.path.join(self.entry(key), name)
+    @property
+    def fs(self):
+        """The pyarrow file system and the base path inside it (object stores only; made on first use)."""
+        if self._fs is None:
+            self._fs = filesystem(self.root)
+        return self._fs
+
+    def _remote(self, key: str, name: str) -> str:
+        return f"{self.fs[1].rstrip('/')}/{key}/{name}"
+
+    def local(self, key: str, name: str) -> str:
+        """The local file of ``name``: the entry's file itself for a directory cache; for an object store,
+        its staging copy (write there, then :meth:`put`)."""
+        return os.path.join(self.staging, key, name)
+
+    def check(self) -> None:
+        """ConfigError when the storage cannot be reached (a missing bucket, no credentials, no network)."""
+        if not self.remote:
+            return
+        from pyarrow import fs as pafs
+
+        accepted = ("a reachable directory or object-store URI (s3://bucket/prefix, credentials and endpoint in "
+                    "AWS_* environment variables)")
+        bucket = self.fs[1].split("/")[0] if self.remote else ""
+        try:
+            missing = self.fs[0].get_file_info(bucket).type == pafs.FileType.NotFound  # an empty prefix is fine
+        except (OSError, ValueError) as error:
+            raise ConfigError("storage", self.root, accepted, detail=str(error)) from None
+        if missing:
+            raise ConfigError("storage", self.root, accepted, detail=f"bucket {bucket!r} does not exist")
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def exists(self, key: str, name: str) -> bool:
+        if not self.remote:
+            return os.path.exists(self.local(key, name))
+        from pyarrow import fs as pafs
+
+        return self.fs[0].get_file_info(self._remote(key, name)).type == pafs.FileType.File
+
+    def read(self, key: str, name: str) -> Optional[dict]:
+        """A JSON file of the entry, or None when it is not there."""
+        if not self.remote:
+            return read_json(self.local(key, name))
+        try:
+            with self.fs[0].open_input_stream(self._remote(key, name)) as stream:
+                return json.loads(stream.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def write(self, key: str, name: str, data: dict) -> None:
+        write_json_atomic(data, self.local(key, name))
+        self.put(key, name)
+
+    def put(self, key: str, name: str) -> None:
+        """Publish the local file of ``name`` (:meth:`local`) in the entry: a no-op for a directory cache,
+        an upload (visible once complete) for an object store."""
+        if self.remote:
+            with open(self.local(key, name), "rb") as source, \
+                    self.fs[0].open_output_stream(self._remote(key, name)) as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+
+    def fetch(self, key: str, name: str) -> Optional[str]:
+        """A local path holding the entry's file ``name`` (downloaded from an object store), or None."""
+        path = self.local(key, name)
+        if not self.remote:
+            return path if os.path.exists(path) else None
+        try:
+            with self.fs[0].open_input_stream(self._remote(key, name)) as stream:
+                write_atomic(path, lambda handle: shutil.copyfileobj(stream, handle, 1 << 20))
+        except FileNotFoundError:
+            return None
+        return path
+
+    def remove(self, key: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.local(key, name))
+        if self.remote:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs[0].delete_file(self._remote(key, name))
+
+    def names(self, key: str) -> list[str]:
+        """The files of an entry."""
+        if not self.remote:
+            entry = os.path.join(self.root, key)
+            return sorted(os.listdir(entry)) if os.path.isdir(entry) else []
+        from pyarrow import fs as pafs
+
+        selector = pafs.FileSelector(f"{self.fs[1].rstrip('/')}/{key}", allow_not_found=True)
+        return sorted(info.base_name for info in self.fs[0].get_file_info(selector) if info.type == pafs.FileType.File)
+
+    # -- entries -----------------------------------------------------------------------------------
 
     def model(self, key: str) -> Optional[dict]:
         """The complete entry's record (``model.json``), or None while the model is missing or unfinished."""
-        record = read_json(self.path(key, MODEL_FILE))
-        if record is not None and not os.path.exists(self.path(key, "ema.pt")):
+        record = self.read(key, MODEL_FILE)
+        if record is not None and not self.exists(key, "ema.pt"):
             return None
         return record
 
@@ -69,27 +221,23 @@ class ModelCache:
 
     def training_run(self, key: str) -> Optional[dict]:
         """The MLflow training run recorded for this key (``run.json``), finished or not."""
-        return read_json(self.path(key, "run.json"))
-
-    def write(self, key: str, name: str, data: dict) -> None:
-        write_json_atomic(data, self.path(key, name))
+        return self.read(key, "run.json")
 
     def invalidate(self, key: str) -> None:
         """Forget a model (``--no-cache``) and what was measured on it; the record goes first, so no reader
         takes half-replaced weights."""
-        if not os.path.isdir(self.entry(key)):
-            return
-        stale = [n for n in os.listdir(self.entry(key)) if n.startswith("likelihood-") and n.endswith(".json")]
+        stale = [n for n in self.names(key) if n.startswith("likelihood-") and n.endswith(".json")]
         for name in (MODEL_FILE, "run.json", "checkpoint.pt", *stale):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path(key, name))
+            self.remove(key, name)
 
     @contextlib.contextmanager
     def lock(self, key: str, name: str) -> Iterator[None]:
         """An exclusive lock (flock) on ``<entry>/<name>.lock``: concurrent evaluators of one model take
-        turns, so the second finds what the first computed."""
-        os.makedirs(self.entry(key), exist_ok=True)
-        with open(self.path(key, f"{name}.lock"), "w") as handle:
+        turns, so the second finds what the first computed. For an object store the lock file is in the
+        local staging directory: evaluators on one node take turns, while two nodes may both compute
+        (the same figures; the later write wins)."""
+        os.makedirs(os.path.join(self.staging, key), exist_ok=True)
+        with open(self.local(key, f"{name}.lock"), "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

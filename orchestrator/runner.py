@@ -11,7 +11,7 @@ from typing import Optional
 from diffusion.config import training_key
 from diffusion.errors import ConfigError
 
-from .cache import ModelCache
+from .cache import ModelCache, filesystem, is_uri, local_path
 from .sweepfile import Sweep, Trial
 from .tracking import end_unfinished_runs, tracking_server, worker_env
 from .trial import FAILURE_TAG, STAGE_TAG, TRAIN, TrialContext, find_run, record_unevaluated, run_task
@@ -51,11 +51,11 @@ def plan(sweep: Sweep, cache: ModelCache, use_cache: bool = True) -> list[Traini
 
 
 def model_cache(sweep: Sweep, workdir: str = ".") -> ModelCache:
-    """The sweep's model cache: ``<storage>/models``, next to Tune's state."""
-    if "://" in sweep.storage:
-        raise ConfigError("storage", sweep.storage, "a directory path, shared by every node of the cluster",
-                          detail="the model cache does not support object-store URIs yet")
-    return ModelCache(os.path.join(_storage_path(sweep.storage, os.path.abspath(workdir)), "models"))
+    """The sweep's model cache: ``<storage>/models``, next to Tune's state (a directory or an object store)."""
+    storage = _storage_path(sweep.storage, os.path.abspath(workdir))
+    cache = ModelCache(f"{storage.rstrip('/')}/models" if is_uri(storage) else os.path.join(storage, "models"))
+    cache.check()
+    return cache
 
 
 def plan_line(groups: list[TrainingGroup], cache: ModelCache) -> str:
@@ -238,7 +238,7 @@ def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, work
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=_storage_path(sweep.storage, workdir),
+            **_tune_storage(sweep.storage, workdir),
             # a task whose worker died runs again and continues where it stopped (trial.execute_task)
             failure_config=tune.FailureConfig(max_failures=max(t["max_failures"] for t in tasks)),
             callbacks=[_progress_printer(tune, len(tasks), "training" if tasks[0]["train"] else "evaluation")],
@@ -305,8 +305,17 @@ def _progress_printer(tune, total: int, stage: str):
     return ProgressPrinter()
 
 
+def _tune_storage(storage: str, workdir: str) -> dict:
+    """RunConfig arguments for Tune's state: a directory, or an object store through the same pyarrow file
+    system as the model cache (``cache.filesystem``: endpoint and credentials from the environment)."""
+    if not is_uri(storage):
+        return {"storage_path": _storage_path(storage, workdir)}
+    fs, path = filesystem(storage)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def _storage_path(storage: str, workdir: str) -> str:
-    return storage if "://" in storage else os.path.join(workdir, storage)
+    return storage if is_uri(storage) else os.path.join(workdir, local_path(storage))
 
 
 def _summaries(client, experiment_id: str, parent_id: str, sweep: Sweep) -> list[TrialSummary]:

@@ -23,6 +23,8 @@ from diffusion import config as trial_config
 from diffusion.config import TrialConfig
 from diffusion.errors import ConfigError
 
+from .cache import check_uri, is_uri
+
 SWEEP_KEYS = ("name", "base", "variants", "grid", "storage", "max_concurrent")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -86,6 +88,8 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
     storage = raw.get("storage", "ray_results")
     if not isinstance(storage, str) or not storage:
         raise ConfigError("storage", storage, "a directory path or URI")
+    if is_uri(storage):
+        check_uri("storage", storage)
 
     base_cfg = _merge(OmegaConf.structured(TrialConfig), base, "base")
     for key, values in grid.items():

@@ -29,6 +29,17 @@ TRACKING_ENV = (
     "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
     "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    # the object store of an ``s3://`` or ``gs://`` storage URI (model cache, Tune state) and of artifacts
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "ORCHESTRATOR_CACHE_STAGING",
 )
 
 

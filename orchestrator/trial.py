@@ -15,7 +15,9 @@ without Ray (one process).
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 import socket
@@ -31,10 +33,11 @@ from omegaconf import OmegaConf
 
 from diffusion.config import TrialConfig, training_spec
 from diffusion.data import load_dataset
-from diffusion.metrics import compute_fid
+from diffusion.metrics import compute_fid, conditional_metrics
+from diffusion.storage import save_atomic
 from diffusion.training import Trainer, TrainingDiverged, select_device
 
-from .cache import MODEL_FILE, ModelCache, likelihood_key, read_json
+from .cache import MODEL_FILE, ModelCache, likelihood_key
 from .sweepfile import flatten
 from .tracking import PARENT_TAG
 
@@ -189,13 +192,11 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
     previous = find_run(client, context, TRAIN, **{TRAINING_HASH_TAG: key})
     if previous is not None and previous.info.status == "FINISHED" and cache.has(key):
         return previous.info.run_id
-    checkpoint = cache.path(key, "checkpoint.pt")
     logged = 0
     if previous is None:
         tags = {**_base_tags(context, TRAIN, key), "trials": ",".join(group)[:5000]}
         run_id = client.create_run(context.experiment_id, run_name=f"train-{key[:8]}", tags=tags).info.run_id
-        if os.path.exists(checkpoint):  # another sweep's unfinished training: this run starts from step 0
-            os.remove(checkpoint)
+        cache.remove(key, "checkpoint.pt")  # another sweep's unfinished training: this run starts from step 0
     else:
         run_id = _reopen(client, previous)
         logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
@@ -208,7 +209,8 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
         device = select_device(cfg.resources.device)
         _where(client, run_id, device)
         trainer = Trainer(cfg, load_dataset(cfg.data), device)
-        if previous is not None and os.path.exists(checkpoint):
+        checkpoint = cache.fetch(key, "checkpoint.pt") if previous is not None else None
+        if checkpoint is not None:
             trainer.load(checkpoint)
             client.set_tag(run_id, "resumed_from_step", str(trainer.step))
 
@@ -218,7 +220,8 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
             report({"train_loss": loss, "step": step})
 
         def on_checkpoint(step: int) -> None:
-            trainer.save(cache.path(key, "checkpoint.pt"))
+            trainer.save(cache.local(key, "checkpoint.pt"))
+            cache.put(key, "checkpoint.pt")
 
         # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
         startup = time.time() - (entered or time.time())
@@ -233,8 +236,9 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
             with torch.no_grad():
                 log_snr = trainer.process.schedule(t).cpu()
             client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
-        trainer.save_ema(cache.path(key, "ema.pt"))
-        client.log_artifact(run_id, cache.path(key, "ema.pt"))
+        trainer.save_ema(cache.local(key, "ema.pt"))
+        cache.put(key, "ema.pt")
+        client.log_artifact(run_id, cache.local(key, "ema.pt"))
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
         cache.write(key, MODEL_FILE, {"run_id": run_id, "experiment_id": context.experiment_id, "steps": trainer.step,
@@ -309,10 +313,12 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
     _where(client, run_id, device)
     dataset = load_dataset(cfg.data)
     trainer = Trainer(cfg, dataset, device)
-    trainer.load_ema(cache.path(key, "ema.pt"))
+    trainer.load_ema(cache.fetch(key, "ema.pt"))
 
+    labels = trainer.sample_labels(cfg.sample.n)
+    classifier = _guidance_classifier(cfg, dataset, trainer, cache, client, run_id) if cfg.sample.classifier_scale else None
     started = time.perf_counter()
-    samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1)
+    samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1, labels=labels, classifier=classifier)
     metrics = {
         "sample_seconds": time.perf_counter() - started,
         "sample_nfe": float(nfe),
@@ -333,7 +339,14 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
         if result.kid is not None:
             metrics.update({"kid": result.kid, "kid_reference": result.kid_reference})
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in result.tags.items()])
-    if cfg.eval.bpd:
+        if labels is not None and dataset.is_image:
+            class_metrics, tags = conditional_metrics(samples, labels, dataset, cfg.eval, device)
+            metrics.update(class_metrics)
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if cfg.eval.bpd and cfg.model.class_conditional and cfg.train.cond_dropout == 0:
+        client.set_tag(run_id, "bpd.skipped", "class-conditional model without an unconditional half "
+                       "(train.cond_dropout 0): its bits/dim of unlabelled data is not defined")
+    elif cfg.eval.bpd:
         likelihood = _heldout_likelihood(trainer, cfg, key, cache, run_id)
         metrics.update(likelihood["metrics"])
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in likelihood["tags"].items()])
@@ -344,13 +357,41 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
     outcome.metrics, outcome.step = metrics, trainer.step
 
 
+def _guidance_classifier(cfg: TrialConfig, dataset, trainer: Trainer, cache: ModelCache, client: MlflowClient,
+                         run_id: str) -> torch.nn.Module:
+    """The noise-conditional classifier of classifier guidance, trained once per data set, process, step count
+    and seed and kept in the model cache (``classifier-<hash>``): the first evaluation that needs it trains it
+    under the entry's lock, later ones load it. Its test accuracy at three noise levels is tagged."""
+    from diffusion.guidance import build_noisy_classifier, classifier_spec, fit_noisy_classifier
+
+    spec = classifier_spec(cfg)
+    entry = "classifier-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    with cache.lock(entry, "classifier"):
+        record = cache.read(entry, "classifier.json")
+        path = cache.fetch(entry, "classifier.pt") if record is not None else None
+        if path is None:
+            started = time.perf_counter()
+            classifier, record = fit_noisy_classifier(cfg, dataset, trainer.process, trainer.device)
+            record = {**record, "train_seconds": time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
+            save_atomic({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, cache.local(entry, "classifier.pt"))
+            cache.put(entry, "classifier.pt")
+            cache.write(entry, "classifier.json", record)
+        else:
+            classifier = build_noisy_classifier(record["shape"], record["num_classes"]).to(trainer.device)
+            classifier.load_state_dict(torch.load(path, map_location=trainer.device, weights_only=True))
+    tags = {"guidance.classifier": entry, "guidance.classifier_computed_by_run": record["computed_by_run"]}
+    tags.update({f"guidance.classifier_{k}": f"{v:.4f}" for k, v in record.items() if k.startswith("accuracy_")})
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return classifier.eval()
+
+
 def _heldout_likelihood(trainer: Trainer, cfg: TrialConfig, key: str, cache: ModelCache, run_id: str) -> dict:
     """Bits/dim of held-out data under the model, computed once per model and likelihood settings: the
     first evaluation computes it (the others wait on the lock) and later ones read it from the cache.
     The tag ``bpd.computed_by_run`` names the run that computed it; ``bpd_seconds`` is its time there."""
     name = f"likelihood-{likelihood_key(cfg)}"
     with cache.lock(key, name):
-        stored = read_json(cache.path(key, f"{name}.json"))
+        stored = cache.read(key, f"{name}.json")
         if stored is None:
             started = time.perf_counter()
             result = trainer.heldout_likelihood()

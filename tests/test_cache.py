@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffusion.config import TRAINING_SECTIONS, TrialConfig, training_key, training_spec
-from orchestrator.cache import ModelCache, likelihood_key, read_json
+from diffusion.errors import ConfigError
+from orchestrator.cache import ModelCache, likelihood_key
 from orchestrator.cli import main
 from orchestrator.runner import plan
 from orchestrator.sweepfile import load_sweep
@@ -55,9 +56,7 @@ def test_plan_groups_trials_by_model_and_dry_run_shows_the_counts(tmp_path, caps
     assert [len(g.trials) for g in groups] == [1, 1, 1, 1]
     # a finished entry is reused, unless the cache is not to be used
     key = groups[0].key
-    os.makedirs(cache.entry(key))
-    torch.save({"network": {}, "step": 0}, cache.path(key, "ema.pt"))
-    cache.write(key, "model.json", {"run_id": "r"})
+    publish(cache, key, {"run_id": "r"})
     assert [g.cached for g in plan(sweep, cache)] == [True, False, False, False]
     assert not any(g.cached for g in plan(sweep, cache, use_cache=False))
 
@@ -70,29 +69,75 @@ def test_plan_groups_trials_by_model_and_dry_run_shows_the_counts(tmp_path, caps
     assert not (tmp_path / "store").exists()  # a dry run writes nothing
 
 
-def test_object_store_storage_is_refused_for_the_cache(tmp_path, capsys):
+def publish(cache: ModelCache, key: str, record: dict, step: int = 0) -> None:
+    """A finished entry: weights first, the record last (as the training stage writes them)."""
+    os.makedirs(os.path.dirname(cache.local(key, "ema.pt")), exist_ok=True)
+    torch.save({"network": {"w": torch.arange(3.0)}, "step": step}, cache.local(key, "ema.pt"))
+    cache.put(key, "ema.pt")
+    cache.write(key, "model.json", record)
+
+
+def test_credentials_in_a_storage_uri_are_refused(tmp_path, capsys):
+    for storage in ("s3://bucket/runs?access_key=AKIA&secret_key=hunter2", "s3://AKIA:hunter2@bucket/runs"):
+        path = tmp_path / "s3.yaml"
+        path.write_text(f"name: s\nstorage: '{storage}'\nbase: {{train: {{steps: 10}}}}\n")
+        assert main(["validate", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "storage" in err and "AWS_ACCESS_KEY_ID" in err and "hunter2" not in err and "Traceback" not in err
+
+
+def test_unreachable_object_store_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from orchestrator.tracking import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     path = tmp_path / "s3.yaml"
     path.write_text("name: s\nstorage: s3://bucket/runs\nbase: {train: {steps: 10}}\n")
     assert main(["sweep", "--dry-run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "storage" in err and "s3://bucket/runs" in err and "directory path" in err
+    assert "storage" in err and "s3://bucket/runs" in err and "reachable" in err and "Traceback" not in err
 
 
-def test_model_cache_entries_are_complete_or_absent(tmp_path):
-    cache = ModelCache(str(tmp_path))
+def exercise(cache: ModelCache) -> None:
+    """What the trial pipeline does with an entry, the same on every kind of storage."""
     assert not cache.has("k") and cache.model("k") is None and cache.training_run("k") is None
     cache.write("k", "run.json", {"run_id": "abc"})
     cache.write("k", "model.json", {"run_id": "abc", "steps": 5})
     assert not cache.has("k")  # no weights yet: not an entry
-    torch.save({"network": {}, "step": 5}, cache.path("k", "ema.pt"))
+    publish(cache, "k", {"run_id": "abc", "steps": 5}, step=5)
     assert cache.has("k") and cache.model("k")["steps"] == 5 and cache.training_run("k") == {"run_id": "abc"}
+    fetched = cache.fetch("k", "ema.pt")
+    assert torch.equal(torch.load(fetched, weights_only=True)["network"]["w"], torch.arange(3.0))
+    assert cache.fetch("k", "checkpoint.pt") is None and cache.read("k", "missing.json") is None
     cache.write("k", "likelihood-x.json", {"metrics": {"bpd_ode": float("nan")}})
-    assert read_json(cache.path("k", "likelihood-x.json"))["metrics"]["bpd_ode"] != 0  # NaN survives
-    assert not [n for n in os.listdir(cache.entry("k")) if n.startswith(".tmp-")]
+    assert cache.read("k", "likelihood-x.json")["metrics"]["bpd_ode"] != 0  # NaN survives
+    assert not [n for n in cache.names("k") if n.startswith(".tmp-")]
+    assert {"ema.pt", "model.json", "run.json", "likelihood-x.json"} <= set(cache.names("k"))
     cache.invalidate("k")
     assert not cache.has("k") and cache.training_run("k") is None
-    assert not os.path.exists(cache.path("k", "likelihood-x.json"))  # what was measured on the old model goes too
+    assert not cache.exists("k", "likelihood-x.json")  # what was measured on the old model goes too
     cache.invalidate("missing")  # nothing to do
+
+
+def test_model_cache_entries_are_complete_or_absent(tmp_path):
+    exercise(ModelCache(str(tmp_path)))
+    assert ModelCache(f"file://{tmp_path}").root == str(tmp_path)
+
+
+def test_model_cache_on_an_object_store(s3, tmp_path):
+    """The same operations on an S3 bucket (a real S3 server on loopback, credentials from the environment)."""
+    cache = ModelCache(f"s3://{s3}/sweeps/models", staging=str(tmp_path / "staging"))
+    cache.check()
+    exercise(cache)
+    assert cache.local("k", "ema.pt").startswith(str(tmp_path / "staging"))
+    # another node (its own staging directory) sees what this one published
+    publish(cache, "j", {"run_id": "r", "steps": 7})
+    other = ModelCache(f"s3://{s3}/sweeps/models", staging=str(tmp_path / "elsewhere"))
+    assert other.model("j")["steps"] == 7 and other.fetch("j", "ema.pt").startswith(str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match="reachable"):
+        ModelCache("s3://no-such-bucket/models", staging=str(tmp_path)).check()
 
 
 def test_likelihood_key_follows_the_likelihood_options_only():

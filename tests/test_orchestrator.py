@@ -203,22 +203,31 @@ def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
         assert ("bpd_elbo" in run.data.metrics) == discrete == ("elbo_terms.json" in artifacts)
 
 
-def test_train_once_evaluate_many(tmp_path, server, cache_dir):
+def test_train_once_evaluate_many(tmp_path, server, cache_dir, s3):
     """2 samplers x 2 seeds train 2 models, not 4; each evaluation run links to its model's training run,
     and the held-out likelihood (sampler-independent) is computed once per model. Run again, the sweep
-    trains nothing and evaluates on the cached models; with --no-cache it would train both again."""
+    trains nothing and evaluates on the cached models; with --no-cache it would train both again.
+    The sweep's storage is an S3 bucket (a real S3 server on loopback): Tune's state and the model cache
+    live there, and the credentials come from the environment."""
+    from pyarrow import fs as pafs
+
     base = yaml.safe_load(open(SMOKE))
-    sweep = {"name": "train_once", "base": base["base"],
+    sweep = {"name": "train_once", "base": base["base"], "storage": f"s3://{s3}/sweeps",
              "grid": {"sample.sampler": ["ancestral", "ddim"], "seed": [0, 1]}}
     sweep["base"].update(base["variants"]["ddpm"])
     sweep["base"]["eval"]["cache_dir"] = cache_dir
     path = tmp_path / "train_once.yaml"
     path.write_text(yaml.safe_dump(sweep))
     env = {"MLFLOW_TRACKING_URI": server.uri}
+    bucket = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"].split("://")[1], scheme="http")
+
+    def stored(prefix):
+        found = bucket.get_file_info(pafs.FileSelector(f"{s3}/{prefix}", recursive=True, allow_not_found=True))
+        return [info.path for info in found if info.type == pafs.FileType.File]
 
     dry = orchestrator(["sweep", str(path), "--dry-run"], cwd=tmp_path, env_extra=env)
     assert dry.returncode == 0 and "training: 2 model(s) to train, 0 reused from the cache" in dry.stdout
-    assert "4 evaluation(s)" in dry.stdout and not (tmp_path / "ray_results").exists()
+    assert "4 evaluation(s)" in dry.stdout and not stored("sweeps")  # a dry run writes nothing
 
     first = orchestrator(["sweep", str(path)], cwd=tmp_path, env_extra=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -240,6 +249,11 @@ def test_train_once_evaluate_many(tmp_path, server, cache_dir):
         assert runs[0].data.tags["bpd.computed_by_run"] == runs[1].data.tags["bpd.computed_by_run"]
         assert runs[0].data.tags["bpd.computed_by_run"] in {r.info.run_id for r in runs}
     assert {r.data.tags["training_hash"] for r in evaluation} == {r.data.tags["training_hash"] for r in training}
+    models = stored("sweeps/models")
+    for run in training:  # each model's entry is complete in the bucket
+        key = run.data.tags["training_hash"]
+        assert {f"{s3}/sweeps/models/{key}/{name}" for name in ("model.json", "ema.pt", "spec.json", "run.json")} <= set(models)
+    assert any("train_once" in p for p in stored("sweeps")) and not (tmp_path / "ray_results").exists()
 
     again = orchestrator(["sweep", str(path)], cwd=tmp_path, env_extra=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
