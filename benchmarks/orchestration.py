@@ -1,6 +1,6 @@
 """Benchmark the orchestration: trainings saved by train-once, overhead per trial, one node against two.
 
-    python benchmarks/orchestration.py [--samplers 3] [--seeds 2] [--steps 300] [--trials 4] [--no-write]
+    python benchmarks/orchestration.py [--samplers 3] [--seeds 2] [--steps 300] [--trials 6] [--repeats 3] [--no-write]
 
 Every sweep here is real (`orchestrator sweep`, Ray Tune, a real MLflow server on loopback) on small digits
 models (the smoke sweep's network, --steps training steps, no FID or bits/dim, 16 samples), so what is
@@ -14,7 +14,9 @@ measured is the orchestration around the training rather than the models:
    `startup_seconds`: MLflow run, data, network), and the end of an evaluation -> its run FINISHED (the last
    metric's timestamp -> the run's end time: the final logging).
 3. Throughput: the same sweep of --trials trials (one model each) on a one-node Ray cluster and on a
-   two-node one (orchestrator.localcluster, 1 CPU per node, both nodes on this machine), in trials per hour.
+   two-node one (orchestrator.localcluster, 1 CPU per node, both nodes on this machine), in trials per hour:
+   --repeats runs of each in alternating order (so neither size always runs first, on a cold cache), the
+   median wall time, and the mean time of the models' own training loops (what contention would slow).
 
 The Markdown report is printed and written into docs/BENCHMARKS.md between the orchestration markers.
 """
@@ -99,7 +101,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samplers", type=int, default=3, help=f"S: samplers from {', '.join(SAMPLERS)}")
     parser.add_argument("--seeds", type=int, default=2, help="M: seeds (models)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per model")
-    parser.add_argument("--trials", type=int, default=4, help="trials of the throughput sweep")
+    parser.add_argument("--trials", type=int, default=6, help="trials of the throughput sweep")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="throughput runs per cluster size, in alternating order (1, 2, 2, 1, 1, 2, ...)")
     parser.add_argument("--no-write", action="store_true", help="print the report only")
     args = parser.parse_args(argv)
     total = time.perf_counter()
@@ -124,20 +128,26 @@ def main(argv: list[str]) -> int:
         # 2. overheads, from the train-once sweep
         costs = overheads(client, "once")
         # 3. one node against two
-        throughput = {}
-        for nodes in (1, 2):
+        walls = {1: [], 2: []}  # wall seconds of each repeat
+        training = {1: [], 2: []}  # train_seconds of every training run (the model's own training loop)
+        order = [n for r in range(args.repeats) for n in ((1, 2) if r % 2 == 0 else (2, 1))]
+        for attempt, nodes in enumerate(order):
             cluster = LocalCluster()
+            name = f"nodes{nodes}-{attempt}"
             try:
                 for index in range(nodes):
                     cluster.start_node(f"node{index}", 1, {f"node{index}": 1})
-                path = sweep_file(os.path.join(work, f"nodes{nodes}.yaml"), f"nodes{nodes}", args.steps, ["ddim"],
-                                  list(range(100, 100 + args.trials)))
+                # fresh seeds every time: nothing is reused from the model cache
+                seeds_here = list(range(100 + attempt * args.trials, 100 + (attempt + 1) * args.trials))
+                path = sweep_file(os.path.join(work, f"{name}.yaml"), name, args.steps, ["ddim"], seeds_here)
                 seconds = run(["sweep", path, "--address", cluster.address], work, {**env, **cluster.env,
                                                                                      "MLFLOW_TRACKING_URI": server.uri})
             finally:
                 cluster.stop()
-            throughput[nodes] = (seconds, args.trials * 3600 / seconds)
+            walls[nodes].append(seconds)
+            training[nodes] += [r.data.metrics["train_seconds"] for r in runs(client, name)["train"]]
             print(f"{nodes} node(s): {args.trials} trials in {seconds:.0f} s", file=sys.stderr, flush=True)
+        throughput = {n: (statistics.median(walls[n]), args.trials * 3600 / statistics.median(walls[n])) for n in walls}
     finally:
         server.stop()
 
@@ -164,12 +174,14 @@ def main(argv: list[str]) -> int:
         f"- last evaluation metric -> evaluation run FINISHED: {describe(costs['end'])}",
         "",
         f"**Throughput**: {args.trials} trials (one model each, 1 CPU each) on a Ray cluster of one node against two "
-        "(orchestrator.localcluster: `ray start` nodes of 1 CPU each, both on this 2-core machine):",
+        "(orchestrator.localcluster: `ray start` nodes of 1 CPU each, both on this 2-core machine), "
+        f"{args.repeats} runs each in alternating order ({', '.join(map(str, order))} nodes), fresh seeds every run:",
         "",
-        "| nodes | wall time | trials per hour |",
-        "|---|---|---|",
-        *[f"| {n} | {throughput[n][0]:.0f} s | {throughput[n][1]:.0f} |" for n in (1, 2)],
-        f"| ratio (2 / 1) | | {throughput[2][1] / throughput[1][1]:.2f}x |",
+        "| nodes | wall time, median (runs) | trials per hour | training loop per model, mean |",
+        "|---|---|---|---|",
+        *[f"| {n} | {throughput[n][0]:.0f} s ({', '.join(f'{w:.0f}' for w in walls[n])}) | {throughput[n][1]:.0f} | "
+          f"{statistics.mean(training[n]):.1f} s |" for n in (1, 2)],
+        f"| ratio (2 / 1) | | {throughput[2][1] / throughput[1][1]:.2f}x | |",
     ]
     section = "\n".join(lines)
     print(section)
