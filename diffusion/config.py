@@ -29,7 +29,7 @@ class DataConfig:
 
 @dataclass
 class ProcessConfig:
-    name: str = "vp"  # vp (DDPM, VP-SDE), ve (NCSN, VE-SDE) or subvp (sub-VP SDE, continuous only)
+    name: str = "vp"  # vp (DDPM, VP-SDE), ve (NCSN, VE-SDE), subvp (sub-VP SDE, continuous only), naive (salt-and-pepper pixels), cold (Bansal et al. 2022: process.degradation)
     schedule: str = "linear"  # vp/subvp: linear, cosine, sigmoid, scaled_linear; ve: geometric; vp: learned (VDM, trained with loss.weighting elbo)
     T: Any = 1000  # number of discrete steps (ve: noise levels L), or continuous
     t_min: float = 1e-3  # continuous time: smallest t trained and sampled (discrete: 1/T)
@@ -47,6 +47,8 @@ class ProcessConfig:
     log_snr_max: float = 13.3  # learned: fixed log-SNR at t = 0 (Kingma et al. 2021: gamma_min = -13.3)
     log_snr_min: float = -5.0  # learned: fixed log-SNR at t = 1 (Kingma et al. 2021: gamma_max = 5)
     learned_hidden: int = 1024  # learned: width of the monotone log-SNR network
+    degradation: str = "mask"  # cold: mask (pixels hidden in a fixed random order), blur (Gaussian blur of growing width) or pixelate (downsampling)
+    blur_sigma_max: float = 4.0  # cold blur: width (std, pixels) of the blur at level T
 
 
 @dataclass
@@ -93,7 +95,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ancestral"  # ancestral, ddim, annealed_langevin, euler_maruyama, reverse_diffusion, pc, ode_euler, ode_heun, ode_rk45, dpm_solver_2m
+    sampler: str = "ancestral"  # ancestral, ddim, annealed_langevin, euler_maruyama, reverse_diffusion, pc, ode_euler, ode_heun, ode_rk45, dpm_solver_2m; naive and cold processes: denoise_renoise, cold_improved (Bansal et al. 2022, Algorithms 1 and 2)
     n: int = 1000  # samples drawn per trial
     batch_size: int = 500  # samples drawn per network call
     steps: Optional[int] = None  # time steps visited, the NFE budget (default: every step of a discrete process; 100 in continuous time)
@@ -194,6 +196,77 @@ def _check(cond: bool, key: str, value, accepted: str) -> None:
         raise ConfigError(key, value, accepted)
 
 
+# Processes that are not Gaussian (Bansal et al. 2022): a network restores x0 from a degraded image.
+RESTORATION_PROCESSES = ("naive", "cold")
+
+
+def _validate_restoration(cfg: TrialConfig, point_sets: tuple[str, ...]) -> TrialConfig:
+    """Naive and cold diffusion: images, an integer T, an x0-predicting network trained with the squared error,
+    and their own samplers; the Gaussian-only options keep their defaults (a different value would be ignored)."""
+    from . import degradations, nets
+
+    process = cfg.process
+    what = f"process.name {process.name}"
+    _check(cfg.data.name not in point_sets, "data.name", cfg.data.name, f"an image data set with {what} (degradations act on pixels)")
+    _check(isinstance(process.T, int) and not isinstance(process.T, bool) and process.T >= 1, "process.T", process.T,
+           f"an integer >= 1 (the number of degradation levels) with {what}")
+    if process.name == "cold":
+        degradations.DEGRADATIONS.get(process.degradation)
+        _check(process.degradation != "naive", "process.degradation", process.degradation,
+               "mask, blur or pixelate (salt and pepper is process.name naive)")
+    _check(process.blur_sigma_max > 0, "process.blur_sigma_max", process.blur_sigma_max, "a positive number")
+    defaults, gaussian_only = TrialConfig(), [
+        ("model.parameterization", cfg.model.parameterization), ("model.variance", cfg.model.variance),
+        ("loss.weighting", cfg.loss.weighting), ("loss.t_sampling", cfg.loss.t_sampling),
+        ("loss.objective", cfg.loss.objective), ("model.class_conditional", cfg.model.class_conditional),
+        ("sample.guidance_scale", cfg.sample.guidance_scale), ("sample.classifier_scale", cfg.sample.classifier_scale)]
+    for key, value in gaussian_only:
+        section, name = key.split(".")
+        default = getattr(getattr(defaults, section), name)
+        _check(value == default, key, value, f"{default!r} with {what}",)
+    if cfg.sample.sampler not in degradations.COLD_SAMPLERS.names():
+        raise ConfigError("sample.sampler", cfg.sample.sampler, f"{', '.join(degradations.COLD_SAMPLERS.names())} with {what}",
+                          detail="the Gaussian samplers need eps, alpha and sigma; a degradation has none")
+    if cfg.sample.steps is not None:
+        _check(1 <= cfg.sample.steps <= process.T, "sample.steps", cfg.sample.steps, f"an integer in [1, process.T = {process.T}] or null")
+    nets.validate(cfg.model)
+    for key in ("steps", "batch_size", "log_every"):
+        _check(getattr(cfg.train, key) >= 1, f"train.{key}", getattr(cfg.train, key), "an integer >= 1")
+    _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a positive number")
+    _check(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", cfg.train.ema_decay, "a number in [0, 1)")
+    _check(cfg.train.cond_dropout == 0, "train.cond_dropout", cfg.train.cond_dropout, f"0 with {what}")
+    for key in ("n", "batch_size"):
+        _check(getattr(cfg.sample, key) >= 1, f"sample.{key}", getattr(cfg.sample, key), "an integer >= 1")
+    _validate_common(cfg)
+    return cfg
+
+
+def _validate_common(cfg: TrialConfig) -> None:
+    """The eval and resources sections, the same for every kind of process."""
+    from . import metrics
+
+    metrics.EXTRACTORS.get(cfg.eval.extractor)
+    for key in ("bpd_n", "hutchinson_probes", "dequant_draws"):
+        _check(getattr(cfg.eval, key) >= 1, f"eval.{key}", getattr(cfg.eval, key), "an integer >= 1")
+    _check(cfg.eval.ode_rtol > 0, "eval.ode_rtol", cfg.eval.ode_rtol, "a positive number")
+    _check(cfg.eval.ode_atol > 0, "eval.ode_atol", cfg.eval.ode_atol, "a positive number")
+    _check(cfg.eval.ode_max_nfe >= 10, "eval.ode_max_nfe", cfg.eval.ode_max_nfe, "an integer >= 10")
+    _check(cfg.eval.divergence in ("hutchinson", "exact"), "eval.divergence", cfg.eval.divergence, "hutchinson or exact")
+    _check(cfg.eval.probe in ("rademacher", "gaussian"), "eval.probe", cfg.eval.probe, "rademacher or gaussian")
+    _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")
+    _check(cfg.eval.reference_split in ("train", "test"), "eval.reference_split", cfg.eval.reference_split, "train or test")
+    if cfg.eval.fid_n is not None:
+        _check(cfg.eval.fid_n >= 2, "eval.fid_n", cfg.eval.fid_n, "an integer >= 2 or null")
+    _check(cfg.resources.cpu > 0, "resources.cpu", cfg.resources.cpu, "a positive number")
+    _check(cfg.resources.gpu >= 0, "resources.gpu", cfg.resources.gpu, "a number >= 0 (fractions allowed)")
+    _check(cfg.resources.device in ("auto", "cpu", "cuda"), "resources.device", cfg.resources.device, "auto, cpu or cuda")
+    for name, amount in cfg.resources.custom.items():
+        _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"resources.custom.{name}", name,
+               "a custom resource name (CPU and GPU are resources.cpu and resources.gpu)")
+        _check(amount >= 0, f"resources.custom.{name}", amount, "a number >= 0")
+    _check(cfg.resources.max_failures >= 0, "resources.max_failures", cfg.resources.max_failures, "an integer >= 0")
+
+
 def _check_conditioning(cfg: TrialConfig, labelled: tuple[str, ...]) -> None:
     """Class conditioning and guidance: labels must exist, and guidance needs the model it extrapolates from."""
     sample = cfg.sample
@@ -225,11 +298,13 @@ def _check_conditioning(cfg: TrialConfig, labelled: tuple[str, ...]) -> None:
 def validate(cfg: TrialConfig) -> TrialConfig:
     """Check every value of a trial config; raise ConfigError naming the first bad one."""
     # Imported here: the registries import this module.
-    from . import data, losses, nets, parameterizations, processes, samplers, metrics
+    from . import data, losses, nets, parameterizations, processes, samplers
 
     data.DATASETS.get(cfg.data.name)
     _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a number in (0, 1)")
     _check(cfg.data.n_points >= 10, "data.n_points", cfg.data.n_points, "an integer >= 10")
+    if cfg.process.name in RESTORATION_PROCESSES:
+        return _validate_restoration(cfg, data.POINT_SETS)
     processes.validate(cfg.process)
     parameterization = parameterizations.PARAMETERIZATIONS.get(cfg.model.parameterization)
     continuous = cfg.process.T == "continuous"
@@ -296,24 +371,5 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     _check(cfg.sample.rtol > 0 and cfg.sample.atol > 0, "sample.rtol", cfg.sample.rtol, "positive tolerances")
     _check(cfg.sample.rho > 0, "sample.rho", cfg.sample.rho, "a positive number")
     _check(cfg.sample.grid >= 0, "sample.grid", cfg.sample.grid, "an integer >= 0")
-    metrics.EXTRACTORS.get(cfg.eval.extractor)
-    for key in ("bpd_n", "hutchinson_probes", "dequant_draws"):
-        _check(getattr(cfg.eval, key) >= 1, f"eval.{key}", getattr(cfg.eval, key), "an integer >= 1")
-    _check(cfg.eval.ode_rtol > 0, "eval.ode_rtol", cfg.eval.ode_rtol, "a positive number")
-    _check(cfg.eval.ode_atol > 0, "eval.ode_atol", cfg.eval.ode_atol, "a positive number")
-    _check(cfg.eval.ode_max_nfe >= 10, "eval.ode_max_nfe", cfg.eval.ode_max_nfe, "an integer >= 10")
-    _check(cfg.eval.divergence in ("hutchinson", "exact"), "eval.divergence", cfg.eval.divergence, "hutchinson or exact")
-    _check(cfg.eval.probe in ("rademacher", "gaussian"), "eval.probe", cfg.eval.probe, "rademacher or gaussian")
-    _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")
-    _check(cfg.eval.reference_split in ("train", "test"), "eval.reference_split", cfg.eval.reference_split, "train or test")
-    if cfg.eval.fid_n is not None:
-        _check(cfg.eval.fid_n >= 2, "eval.fid_n", cfg.eval.fid_n, "an integer >= 2 or null")
-    _check(cfg.resources.cpu > 0, "resources.cpu", cfg.resources.cpu, "a positive number")
-    _check(cfg.resources.gpu >= 0, "resources.gpu", cfg.resources.gpu, "a number >= 0 (fractions allowed)")
-    _check(cfg.resources.device in ("auto", "cpu", "cuda"), "resources.device", cfg.resources.device, "auto, cpu or cuda")
-    for name, amount in cfg.resources.custom.items():
-        _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"resources.custom.{name}", name,
-               "a custom resource name (CPU and GPU are resources.cpu and resources.gpu)")
-        _check(amount >= 0, f"resources.custom.{name}", amount, "a number >= 0")
-    _check(cfg.resources.max_failures >= 0, "resources.max_failures", cfg.resources.max_failures, "an integer >= 0")
+    _validate_common(cfg)
     return cfg

@@ -70,15 +70,16 @@ class StepRecord:
 class Trainer:
     """Trains the network of one trial config on one data set."""
 
+    likelihood_note: Optional[str] = None  # why the model has no bits/dim (None: it has them)
+
     def __init__(self, cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None):
         validate(cfg)  # the same checks as `orchestrator validate`, for configs built in code
         self.cfg = cfg
         self.dataset = dataset
         self.device = device or select_device(cfg.resources.device)
         torch.manual_seed(cfg.seed)  # initial weights
-        self.process = build_process(cfg.process)
-        self.parameterization = PARAMETERIZATIONS.get(cfg.model.parameterization)
-        self.weighting = WEIGHTINGS.get(cfg.loss.weighting)
+        self._build_process()
+        self.learned_schedule = self.process is not None and self.process.learned
         self.num_classes = dataset.num_classes if cfg.model.class_conditional else None
         if cfg.model.class_conditional and (dataset.train_labels is None or not dataset.num_classes):
             from .errors import ConfigError
@@ -88,7 +89,7 @@ class Trainer:
         self.network = build_network(cfg.model, dataset.shape, self.num_classes).to(self.device)
         self.ema = AveragedModel(self.network, multi_avg_fn=ema_update(cfg.train.ema_decay, cfg.train.ema_warmup))
         groups = [{"params": list(self.network.parameters())}]
-        if self.process.learned:  # the VDM schedule trains with the same optimizer
+        if self.learned_schedule:  # the VDM schedule trains with the same optimizer
             self.process.schedule.to(self.device)
             groups.append({"params": list(self.process.parameters())})
         self.optimizer = torch.optim.Adam(groups, lr=cfg.train.lr)
@@ -98,11 +99,18 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.time_sampler = TimeSampler(self.process, cfg.loss)
+        self.time_sampler = TimeSampler(self.process, cfg.loss) if self.process is not None else None
         self.train_data = dataset.train.to(self.device)
         self.train_labels = dataset.train_labels.to(self.device) if self.num_classes else None
         self.step = 0
         self.amp = cfg.resources.amp and self.device.type == "cuda"
+
+    def _build_process(self) -> None:
+        """The forward process and how the network and the loss read it: a Gaussian process x_t = alpha x0 +
+        sigma eps, a parameterization and a loss weighting (subclasses build other processes)."""
+        self.process = build_process(self.cfg.process)
+        self.parameterization = PARAMETERIZATIONS.get(self.cfg.model.parameterization)
+        self.weighting = WEIGHTINGS.get(self.cfg.loss.weighting)
 
     # --- denoisers ---------------------------------------------------------------------------
     def denoiser(self, labels: Optional[torch.Tensor] = None) -> Denoiser:
@@ -126,6 +134,12 @@ class Trainer:
         return labels
 
     # --- training ----------------------------------------------------------------------------
+    def batch_losses(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-example losses [B] of one batch (one network evaluation each): ``diffusion_loss``."""
+        return diffusion_loss(self.denoiser(labels), self.weighting, x0, self.generator, self.cfg.loss,
+                              levels=self.dataset.levels, variance=self.cfg.model.variance,
+                              time_sampler=self.time_sampler, reduction="none")
+
     def train_step(self) -> float:
         """One optimizer step on a random batch; returns the loss. Raises TrainingDiverged."""
         self.network.train()
@@ -135,16 +149,14 @@ class Trainer:
         x0 = self.train_data[index]
         labels = self.training_labels(index)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            losses = diffusion_loss(self.denoiser(labels), self.weighting, x0, self.generator, self.cfg.loss,
-                                    levels=self.dataset.levels, variance=self.cfg.model.variance,
-                                    time_sampler=self.time_sampler, reduction="none")
+            losses = self.batch_losses(x0, labels)
         loss = losses.mean()
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(self.step + 1, value)
         self.optimizer.zero_grad(set_to_none=True)
         schedule_grads = None
-        if self.process.learned and self.process.T is None:
+        if self.learned_schedule and self.process.T is None:
             # Continuous time: with fixed end points the expected bound does not depend on the schedule's
             # shape, so the schedule minimizes the estimator's variance instead: its gradient is that of
             # E[L^2] (Kingma et al. 2021, sec. 5.2), the network's that of E[L].
@@ -156,7 +168,7 @@ class Trainer:
                 parameter.grad = grad
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
-            if self.process.learned:
+            if self.learned_schedule:
                 torch.nn.utils.clip_grad_norm_(self.process.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -270,8 +282,8 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "time_sampler": self.time_sampler.state_dict(),
-            "schedule": self.process.schedule.state_dict() if self.process.learned else {},
+            "time_sampler": self.time_sampler.state_dict() if self.time_sampler is not None else {},
+            "schedule": self.process.schedule.state_dict() if self.learned_schedule else {},
             "rng": rng,
         }
 
@@ -283,8 +295,9 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.time_sampler.load_state_dict(state["time_sampler"])
-        if self.process.learned:
+        if self.time_sampler is not None:
+            self.time_sampler.load_state_dict(state["time_sampler"])
+        if self.learned_schedule:
             self.process.schedule.load_state_dict(state["schedule"])
         rng = state["rng"]
         self.generator.set_state(rng["generator"])
@@ -304,7 +317,7 @@ class Trainer:
     def save_ema(self, path: str) -> None:
         """The EMA weights alone (and a learned schedule): what a user needs to sample from the trained model."""
         state = {"network": self.ema.module.state_dict(), "step": self.step}
-        if self.process.learned:
+        if self.learned_schedule:
             state["schedule"] = self.process.schedule.state_dict()
         save_atomic(state, path)
 
@@ -313,7 +326,7 @@ class Trainer:
         to sample from and evaluate, without its optimizer state."""
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.ema.module.load_state_dict(state["network"])
-        if self.process.learned:
+        if self.learned_schedule:
             self.process.schedule.load_state_dict(state["schedule"])
         self.step = int(state["step"])
 
@@ -326,3 +339,72 @@ def _numpy_state_to_tensors(state) -> dict:
 def _numpy_state_from_tensors(d: dict):
     return ("MT19937", d["keys"].numpy().astype(np.uint32), int(d["pos"]), int(d["has_gauss"]), float(d["cached"]))
 
+
+
+# Processes that are not Gaussian: a network restores x0 from a degraded image (Bansal et al. 2022).
+RESTORATION_PROCESSES = ("naive", "cold")
+
+
+class RestorationTrainer(Trainer):
+    """Naive and cold diffusion (Bansal et al. 2022, "Cold Diffusion"): a degradation D(x0, s), s = 0..T
+    (``diffusion.degradations``), and a network R(x_s, s / T) that predicts x0, trained with the squared
+    error of its prediction (``restoration_loss``) and sampled by ``denoise_renoise`` or ``cold_improved``
+    from draws of the degradation's prior. ``sample.steps`` is the NFE budget, as for every sampler: the
+    step K between visited levels is round(T / steps). Such a model defines no likelihood
+    (:attr:`likelihood_note` says why), and has no class conditioning or guidance."""
+
+    likelihood_note = ("naive and cold diffusion define no likelihood: their degradations are not Gaussian "
+                       "(deterministic, or salt and pepper), so there is no variational bound or ODE to integrate")
+
+    def _build_process(self) -> None:
+        from .degradations import build_degradation
+
+        process = self.cfg.process
+        name = "naive" if process.name == "naive" else process.degradation
+        self.degradation = build_degradation(name, int(process.T), tuple(self.dataset.shape),
+                                             blur_sigma_max=process.blur_sigma_max, order_seed=self.cfg.seed)
+        self.process = self.parameterization = self.weighting = None
+
+    def restorer(self, network: torch.nn.Module):
+        """``R(x_s, s) -> x0_hat`` for integer levels s [B]: the network sees the time s / T in [0, 1]."""
+        T = self.degradation.T
+        return lambda x_s, s: network(x_s, s.to(x_s.dtype) / T)
+
+    def batch_losses(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        from .degradations import restoration_loss
+
+        return restoration_loss(self.restorer(self.network), self.degradation, x0, self.generator)
+
+    def step_size(self) -> int:
+        """K, the levels between two visited ones: round(T / sample.steps), at least 1 (every level without steps)."""
+        T, steps = self.degradation.T, self.cfg.sample.steps
+        return 1 if steps is None else max(1, round(T / steps))
+
+    def sample(self, n: int, seed: int, labels: Optional[torch.Tensor] = None,
+               classifier: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
+        from .degradations import COLD_SAMPLERS
+
+        self.ema.module.eval()
+        sampler = COLD_SAMPLERS.get(self.cfg.sample.sampler)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        restore = self.restorer(self.ema.module)
+        batches, nfe = [], 0
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            for start in range(0, n, self.cfg.sample.batch_size):
+                size = min(self.cfg.sample.batch_size, n - start)
+                x_T = self.degradation.prior(size, self.train_data, generator)
+                x, nfe = sampler(restore, self.degradation, x_T, generator=generator, step=self.step_size())
+                batches.append(x.float().cpu())
+        return torch.cat(batches), nfe
+
+    def sample_labels(self, n: int) -> Optional[torch.Tensor]:
+        return None
+
+    def heldout_likelihood(self):
+        raise NotImplementedError(self.likelihood_note)
+
+
+def build_trainer(cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None) -> Trainer:
+    """The trainer of a trial: :class:`RestorationTrainer` for naive and cold diffusion, :class:`Trainer` otherwise."""
+    cls = RestorationTrainer if cfg.process.name in RESTORATION_PROCESSES else Trainer
+    return cls(cfg, dataset, device)

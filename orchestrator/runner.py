@@ -80,11 +80,13 @@ def describe(sweep: Sweep, groups: Optional[list[TrainingGroup]] = None, cache: 
 
 def _trial_line(trial: Trial) -> str:
     c = trial.config
-    return (
-        f"data={c.data.name} process={c.process.name}/{c.process.schedule}/T={c.process.T} "
-        f"param={c.model.parameterization} loss={c.loss.weighting} sampler={c.sample.sampler} "
-        f"steps={c.train.steps} seed={c.seed}"
-    )
+    if c.process.name in ("naive", "cold"):  # a degradation and an x0-predicting network with the squared error
+        kind = "naive" if c.process.name == "naive" else f"cold/{c.process.degradation}"
+        model = f"process={kind}/T={c.process.T} param=x0 loss=mse"
+    else:
+        model = (f"process={c.process.name}/{c.process.schedule}/T={c.process.T} "
+                 f"param={c.model.parameterization} loss={c.loss.weighting}")
+    return f"data={c.data.name} {model} sampler={c.sample.sampler} steps={c.train.steps} seed={c.seed}"
 
 
 def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: bool = False,

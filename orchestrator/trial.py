@@ -35,7 +35,7 @@ from diffusion.config import TrialConfig, training_spec
 from diffusion.data import load_dataset
 from diffusion.metrics import compute_fid, conditional_metrics
 from diffusion.storage import save_atomic
-from diffusion.training import Trainer, TrainingDiverged, select_device
+from diffusion.training import Trainer, TrainingDiverged, build_trainer, select_device
 
 from .cache import MODEL_FILE, ModelCache, likelihood_key
 from .sweepfile import flatten
@@ -208,7 +208,7 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
             client.log_text(run_id, OmegaConf.to_yaml(spec), "config.yaml")
         device = select_device(cfg.resources.device)
         _where(client, run_id, device)
-        trainer = Trainer(cfg, load_dataset(cfg.data), device)
+        trainer = build_trainer(cfg, load_dataset(cfg.data), device)
         checkpoint = cache.fetch(key, "checkpoint.pt") if previous is not None else None
         if checkpoint is not None:
             trainer.load(checkpoint)
@@ -231,7 +231,7 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
         history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
         metrics = {"train_seconds": seconds, "startup_seconds": startup,
                    "train_examples_per_second": (trainer.step - first_step) * cfg.train.batch_size / seconds}
-        if trainer.process.learned:  # the trained VDM schedule, for plotting and comparison across trials
+        if trainer.learned_schedule:  # the trained VDM schedule, for plotting and comparison across trials
             t = torch.linspace(0, 1, 101, dtype=torch.float64)
             with torch.no_grad():
                 log_snr = trainer.process.schedule(t).cpu()
@@ -312,7 +312,7 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
     device = select_device(cfg.resources.device)
     _where(client, run_id, device)
     dataset = load_dataset(cfg.data)
-    trainer = Trainer(cfg, dataset, device)
+    trainer = build_trainer(cfg, dataset, device)
     trainer.load_ema(cache.fetch(key, "ema.pt"))
 
     labels = trainer.sample_labels(cfg.sample.n)
@@ -343,7 +343,9 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
             class_metrics, tags = conditional_metrics(samples, labels, dataset, cfg.eval, device)
             metrics.update(class_metrics)
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    if cfg.eval.bpd and cfg.model.class_conditional and cfg.train.cond_dropout == 0:
+    if cfg.eval.bpd and trainer.likelihood_note:
+        client.set_tag(run_id, "bpd.skipped", trainer.likelihood_note)
+    elif cfg.eval.bpd and cfg.model.class_conditional and cfg.train.cond_dropout == 0:
         client.set_tag(run_id, "bpd.skipped", "class-conditional model without an unconditional half "
                        "(train.cond_dropout 0): its bits/dim of unlabelled data is not defined")
     elif cfg.eval.bpd:

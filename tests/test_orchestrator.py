@@ -203,6 +203,38 @@ def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
         assert ("bpd_elbo" in run.data.metrics) == discrete == ("elbo_terms.json" in artifacts)
 
 
+def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, server, cache_dir):
+    """sweeps/beyond_smoke.yaml covers every degradation and cold sampler and both guidance methods, and runs to
+    completion: naive and cold runs say why they have no bits/dim, guided runs log the per-class metrics and the
+    classifier-free one counts two network evaluations per step."""
+    from diffusion.degradations import COLD_SAMPLERS, DEGRADATIONS
+    from orchestrator.sweepfile import load_sweep
+
+    path = os.path.join(ROOT, "sweeps", "beyond_smoke.yaml")
+    configs = [t.config for t in load_sweep(path).trials]
+    covered = {c.process.degradation for c in configs if c.process.name == "cold"} | {
+        c.process.name for c in configs if c.process.name == "naive"}
+    assert covered == set(DEGRADATIONS.names())
+    assert {c.sample.sampler for c in configs if c.process.name in ("naive", "cold")} == set(COLD_SAMPLERS.names())
+    result = orchestrator(["sweep", path, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path,
+                          env_extra={"MLFLOW_TRACKING_URI": server.uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(server.uri)
+    _, children = child_runs(client, "beyond_smoke")
+    assert len(children) == len(configs)
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags.get("failure_reason")
+        assert run.data.tags["samples_finite"] == "True" and run.data.metrics["fid"] > 0
+        restoration = run.data.params["process.name"] in ("naive", "cold")
+        assert ("bpd.skipped" in run.data.tags) == restoration and ("bpd_ode" in run.data.metrics) != restoration
+        guided = run.data.tags["trial"].endswith("guidance")
+        assert ("class_accuracy" in run.data.metrics) == guided == ("fid_class_mean" in run.data.metrics)
+        if run.data.tags["trial"] == "free_guidance":
+            assert run.data.metrics["sample_nfe"] == 16  # 8 steps, two predictions each
+        if run.data.tags["trial"] == "classifier_guidance":
+            assert float(run.data.tags["guidance.classifier_accuracy_t0.1"]) > 0.1
+
+
 def test_train_once_evaluate_many(tmp_path, server, cache_dir, s3):
     """2 samplers x 2 seeds train 2 models, not 4; each evaluation run links to its model's training run,
     and the held-out likelihood (sampler-independent) is computed once per model. Run again, the sweep
