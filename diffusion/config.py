@@ -29,7 +29,7 @@ class DataConfig:
 
 @dataclass
 class ProcessConfig:
-    name: str = "vp"  # vp (DDPM, VP-SDE), ve (NCSN, VE-SDE), subvp (sub-VP SDE, continuous only), naive (salt-and-pepper pixels), cold (Bansal et al. 2022: process.degradation)
+    name: str = "vp"  # vp (DDPM, VP-SDE), ve (NCSN, VE-SDE), subvp (sub-VP SDE, continuous only), blur (Lee et al. 2022: VP per DCT frequency, coarse to fine; integer T), naive (salt-and-pepper pixels), cold (Bansal et al. 2022: process.degradation)
     schedule: str = "linear"  # vp/subvp: linear, cosine, sigmoid, scaled_linear; ve: geometric; vp: learned (VDM, trained with loss.weighting elbo)
     T: Any = 1000  # number of discrete steps (ve: noise levels L), or continuous
     t_min: float = 1e-3  # continuous time: smallest t trained and sampled (discrete: 1/T)
@@ -49,6 +49,9 @@ class ProcessConfig:
     learned_hidden: int = 1024  # learned: width of the monotone log-SNR network
     degradation: str = "mask"  # cold: mask (pixels hidden in a fixed random order), blur (Gaussian blur of growing width) or pixelate (downsampling)
     blur_sigma_max: float = 4.0  # cold blur: width (std, pixels) of the blur at level T
+    blur_sigma: float = 0.4  # blur (Lee et al. 2022): width (std, pixels) of the base blur D whose power D^(2 f(i)) each step applies per frequency (0: the VP process)
+    blur_schedule: str = "quartic"  # blur: shape of the per-step blur exponent f(i) = blur_f_max g(i): quartic (i/T)^4, log log(i)/log(T), linear i/T
+    blur_f_max: float = 0.14  # blur: f(T), the last step's exponent (Lee et al.: 0.14 quartic, 0.6 log)
 
 
 @dataclass
@@ -241,6 +244,25 @@ def _validate_restoration(cfg: TrialConfig, point_sets: tuple[str, ...]) -> Tria
     return cfg
 
 
+def _validate_blur(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
+    """Blur diffusion is Gaussian per DCT frequency: the samplers, parameterizations and losses whose formulas are
+    elementwise in alpha and sigma carry over; those that read one alpha and sigma per example do not (yet)."""
+    what = "process.name blur"
+    _check(cfg.data.name not in point_sets, "data.name", cfg.data.name, f"an image data set with {what} (it blurs images)")
+    for key, value, accepted in (
+        ("model.parameterization", cfg.model.parameterization, ("eps", "x0", "v", "score")),
+        ("model.variance", cfg.model.variance, ("beta_tilde", "beta")),
+        ("loss.weighting", cfg.loss.weighting, ("simple",)),
+        ("loss.t_sampling", cfg.loss.t_sampling, ("uniform",)),
+        ("loss.objective", cfg.loss.objective, ("denoising",)),
+        ("model.class_conditional", cfg.model.class_conditional, (False,)),
+        ("sample.classifier_scale", cfg.sample.classifier_scale, (0.0, 0)),
+        ("sample.sampler", cfg.sample.sampler, ("ancestral", "ddim")),
+        ("sample.spacing", cfg.sample.spacing, ("uniform", "leading", "trailing", "quadratic")),
+    ):
+        _check(value in accepted, key, value, f"{' or '.join(str(a) for a in dict.fromkeys(accepted))} with {what}")
+
+
 def _validate_common(cfg: TrialConfig) -> None:
     """The eval and resources sections, the same for every kind of process."""
     from . import metrics
@@ -306,6 +328,8 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     if cfg.process.name in RESTORATION_PROCESSES:
         return _validate_restoration(cfg, data.POINT_SETS)
     processes.validate(cfg.process)
+    if cfg.process.name == "blur":
+        _validate_blur(cfg, data.POINT_SETS)
     parameterization = parameterizations.PARAMETERIZATIONS.get(cfg.model.parameterization)
     continuous = cfg.process.T == "continuous"
     if parameterization.needs_step and continuous:

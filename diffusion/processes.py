@@ -30,7 +30,8 @@ CONTINUOUS = "continuous"
 # Schedules of alphabar for vp/subvp: name -> (discrete betas(cfg), continuous alphabar(t, cfg)).
 VP_SCHEDULES: Registry[tuple[Callable, Callable]] = Registry("process.schedule")
 VE_SCHEDULES: Registry[tuple[Callable, Callable]] = Registry("process.schedule")
-PROCESS_FAMILIES = {"vp": VP_SCHEDULES, "ve": VE_SCHEDULES, "subvp": VP_SCHEDULES}
+PROCESS_FAMILIES = {"vp": VP_SCHEDULES, "ve": VE_SCHEDULES, "subvp": VP_SCHEDULES,
+                    "blur": VP_SCHEDULES}  # blur: the VP schedule of Lee et al.'s blur diffusion (diffusion.blur)
 
 
 def is_continuous(cfg: ProcessConfig) -> bool:
@@ -136,6 +137,16 @@ def validate(cfg: ProcessConfig) -> None:
         raise ConfigError("process.T", T, f"an integer >= 1 or '{CONTINUOUS}'")
     if cfg.name == "subvp" and T != CONTINUOUS:
         raise ConfigError("process.T", T, f"'{CONTINUOUS}' for subvp (the sub-VP SDE is defined in continuous time)")
+    if cfg.name == "blur":
+        from .blur import BLUR_SCHEDULES
+
+        if T == CONTINUOUS:
+            raise ConfigError("process.T", T, "an integer >= 1 for blur (Lee et al.'s blur diffusion has discrete steps)")
+        BLUR_SCHEDULES.get(cfg.blur_schedule)
+        if cfg.blur_sigma < 0:
+            raise ConfigError("process.blur_sigma", cfg.blur_sigma, "a number >= 0 (0: no blur, the VP process)")
+        if cfg.blur_f_max < 0:
+            raise ConfigError("process.blur_f_max", cfg.blur_f_max, "a number >= 0 (0: no blur, the VP process)")
     if not 0 < cfg.t_min < 1:
         raise ConfigError("process.t_min", cfg.t_min, "a number in (0, 1)")
     if cfg.schedule == "learned":
@@ -143,7 +154,7 @@ def validate(cfg: ProcessConfig) -> None:
             raise ConfigError("process.log_snr_min", cfg.log_snr_min, f"a number < log_snr_max={cfg.log_snr_max}")
         if cfg.learned_hidden < 1:
             raise ConfigError("process.learned_hidden", cfg.learned_hidden, "an integer >= 1")
-    if cfg.name in ("vp", "subvp"):
+    if cfg.name in ("vp", "subvp", "blur"):
         if not 0 < cfg.beta_start <= cfg.beta_end < 1:
             raise ConfigError("process.beta_start", cfg.beta_start, f"a number in (0, beta_end={cfg.beta_end}], beta_end < 1")
         if not 0 < cfg.beta_min <= cfg.beta_max:
@@ -172,6 +183,20 @@ class GaussianProcess:
     T: int | None
     t_min: float
     learned = False  # True when alpha and sigma have trainable parameters (``process.schedule: learned``)
+    # True when alpha and sigma hold one value per data dimension of a basis (``diffusion.blur``): alpha(t) is
+    # then [B, *shape] instead of [B], and samplers work on to_basis(x)
+    per_dimension = False
+
+    def to_basis(self, x: Tensor) -> Tensor:
+        """The coordinates the process is diagonal in (the identity, but for ``diffusion.blur``'s DCT)."""
+        return x
+
+    def from_basis(self, u: Tensor) -> Tensor:
+        return u
+
+    def noise(self, shape: tuple, generator: torch.Generator, device) -> Tensor:
+        """eps ~ N(0, I) in the process's basis."""
+        return torch.randn(shape, generator=generator, device=device)
 
     def log_alpha64(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -280,8 +305,8 @@ class DiscreteProcess(GaussianProcess):
     alphas[0] = 1, sigmas[0] = 0); between grid points log alpha and log sigma are linear in t."""
 
     def __init__(self, name: str, alphas: Tensor, sigmas: Tensor):
-        if alphas.shape != sigmas.shape or alphas.dim() != 1 or len(alphas) < 2:
-            raise ValueError("alphas and sigmas must be 1-D tensors of equal length T + 1 >= 2")
+        if alphas.shape != sigmas.shape or len(alphas) < 2:
+            raise ValueError("alphas and sigmas must be tensors of equal shape [T + 1, ...], T >= 1")
         self.name = name
         self.alphas = alphas.to(torch.float64)
         self.sigmas = sigmas.to(torch.float64)
@@ -302,6 +327,7 @@ class DiscreteProcess(GaussianProcess):
         lower = torch.where(position >= 1, lower.clamp(min=1), lower).clamp(max=self.T - 1)
         weight = position - lower
         left, right = log_table[lower.long()], log_table[lower.long() + 1]
+        weight = weight.reshape(weight.shape + (1,) * (log_table.dim() - 1))  # per-dimension tables (blur)
         # log sigma_0 = -inf: sigma stays 0 on (0, t_1) and the blend must not produce inf * 0
         infinite = torch.isinf(left)
         blend = (1 - weight) * torch.where(infinite, 0.0, left) + weight * right
@@ -423,9 +449,16 @@ class LearnedProcess(DiscreteProcess):
         return self.schedule.parameters()
 
 
-def build_process(cfg: ProcessConfig) -> GaussianProcess:
-    """The process a ProcessConfig names (discrete for integer T, continuous for T = 'continuous')."""
+def build_process(cfg: ProcessConfig, shape: tuple | None = None) -> GaussianProcess:
+    """The process a ProcessConfig names (discrete for integer T, continuous for T = 'continuous'); ``shape``,
+    one example's shape, is needed by the per-frequency blur process only."""
     validate(cfg)
+    if cfg.name == "blur":
+        from .blur import BlurProcess
+
+        if shape is None or len(shape) != 3:
+            raise ValueError(f"the blur process needs an image shape [C, H, W], not {shape}")
+        return BlurProcess(cfg, tuple(shape))
     if cfg.schedule == "learned":
         schedule = MonotoneLogSNR(cfg.log_snr_max, cfg.log_snr_min, cfg.learned_hidden)
         return LearnedProcess(schedule, None if is_continuous(cfg) else cfg.T, cfg.t_min)
@@ -481,5 +514,8 @@ def _derivative(value: Tensor, t: Tensor, create_graph: bool = False) -> Tensor:
 
 
 def expand(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-example tensor [B] to broadcast against ``like`` [B, ...]."""
+    """Reshape a per-example tensor [B] to broadcast against ``like`` [B, ...]; a per-dimension one (as
+    ``like``'s shape, or broadcasting to it: a per-dimension process) is returned as it is."""
+    if v.dim() == like.dim():
+        return v
     return v.reshape(v.shape[0], *([1] * (like.dim() - 1)))

@@ -49,7 +49,10 @@ def _full(t: Tensor | float, x: Tensor) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
 
 
-def _noise(x: Tensor, generator: torch.Generator) -> Tensor:
+def _noise(x: Tensor, generator: torch.Generator, process: Optional[GaussianProcess] = None) -> Tensor:
+    """N(0, I) like x (in ``process``'s basis: the same draws, rotated, for a per-dimension process)."""
+    if process is not None and process.per_dimension:
+        return process.noise(x.shape, generator, x.device).to(x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device)
 
 
@@ -59,10 +62,15 @@ def _pairs(timesteps: Tensor):
     return [(k, times[k], times[k + 1]) for k in range(len(timesteps))]
 
 
-def _coef(process: GaussianProcess, t: float) -> tuple[float, float]:
-    """(alpha(t), sigma(t)) as Python floats."""
+def _coef(process: GaussianProcess, t: float, device=None) -> tuple[float, float]:
+    """(alpha(t), sigma(t)) as Python floats (a per-dimension process: float32 tensors [1, *shape] on ``device``)."""
     t_ = torch.tensor([t], dtype=torch.float64)
-    return process.alpha(t_).item(), process.sigma(t_).item()
+    return _value(process.alpha(t_), device), _value(process.sigma(t_), device)
+
+
+def _value(v: Tensor, device=None):
+    """A Python float from a one-element tensor; a per-dimension one stays a float32 tensor (on ``device``)."""
+    return v.item() if v.numel() == 1 else v.to(device, torch.float32)
 
 
 # --- discrete-step samplers -----------------------------------------------------------------------
@@ -78,14 +86,14 @@ def ancestral(denoiser, x_T, timesteps, *, generator, options, variance="beta_ti
     for k, t, s in _pairs(timesteps):
         tt = _full(t, x)
         eps_hat, head = denoiser.predict(x, tt)
-        alpha_t, sigma_t = _coef(process, t)
+        alpha_t, sigma_t = _coef(process, t, x.device)
         x0_hat = (x - sigma_t * eps_hat) / alpha_t
         if s == 0:
             x = x0_hat
         else:
             mean, _ = process.posterior(x, x0_hat, _full(s, x), tt)
             var = reverse_variance_like(process, _full(s, x), tt, variance, head, x)
-            x = mean + var.sqrt().to(x.dtype) * _noise(x, generator)
+            x = mean + var.sqrt().to(x.dtype) * _noise(x, generator, process)
         if callback:
             callback(k, t, x)
     return x, len(timesteps)
@@ -99,14 +107,15 @@ def ddim(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde",
     process, x = denoiser.process, x_T
     for k, t, s in _pairs(timesteps):
         eps_hat = denoiser.eps(x, _full(t, x))
-        alpha_t, sigma_t = _coef(process, t)
+        alpha_t, sigma_t = _coef(process, t, x.device)
         x0_hat = (x - sigma_t * eps_hat) / alpha_t
         if s == 0:
             x = x0_hat
         else:
-            alpha_s, sigma_s = _coef(process, s)
-            c = options.eta * process.posterior_variance(torch.tensor([s]), torch.tensor([t])).item() ** 0.5
-            x = alpha_s * x0_hat + max(sigma_s**2 - c**2, 0.0) ** 0.5 * eps_hat + c * _noise(x, generator)
+            alpha_s, sigma_s = _coef(process, s, x.device)
+            c = options.eta * _value(process.posterior_variance(torch.tensor([s]), torch.tensor([t])), x.device) ** 0.5
+            rest = (sigma_s**2 - c**2).clamp(min=0) ** 0.5 if process.per_dimension else max(sigma_s**2 - c**2, 0.0) ** 0.5
+            x = alpha_s * x0_hat + rest * eps_hat + c * _noise(x, generator, process)
         if callback:
             callback(k, t, x)
     return x, len(timesteps)
@@ -377,7 +386,8 @@ def draw_samples(
     sampler. ``denoiser`` is one Denoiser, or a function ``(start, size) -> Denoiser`` for the batch of
     samples start..start+size (a class-conditional model's labels follow the batch; then ``process`` names
     the process). Returns (samples on CPU [n, *shape], NFE per sample: the sampler's count of
-    denoiser calls times the network evaluations per call, ``Denoiser.cost``, 2 with guidance)."""
+    denoiser calls times the network evaluations per call, ``Denoiser.cost``, 2 with guidance). A per-dimension
+    process (blur) is sampled in its basis and the samples returned as data."""
     sampler = SAMPLERS.get(options.sampler)
     denoiser_for = (lambda start, size: denoiser) if isinstance(denoiser, Denoiser) else denoiser
     process = process or denoiser.process
@@ -389,5 +399,5 @@ def draw_samples(
         model = denoiser_for(start, size)
         x, calls = sampler(model, x_T, timesteps, generator=generator, options=options, variance=variance)
         nfe = calls * model.cost
-        batches.append(x.float().cpu())
+        batches.append(process.from_basis(x.float()).cpu())
     return torch.cat(batches), nfe

@@ -108,7 +108,7 @@ class Trainer:
     def _build_process(self) -> None:
         """The forward process and how the network and the loss read it: a Gaussian process x_t = alpha x0 +
         sigma eps, a parameterization and a loss weighting (subclasses build other processes)."""
-        self.process = build_process(self.cfg.process)
+        self.process = build_process(self.cfg.process, tuple(self.dataset.shape))
         self.parameterization = PARAMETERIZATIONS.get(self.cfg.model.parameterization)
         self.weighting = WEIGHTINGS.get(self.cfg.loss.weighting)
 
@@ -404,7 +404,37 @@ class RestorationTrainer(Trainer):
         raise NotImplementedError(self.likelihood_note)
 
 
+class BlurTrainer(Trainer):
+    """Blur diffusion (Lee et al. 2022, ``diffusion.blur``): a Gaussian process per DCT frequency. Training and
+    sampling are the Gaussian ones on the DCT coefficients u of the images (the loss's squared errors are the
+    same in either basis: the DCT is orthonormal); the network sees pixels (``blur.InBasis``)."""
+
+    likelihood_note = ("bits/dim are not computed for blur diffusion: its model is Gaussian per DCT frequency, "
+                       "but this tool's discretized decoder and probability-flow ODE solve are written for one "
+                       "alpha and sigma per example")
+
+    def denoiser(self, labels: Optional[torch.Tensor] = None) -> Denoiser:
+        from .blur import InBasis
+
+        return network_denoiser(InBasis(self.network, self.process), self.parameterization, self.process,
+                                self.learned_variance, labels)
+
+    def ema_denoiser(self, labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> Denoiser:
+        from .blur import InBasis
+
+        return network_denoiser(InBasis(self.ema.module, self.process), self.parameterization, self.process,
+                                self.learned_variance, labels, guidance_scale)
+
+    def batch_losses(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        return super().batch_losses(self.process.to_basis(x0), labels)
+
+    def heldout_likelihood(self):
+        raise NotImplementedError(self.likelihood_note)
+
+
 def build_trainer(cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None) -> Trainer:
-    """The trainer of a trial: :class:`RestorationTrainer` for naive and cold diffusion, :class:`Trainer` otherwise."""
-    cls = RestorationTrainer if cfg.process.name in RESTORATION_PROCESSES else Trainer
-    return cls(cfg, dataset, device)
+    """The trainer of a trial: :class:`RestorationTrainer` for naive and cold diffusion, :class:`BlurTrainer` for
+    blur diffusion, :class:`Trainer` otherwise."""
+    if cfg.process.name in RESTORATION_PROCESSES:
+        return RestorationTrainer(cfg, dataset, device)
+    return (BlurTrainer if cfg.process.name == "blur" else Trainer)(cfg, dataset, device)

@@ -210,9 +210,10 @@ def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
 
 
 def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, server, cache_dir):
-    """sweeps/beyond_smoke.yaml covers every degradation and cold sampler and both guidance methods, and runs to
-    completion: naive and cold runs say why they have no bits/dim, guided runs log the per-class metrics and the
-    classifier-free one counts two network evaluations per step."""
+    """sweeps/beyond_smoke.yaml covers every degradation and cold sampler, every blur schedule and both guidance
+    methods, and runs to completion: naive, cold and blur runs say why they have no bits/dim, guided runs log the
+    per-class metrics and the classifier-free one counts two network evaluations per step."""
+    from diffusion.blur import BLUR_SCHEDULES
     from diffusion.degradations import COLD_SAMPLERS, DEGRADATIONS
     from orchestrator.sweepfile import load_sweep
 
@@ -222,6 +223,7 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
         c.process.name for c in configs if c.process.name == "naive"}
     assert covered == set(DEGRADATIONS.names())
     assert {c.sample.sampler for c in configs if c.process.name in ("naive", "cold")} == set(COLD_SAMPLERS.names())
+    assert {c.process.blur_schedule for c in configs if c.process.name == "blur"} == set(BLUR_SCHEDULES.names())
     result = orchestrator(["sweep", path, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path,
                           env_extra={"MLFLOW_TRACKING_URI": server.uri})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -231,7 +233,7 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
     for run in children:
         assert run.info.status == "FINISHED", run.data.tags.get("failure_reason")
         assert run.data.tags["samples_finite"] == "True" and run.data.metrics["fid"] > 0
-        restoration = run.data.params["process.name"] in ("naive", "cold")
+        restoration = run.data.params["process.name"] in ("naive", "cold", "blur")
         assert ("bpd.skipped" in run.data.tags) == restoration and ("bpd_ode" in run.data.metrics) != restoration
         guided = run.data.tags["trial"].endswith("guidance")
         assert ("class_accuracy" in run.data.metrics) == guided == ("fid_class_mean" in run.data.metrics)
