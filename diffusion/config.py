@@ -136,6 +136,14 @@ class EvalConfig:
     probe: str = "rademacher"  # bpd_ode: rademacher or gaussian probes
     dequant_draws: int = 1  # bpd_ode on discrete-valued images: uniform dequantization draws per example
     classifier_steps: int = 1500  # training steps of the classifier feature extractor
+    inverse: list[str] = field(default_factory=list)  # inverse-problem stages on held-out images: inpaint (eval.inverse_mask), denoise (eval.inverse_sigma_y); each logs <stage>_psnr, <stage>_ssim and a grid of observed / restored / true images
+    inverse_solver: str = "replacement"  # replacement (Song et al. 2021 imputation; denoise: the exact projection), likelihood (score + grad log p(y | x_t), PiGDM variance) or tweedie (Tweedie covariance by conjugate gradients, Boys et al. 2023)
+    inverse_mask: str = "centre"  # inpaint: centre (the centre square of half the side hidden), random (eval.inverse_fraction of the pixels), half (the right half)
+    inverse_fraction: float = 0.5  # inpaint with random mask: share of pixels hidden
+    inverse_sigma_y: float = 0.2  # denoise: std of the Gaussian noise added to held-out images in [-1, 1]
+    inverse_n: int = 64  # held-out (test split) images restored per stage
+    inverse_guidance: float = 1.0  # likelihood, tweedie: scale of the measurement's likelihood gradient
+    inverse_cg_iterations: int = 10  # tweedie: conjugate-gradient steps (vector-Jacobian products) per time step
     cache_dir: str = "~/.cache/diffusion-orchestrator"  # where trained feature extractors and reference-split features are kept
 
 
@@ -263,10 +271,34 @@ def _validate_blur(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
         _check(value in accepted, key, value, f"{' or '.join(str(a) for a in dict.fromkeys(accepted))} with {what}")
 
 
+def _validate_inverse(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
+    """Inverse-problem stages: an unconditional Gaussian model with one alpha and sigma per time, on images."""
+    from .inverse import INVERSE_SOLVERS, MASKS, STAGES
+
+    if not cfg.eval.inverse:
+        return
+    for stage in cfg.eval.inverse:
+        _check(stage in STAGES, "eval.inverse", stage, f"a list of {', '.join(STAGES)}")
+    _check(len(set(cfg.eval.inverse)) == len(cfg.eval.inverse), "eval.inverse", list(cfg.eval.inverse), "each stage at most once")
+    why = "inverse problems are solved with an unconditional Gaussian model's score"
+    _check(cfg.process.name in ("vp", "ve", "subvp"), "eval.inverse", list(cfg.eval.inverse),
+           f"[] with process.name {cfg.process.name} ({why}, one alpha and sigma per time)")
+    _check(not cfg.model.class_conditional, "eval.inverse", list(cfg.eval.inverse), f"[] with model.class_conditional ({why})")
+    _check(cfg.data.name not in point_sets, "eval.inverse", list(cfg.eval.inverse), f"[] for 2-D data (PSNR and SSIM are for images)")
+    INVERSE_SOLVERS.get(cfg.eval.inverse_solver)
+    _check(cfg.eval.inverse_mask in MASKS, "eval.inverse_mask", cfg.eval.inverse_mask, ", ".join(MASKS))
+    _check(0 < cfg.eval.inverse_fraction < 1, "eval.inverse_fraction", cfg.eval.inverse_fraction, "a number in (0, 1)")
+    _check(cfg.eval.inverse_sigma_y > 0, "eval.inverse_sigma_y", cfg.eval.inverse_sigma_y, "a positive number")
+    _check(cfg.eval.inverse_n >= 1, "eval.inverse_n", cfg.eval.inverse_n, "an integer >= 1")
+    _check(cfg.eval.inverse_guidance >= 0, "eval.inverse_guidance", cfg.eval.inverse_guidance, "a number >= 0")
+    _check(cfg.eval.inverse_cg_iterations >= 1, "eval.inverse_cg_iterations", cfg.eval.inverse_cg_iterations, "an integer >= 1")
+
+
 def _validate_common(cfg: TrialConfig) -> None:
     """The eval and resources sections, the same for every kind of process."""
-    from . import metrics
+    from . import data, metrics
 
+    _validate_inverse(cfg, data.POINT_SETS)
     metrics.EXTRACTORS.get(cfg.eval.extractor)
     for key in ("bpd_n", "hutchinson_probes", "dequant_draws"):
         _check(getattr(cfg.eval, key) >= 1, f"eval.{key}", getattr(cfg.eval, key), "an integer >= 1")

@@ -354,6 +354,8 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in likelihood["tags"].items()])
         if likelihood["elbo_curve"] is not None:
             client.log_dict(run_id, likelihood["elbo_curve"], "elbo_terms.json")
+    if cfg.eval.inverse:
+        metrics.update(_inverse_problems(trainer, dataset, cfg, client, run_id))
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
     outcome.metrics, outcome.step = metrics, trainer.step
@@ -387,6 +389,39 @@ def _guidance_classifier(cfg: TrialConfig, dataset, trainer: Trainer, cache: Mod
     return classifier.eval()
 
 
+def _inverse_problems(trainer: Trainer, dataset, cfg: TrialConfig, client: MlflowClient, run_id: str) -> dict:
+    """The ``eval.inverse`` stages on the first ``eval.inverse_n`` test images with the EMA model: per stage its
+    metrics (``diffusion.inverse.solve_heldout``, plus ``<stage>_seconds``), a grid ``<stage>.png`` of observed /
+    restored / true images, and tags naming the solver and the measurement."""
+    from diffusion.inverse import restoration_grid, solve_heldout
+    from diffusion.samplers import make_timesteps
+
+    device = trainer.device
+    images = dataset.test[: cfg.eval.inverse_n].to(device)
+    timesteps = make_timesteps(trainer.process, cfg.sample, device)
+    metrics, tags = {}, {}
+    for index, stage in enumerate(cfg.eval.inverse):
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + 10 + index)
+        started = time.perf_counter()
+        result = solve_heldout(stage, trainer.ema_denoiser(), images, timesteps, cfg.eval, generator)
+        metrics.update({**result["metrics"], f"{stage}_seconds": time.perf_counter() - started})
+        measurement = f"mask {cfg.eval.inverse_mask}" if stage == "inpaint" else f"sigma_y {cfg.eval.inverse_sigma_y}"
+        tags[f"{stage}.solver"], tags[f"{stage}.measurement"] = cfg.eval.inverse_solver, measurement
+        tags[f"{stage}.images"] = str(len(images))
+        grid = restoration_grid(result["observed"], result["restored"], images, nrow=min(16, len(images)))
+        client.log_image(run_id, _png(grid), artifact_file=f"{stage}.png")
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return metrics
+
+
+def _png(grid: torch.Tensor):
+    """An image grid [3, H, W] in [0, 1] as a PIL image, enlarged 4x (8x8 digits are otherwise too small to see)."""
+    from PIL import Image
+
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4), Image.NEAREST)
+
+
 def _heldout_likelihood(trainer: Trainer, cfg: TrialConfig, key: str, cache: ModelCache, run_id: str) -> dict:
     """Bits/dim of held-out data under the model, computed once per model and likelihood settings: the
     first evaluation computes it (the others wait on the lock) and later ones read it from the cache.
@@ -407,15 +442,12 @@ def _heldout_likelihood(trainer: Trainer, cfg: TrialConfig, key: str, cache: Mod
 def _log_sample_grid(client: MlflowClient, run_id: str, samples: torch.Tensor, is_image: bool, step: int) -> None:
     """A PNG grid of samples: ``samples.png`` in the artifacts, and under the ``samples`` image key
     (the UI's image view) at the training step."""
-    from PIL import Image
-
     if is_image:
         from torchvision.utils import make_grid
 
         nrow = max(1, int(math.sqrt(len(samples))))
         grid = make_grid(samples.clamp(-1, 1), nrow=nrow, padding=1, normalize=True, value_range=(-1, 1), pad_value=0.5)
-        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        image = Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4), Image.NEAREST)
+        image = _png(grid)
     else:
         image = _scatter_image(samples)
     client.log_image(run_id, image, artifact_file="samples.png")

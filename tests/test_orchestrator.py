@@ -214,6 +214,7 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
     methods, and runs to completion: naive, cold and blur runs say why they have no bits/dim, guided runs log the
     per-class metrics and the classifier-free one counts two network evaluations per step."""
     from diffusion.blur import BLUR_SCHEDULES
+    from diffusion.inverse import INVERSE_SOLVERS, MASKS
     from diffusion.degradations import COLD_SAMPLERS, DEGRADATIONS
     from orchestrator.sweepfile import load_sweep
 
@@ -224,6 +225,8 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
     assert covered == set(DEGRADATIONS.names())
     assert {c.sample.sampler for c in configs if c.process.name in ("naive", "cold")} == set(COLD_SAMPLERS.names())
     assert {c.process.blur_schedule for c in configs if c.process.name == "blur"} == set(BLUR_SCHEDULES.names())
+    assert {c.eval.inverse_solver for c in configs if c.eval.inverse} == set(INVERSE_SOLVERS.names())
+    assert {c.eval.inverse_mask for c in configs if "inpaint" in c.eval.inverse} == set(MASKS)
     result = orchestrator(["sweep", path, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path,
                           env_extra={"MLFLOW_TRACKING_URI": server.uri})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -241,6 +244,14 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
             assert run.data.metrics["sample_nfe"] == 16  # 8 steps, two predictions each
         if run.data.tags["trial"] == "classifier_guidance":
             assert float(run.data.tags["guidance.classifier_accuracy_t0.1"]) > 0.1
+        stages = [s for s in ("inpaint", "denoise") if f"{s}_psnr" in run.data.metrics]
+        if run.data.tags["trial"].startswith("inverse_"):  # 30 training steps: the numbers exist, not their quality
+            assert stages and {f"{s}.png" for s in stages} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+            for stage in stages:
+                assert math.isfinite(run.data.metrics[f"{stage}_psnr"]) and -1 <= run.data.metrics[f"{stage}_ssim"] <= 1
+                assert run.data.tags[f"{stage}.solver"] == run.data.params["eval.inverse_solver"]
+        else:
+            assert not stages
 
 
 def test_train_once_evaluate_many(tmp_path, server, cache_dir, s3):
