@@ -68,6 +68,13 @@ class ModelConfig:
     hidden: int = 256  # mlp: hidden width
     depth: int = 4  # mlp: hidden layers
     class_conditional: bool = False  # a class-conditional network (label embedding added to the time embedding), on labelled data sets
+    latent: bool = False  # latent diffusion (Rombach et al. 2022): a convolutional VAE is trained first (cached) and the process runs on its codes; samples are decoded
+    latent_channels: int = 2  # latent: channels c of the code [c, H/f, W/f]
+    latent_factor: int = 2  # latent: downsampling factor f of the code (1, 2 or 4; must divide the image size)
+    vae_channels: int = 32  # latent: VAE convolution width
+    vae_steps: int = 2000  # latent: VAE training steps (batch train.batch_size)
+    vae_kl_weight: float = 1e-3  # latent: weight of the KL term per latent dimension against the reconstruction MSE per pixel (beta-VAE)
+    vae_lr: float = 1e-3  # latent: VAE Adam learning rate
 
 
 @dataclass
@@ -230,6 +237,7 @@ def _validate_restoration(cfg: TrialConfig, point_sets: tuple[str, ...]) -> Tria
         ("model.parameterization", cfg.model.parameterization), ("model.variance", cfg.model.variance),
         ("loss.weighting", cfg.loss.weighting), ("loss.t_sampling", cfg.loss.t_sampling),
         ("loss.objective", cfg.loss.objective), ("model.class_conditional", cfg.model.class_conditional),
+        ("model.latent", cfg.model.latent),
         ("sample.guidance_scale", cfg.sample.guidance_scale), ("sample.classifier_scale", cfg.sample.classifier_scale)]
     for key, value in gaussian_only:
         section, name = key.split(".")
@@ -271,6 +279,23 @@ def _validate_blur(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
         _check(value in accepted, key, value, f"{' or '.join(str(a) for a in dict.fromkeys(accepted))} with {what}")
 
 
+def _validate_latent(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
+    model = cfg.model
+    if not model.latent:
+        return
+    _check(cfg.data.name not in point_sets, "model.latent", True, "false for 2-D data (the VAE is convolutional)")
+    _check(cfg.process.name in ("vp", "ve", "subvp"), "model.latent", True,
+           f"false with process.name {cfg.process.name} (latent diffusion runs a Gaussian process: vp, ve or subvp)")
+    _check(cfg.loss.objective == "denoising", "loss.objective", cfg.loss.objective, "denoising with model.latent")
+    _check(model.latent_factor in (1, 2, 4), "model.latent_factor", model.latent_factor, "1, 2 or 4")
+    for key in ("latent_channels", "vae_channels", "vae_steps"):
+        _check(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "an integer >= 1")
+    _check(model.vae_kl_weight >= 0, "model.vae_kl_weight", model.vae_kl_weight, "a number >= 0")
+    _check(model.vae_lr > 0, "model.vae_lr", model.vae_lr, "a positive number")
+    _check(cfg.sample.classifier_scale == 0, "sample.classifier_scale", cfg.sample.classifier_scale,
+           "0 with model.latent (the guidance classifier is trained on images, not codes; classifier-free guidance works)")
+
+
 def _validate_inverse(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
     """Inverse-problem stages: an unconditional Gaussian model with one alpha and sigma per time, on images."""
     from .inverse import INVERSE_SOLVERS, MASKS, STAGES
@@ -284,6 +309,7 @@ def _validate_inverse(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
     _check(cfg.process.name in ("vp", "ve", "subvp"), "eval.inverse", list(cfg.eval.inverse),
            f"[] with process.name {cfg.process.name} ({why}, one alpha and sigma per time)")
     _check(not cfg.model.class_conditional, "eval.inverse", list(cfg.eval.inverse), f"[] with model.class_conditional ({why})")
+    _check(not cfg.model.latent, "eval.inverse", list(cfg.eval.inverse), "[] with model.latent (masks and noise act on pixels, not codes)")
     _check(cfg.data.name not in point_sets, "eval.inverse", list(cfg.eval.inverse), f"[] for 2-D data (PSNR and SSIM are for images)")
     INVERSE_SOLVERS.get(cfg.eval.inverse_solver)
     _check(cfg.eval.inverse_mask in MASKS, "eval.inverse_mask", cfg.eval.inverse_mask, ", ".join(MASKS))
@@ -383,6 +409,7 @@ def validate(cfg: TrialConfig) -> TrialConfig:
         _check(cfg.loss.weighting == "elbo", "loss.weighting", cfg.loss.weighting,
                "elbo with process.schedule learned (the VDM schedule is trained by the variational bound)")
     _check_conditioning(cfg, data.LABELLED_SETS)
+    _validate_latent(cfg, data.POINT_SETS)
     if cfg.loss.objective != "denoising":
         from . import score_matching
 

@@ -86,6 +86,10 @@ def _trial_line(trial: Trial) -> str:
     else:
         model = (f"process={c.process.name}/{c.process.schedule}/T={c.process.T} "
                  f"param={c.model.parameterization} loss={c.loss.weighting}")
+        if c.model.latent:
+            model += f" latent={c.model.latent_channels}ch/f{c.model.latent_factor}"
+    if c.eval.inverse:
+        model += f" inverse={'+'.join(c.eval.inverse)}/{c.eval.inverse_solver}"
     return f"data={c.data.name} {model} sampler={c.sample.sampler} steps={c.train.steps} seed={c.seed}"
 
 

@@ -208,7 +208,8 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
             client.log_text(run_id, OmegaConf.to_yaml(spec), "config.yaml")
         device = select_device(cfg.resources.device)
         _where(client, run_id, device)
-        trainer = build_trainer(cfg, load_dataset(cfg.data), device)
+        model_data, _, _ = _model_data(cfg, cache, client, run_id, device)
+        trainer = build_trainer(cfg, model_data, device)
         checkpoint = cache.fetch(key, "checkpoint.pt") if previous is not None else None
         if checkpoint is not None:
             trainer.load(checkpoint)
@@ -311,14 +312,17 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
               outcome: TrialOutcome) -> None:
     device = select_device(cfg.resources.device)
     _where(client, run_id, device)
-    dataset = load_dataset(cfg.data)
-    trainer = build_trainer(cfg, dataset, device)
+    model_data, dataset, vae = _model_data(cfg, cache, client, run_id, device)
+    trainer = build_trainer(cfg, model_data, device)
     trainer.load_ema(cache.fetch(key, "ema.pt"))
 
     labels = trainer.sample_labels(cfg.sample.n)
     classifier = _guidance_classifier(cfg, dataset, trainer, cache, client, run_id) if cfg.sample.classifier_scale else None
     started = time.perf_counter()
     samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1, labels=labels, classifier=classifier)
+    if vae is not None:  # latent diffusion: the codes decoded to images, measured in pixel space
+        with torch.no_grad():
+            samples = torch.cat([vae.decode_codes(z.to(device)).cpu() for z in samples.split(cfg.sample.batch_size)])
     metrics = {
         "sample_seconds": time.perf_counter() - started,
         "sample_nfe": float(nfe),
@@ -345,6 +349,10 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     if cfg.eval.bpd and trainer.likelihood_note:
         client.set_tag(run_id, "bpd.skipped", trainer.likelihood_note)
+    elif cfg.eval.bpd and vae is not None:
+        from diffusion.latent import LIKELIHOOD_NOTE
+
+        client.set_tag(run_id, "bpd.skipped", LIKELIHOOD_NOTE)
     elif cfg.eval.bpd and cfg.model.class_conditional and cfg.train.cond_dropout == 0:
         client.set_tag(run_id, "bpd.skipped", "class-conditional model without an unconditional half "
                        "(train.cond_dropout 0): its bits/dim of unlabelled data is not defined")
@@ -359,6 +367,48 @@ def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
     outcome.metrics, outcome.step = metrics, trainer.step
+
+
+def _model_data(cfg: TrialConfig, cache: ModelCache, client: MlflowClient, run_id: str, device):
+    """(the data the diffusion model sees, the data set, the VAE or None): for ``model.latent`` the VAE's codes
+    (``diffusion.latent.latent_dataset``), else the data set itself."""
+    dataset = load_dataset(cfg.data)
+    if not cfg.model.latent:
+        return dataset, dataset, None
+    from diffusion.latent import latent_dataset
+
+    vae = _vae_stage(cfg, dataset, cache, client, run_id, device)
+    return latent_dataset(dataset, vae), dataset, vae
+
+
+def _vae_stage(cfg: TrialConfig, dataset, cache: ModelCache, client: MlflowClient, run_id: str, device):
+    """The VAE of latent diffusion, trained once per data set, latent options, batch size and seed and kept in the
+    model cache (``vae-<hash>``), like the guidance classifier: the first training that needs it trains it under the
+    entry's lock, later trainings and evaluations load it. Its reconstruction and KL on the test split are logged
+    to the run as metrics, with tags naming the entry and the run that trained it."""
+    from diffusion.latent import build_vae, fit_vae, vae_spec
+
+    spec = vae_spec(cfg)
+    entry = "vae-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    with cache.lock(entry, "vae"):
+        record = cache.read(entry, "vae.json")
+        path = cache.fetch(entry, "vae.pt") if record is not None else None
+        if path is None:
+            started = time.perf_counter()
+            vae, record = fit_vae(cfg, dataset, device)
+            record = {**record, "vae_train_seconds": time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
+            save_atomic({k: v.detach().cpu() for k, v in vae.state_dict().items()}, cache.local(entry, "vae.pt"))
+            cache.put(entry, "vae.pt")
+            cache.write(entry, "vae.json", record)
+        else:
+            vae = build_vae(cfg, dataset.shape).to(device)
+            vae.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in record.items()
+                                      if k.startswith("vae_")],
+                     tags=[RunTag("vae.entry", entry), RunTag("vae.computed_by_run", record["computed_by_run"]),
+                           RunTag("vae.latent_shape", "x".join(map(str, record["latent_shape"]))),
+                           RunTag("vae.scale", f"{record['scale']:.4f}")])
+    return vae.eval()
 
 
 def _guidance_classifier(cfg: TrialConfig, dataset, trainer: Trainer, cache: ModelCache, client: MlflowClient,

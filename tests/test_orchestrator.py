@@ -236,7 +236,7 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
     for run in children:
         assert run.info.status == "FINISHED", run.data.tags.get("failure_reason")
         assert run.data.tags["samples_finite"] == "True" and run.data.metrics["fid"] > 0
-        restoration = run.data.params["process.name"] in ("naive", "cold", "blur")
+        restoration = run.data.params["process.name"] in ("naive", "cold", "blur") or run.data.params["model.latent"] == "True"
         assert ("bpd.skipped" in run.data.tags) == restoration and ("bpd_ode" in run.data.metrics) != restoration
         guided = run.data.tags["trial"].endswith("guidance")
         assert ("class_accuracy" in run.data.metrics) == guided == ("fid_class_mean" in run.data.metrics)
@@ -244,6 +244,9 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
             assert run.data.metrics["sample_nfe"] == 16  # 8 steps, two predictions each
         if run.data.tags["trial"] == "classifier_guidance":
             assert float(run.data.tags["guidance.classifier_accuracy_t0.1"]) > 0.1
+        if run.data.tags["trial"] == "latent":  # the VAE stage's record, on the evaluation run and its training run
+            assert run.data.tags["vae.latent_shape"] == "2x4x4" and run.data.metrics["vae_recon_mse"] > 0
+            assert "vae_kl" in client.get_run(training_run_of(client, run).info.run_id).data.metrics
         stages = [s for s in ("inpaint", "denoise") if f"{s}_psnr" in run.data.metrics]
         if run.data.tags["trial"].startswith("inverse_"):  # 30 training steps: the numbers exist, not their quality
             assert stages and {f"{s}.png" for s in stages} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -1,0 +1,136 @@
+"""Latent diffusion (Rombach et al. 2022): a small convolutional VAE (Kingma & Welling 2014) trained first, and any
+Gaussian process of the zoo run on its latent codes.
+
+The VAE maps an image [C, H, W] in [-1, 1] to q(z | x) = N(mu(x), diag(s(x)^2)) on z [c, H / f, W / f]
+(``model.latent_channels`` c, ``model.latent_factor`` f) and decodes z to an image. It is trained with the
+beta-VAE objective, both terms per data dimension: ||x - D(z)||^2 / D_x + ``model.vae_kl_weight`` KL(q(z | x) ||
+N(0, I)) / D_z, z drawn by the reparameterization trick. A small KL weight keeps the codes informative while
+bounding their scale (the regularization of Rombach et al.'s "KL-reg" autoencoders, who use 1e-6 on far larger
+images). The diffusion model is trained on the codes mu(x) / scale, with ``scale`` the standard deviation of the
+training codes, so that they have unit variance as the processes' priors assume (Rombach et al., sec. 4.3.2 and
+appendix G's scale factor). Samples are decoded by D(z * scale) and measured in pixel space (FID and the rest).
+
+A latent model's bits/dim are not the data's (the code is not the image; the decoder's likelihood would have to
+be added), so they are not computed: runs say so in a tag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import Dataset
+
+LIKELIHOOD_NOTE = ("latent diffusion: bits/dim of the VAE's codes are not the data's (the decoder's likelihood "
+                   "would have to be added), so none are computed")
+
+
+class ConvVAE(nn.Module):
+    """Encoder: conv, then per factor of 2 a stride-2 conv, each followed by SiLU, then a 1x1 conv to 2c channels
+    (mean and log-variance). Decoder: the mirror image, nearest-neighbour upsampling then conv, output tanh."""
+
+    def __init__(self, shape: tuple, latent_channels: int, factor: int, channels: int):
+        super().__init__()
+        self.shape, self.latent_channels, self.factor = tuple(shape), latent_channels, factor
+        levels = int(round(math.log2(factor)))
+        encoder = [nn.Conv2d(shape[0], channels, 3, padding=1), nn.SiLU()]
+        for _ in range(levels):
+            encoder += [nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.SiLU()]
+        encoder += [nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(), nn.Conv2d(channels, 2 * latent_channels, 1)]
+        decoder = [nn.Conv2d(latent_channels, channels, 3, padding=1), nn.SiLU()]
+        for _ in range(levels):
+            decoder += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU()]
+        decoder += [nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(), nn.Conv2d(channels, shape[0], 3, padding=1)]
+        self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
+        self.register_buffer("scale", torch.ones(()))  # std of the training codes, set by fit_vae
+
+    @property
+    def latent_shape(self) -> tuple:
+        return (self.latent_channels, self.shape[1] // self.factor, self.shape[2] // self.factor)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log-variance) of q(z | x), each [B, c, H / f, W / f]."""
+        mean, log_var = self.encoder(x).chunk(2, dim=1)
+        return mean, log_var.clamp(-30, 20)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.tanh(self.decoder(z))
+
+    def loss(self, x: Tensor, kl_weight: float, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, reconstruction MSE, KL in nats per example), each [B]."""
+        mean, log_var = self.posterior(x)
+        z = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=generator, device=x.device)
+        recon = (self.decode(z) - x).pow(2).flatten(1).mean(1)
+        kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).flatten(1).sum(1)
+        return recon + kl_weight * kl / mean[0].numel(), recon, kl
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The diffusion model's data: mu(x) / scale."""
+        return self.posterior(x)[0] / self.scale
+
+    def decode_codes(self, z: Tensor) -> Tensor:
+        """Images from the diffusion model's codes: D(z * scale)."""
+        return self.decode(z * self.scale)
+
+
+def vae_spec(cfg) -> dict:
+    """What determines a trained VAE: the data, the latent options, the batch size, the seed (a TrialConfig)."""
+    keys = ("latent_channels", "latent_factor", "vae_channels", "vae_steps", "vae_kl_weight", "vae_lr")
+    return {"data": dataclasses.asdict(cfg.data), "model": {k: getattr(cfg.model, k) for k in keys},
+            "batch_size": cfg.train.batch_size, "seed": cfg.seed}
+
+
+def build_vae(cfg, shape: tuple) -> ConvVAE:
+    model = cfg.model
+    if shape[-1] % model.latent_factor or shape[-2] % model.latent_factor:
+        from .errors import ConfigError
+
+        raise ConfigError("model.latent_factor", model.latent_factor, f"a divisor of the image size {shape[-2]}x{shape[-1]}")
+    return ConvVAE(shape, model.latent_channels, model.latent_factor, model.vae_channels)
+
+
+def fit_vae(cfg, dataset: Dataset, device: torch.device) -> tuple[ConvVAE, dict]:
+    """Train the VAE of a TrialConfig on the training split (Adam, ``model.vae_steps`` steps of ``train.batch_size``)
+    and set its scale; returns it with its record: test-split reconstruction MSE and PSNR (from the posterior
+    mean), KL per example (nats) and per latent dimension, the scale, and the shapes."""
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg, dataset.shape).to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.model.vae_lr)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    train = dataset.train.to(device)
+    vae.train()
+    for _ in range(cfg.model.vae_steps):
+        index = torch.randint(len(train), (cfg.train.batch_size,), generator=generator, device=device)
+        loss = vae.loss(train[index], cfg.model.vae_kl_weight, generator)[0].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    with torch.no_grad():
+        codes = torch.cat([vae.posterior(batch)[0] for batch in train.split(1024)])
+        vae.scale.fill_(codes.std().item())
+        record = evaluate_vae(vae, dataset.test.to(device), cfg.model.vae_kl_weight, generator)
+    return vae, {**record, "scale": vae.scale.item(), "shape": list(dataset.shape), "latent_shape": list(vae.latent_shape)}
+
+
+@torch.no_grad()
+def evaluate_vae(vae: ConvVAE, x: Tensor, kl_weight: float, generator: Optional[torch.Generator] = None) -> dict:
+    """Reconstruction of x by the posterior mean (MSE, PSNR for data in [-1, 1]) and the KL of q(z | x)."""
+    mean, _ = vae.posterior(x)
+    mse = (vae.decode(mean) - x).pow(2).flatten(1).mean(1)
+    _, _, kl = vae.loss(x, kl_weight, generator)
+    return {"vae_recon_mse": mse.mean().item(), "vae_recon_psnr": (10 * torch.log10(4.0 / mse)).mean().item(),
+            "vae_kl": kl.mean().item(), "vae_kl_per_dim": kl.mean().item() / mean[0].numel()}
+
+
+@torch.no_grad()
+def latent_dataset(dataset: Dataset, vae: ConvVAE) -> Dataset:
+    """The data set of codes the diffusion model trains on: the same splits and labels, continuous (no levels)."""
+    device = next(vae.parameters()).device
+    encode = lambda x: torch.cat([vae.encode(b.to(device)).cpu() for b in x.split(1024)])  # noqa: E731
+    return dataclasses.replace(dataset, name=f"{dataset.name} (latent)", train=encode(dataset.train),
+                               test=encode(dataset.test), levels=None, log_prob=None)
