@@ -77,6 +77,13 @@ def main() -> int:
                  _number(m.get("fid_reference"), 3), _number(ratio, 1), _number(m.get("kid"), 4),
                  _number(m.get("bpd_ode"), 3), _number(m.get("bpd_elbo"), 3), _number(m.get("bpd_seconds"), 0)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    extra = [name for name in EXTRA if any(name in run.data.metrics for run in runs)]
+    if extra:  # what only some sweeps measure: guidance's class metrics, the VAE's record, inverse problems
+        lines += ["", "| trial | " + " | ".join(extra) + " |", "|---" * (len(extra) + 1) + "|"]
+        for run in runs:
+            lines.append("| " + " | ".join([run.data.tags["trial"]] + [_number(run.data.metrics.get(k), 3) for k in extra]) + " |")
+    skipped = sorted({run.data.tags["bpd.skipped"] for run in runs if "bpd.skipped" in run.data.tags})
+    lines += ["", *[f"bpd.skipped: {reason}" for reason in skipped]] if skipped else []
     tags = runs[0].data.tags if runs else {}
     lines += ["", f"FID features: {tags.get('fid.extractor')} (test accuracy {tags.get('fid.classifier_accuracy')}), "
               f"{tags.get('fid.n')} samples against the {tags.get('fid.reference_split')} split; "
@@ -85,6 +92,11 @@ def main() -> int:
     print(report)
     _write(report, sweep.name, sweep_file)
     return result.returncode
+
+
+EXTRA = ("class_accuracy", "class_accuracy_reference", "fid_class_mean", "fid_class_reference_mean", "vae_recon_psnr",
+         "vae_kl", "inpaint_psnr", "inpaint_psnr_observed", "inpaint_ssim", "denoise_psnr", "denoise_psnr_observed",
+         "denoise_ssim")
 
 
 def _number(value, digits: int) -> str:

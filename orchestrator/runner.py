@@ -4,6 +4,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import select
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -13,7 +16,7 @@ from diffusion.errors import ConfigError
 
 from .cache import ModelCache, filesystem, is_uri, local_path
 from .sweepfile import Sweep, Trial
-from .tracking import end_unfinished_runs, tracking_server, worker_env
+from .tracking import ACTIVE_SERVERS, end_unfinished_runs, tracking_server, worker_env
 from .trial import FAILURE_TAG, STAGE_TAG, TRAIN, TrialContext, find_run, record_unevaluated, run_task
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -93,6 +96,65 @@ def _trial_line(trial: Trial) -> str:
     return f"data={c.data.name} {model} sampler={c.sample.sampler} steps={c.train.steps} seed={c.seed}"
 
 
+STOP_GRACE_SECONDS = float(os.environ.get("ORCHESTRATOR_STOP_GRACE", "30"))
+
+
+class InterruptWatch:
+    """The backstop of Ctrl-C. The main thread gets KeyboardInterrupt (at the first Ctrl-C only) and stops gracefully
+    (Ray shut down, unfinished runs marked KILLED). A watcher thread learns of every SIGINT through ``signal.set_wakeup_fd``, which Python's C
+    signal handler writes to even while the main thread is blocked in native code (where no KeyboardInterrupt can be
+    raised); once and if the driver is still alive ``grace`` seconds after the first Ctrl-C, or at a second Ctrl-C,
+    it calls ``stop`` (mark the runs KILLED), stops the local tracking server and exits with status 130 without
+    waiting for Ray (a local Ray instance's processes share the driver's fate). Installed only from the main thread."""
+
+    def __init__(self, stop, grace: float = STOP_GRACE_SECONDS):
+        self.stop, self.grace, self.previous, self.closed = stop, grace, None, False
+        self.interrupted, self.previous_handler = False, None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        try:
+            self.previous = signal.set_wakeup_fd(write)
+        except ValueError:
+            return
+        self.previous_handler = signal.signal(signal.SIGINT, self._first_only)
+        threading.Thread(target=self._watch, args=(read,), name="interrupt-watch", daemon=True).start()
+
+    def _first_only(self, signum, frame) -> None:
+        """The main thread's SIGINT handler: KeyboardInterrupt at the first Ctrl-C only; later ones are the
+        watcher's (an exception raised into the graceful stop would cut it short)."""
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+    def _watch(self, read: int) -> None:
+        interrupts, first = 0, None
+        while not self.closed:
+            ready, _, _ = select.select([read], [], [], 1.0)
+            if ready:
+                interrupts += os.read(read, 64).count(bytes([signal.SIGINT]))
+            if interrupts and first is None:
+                first = time.monotonic()
+            if interrupts >= 2 or (first is not None and time.monotonic() - first > self.grace):
+                why = "Ctrl-C again" if interrupts >= 2 else f"still stopping {self.grace:.0f} s after Ctrl-C"
+                print(f"\n{why}: marking the runs KILLED and exiting without waiting for Ray", flush=True)
+                try:
+                    self.stop()
+                finally:
+                    for server in list(ACTIVE_SERVERS):
+                        server.stop()
+                    os._exit(EXIT_INTERRUPTED)
+
+    def close(self) -> None:
+        """The graceful stop is done: the watcher ends, the previous wakeup fd is restored."""
+        self.closed = True
+        if self.previous is not None:
+            signal.set_wakeup_fd(self.previous)
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+
+
 def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: bool = False,
               address: Optional[str] = None) -> int:
     """Run every trial: train each distinct model once (stage 1: a training run, then the first of its
@@ -142,6 +204,12 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
         suffix = f"-resume{time.strftime('%Y%m%d-%H%M%S')}" if resume else ""
 
         status = "FINISHED"
+
+        def hard_stop() -> None:
+            end_unfinished_runs(client, experiment_id, parent_id, "KILLED")
+            client.set_terminated(parent_id, status="KILLED")
+
+        watch = InterruptWatch(hard_stop)
         try:
             prepare_extractors(sweep)
             os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C raises KeyboardInterrupt here
@@ -185,6 +253,7 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
             if ray.is_initialized():
                 ray.shutdown()
             killed = end_unfinished_runs(client, experiment_id, parent_id, "KILLED")
+            watch.close()
         summaries = _summaries(client, experiment_id, parent_id, sweep)
         if status != "KILLED" and any(s.status != "FINISHED" for s in summaries):
             status = "FAILED"
@@ -239,6 +308,7 @@ def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, work
         param_space={"task": tune.grid_search(tasks), "context": dataclasses.asdict(context)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=sweep.max_concurrent,
+            reuse_actors=True,
             trial_name_creator=lambda t: t.config["task"]["name"],
             trial_dirname_creator=lambda t: t.config["task"]["name"],
         ),

@@ -99,6 +99,9 @@ class LocalServer:
                 self.process.wait()
 
 
+ACTIVE_SERVERS: list[LocalServer] = []  # the local servers tracking_server has running (stopped on a hard exit)
+
+
 @contextmanager
 def tracking_server(directory: str, log_path: Optional[str] = None) -> Iterator[str]:
     """Yield a tracking URI: $MLFLOW_TRACKING_URI when set, else a local server's for the duration."""
@@ -107,9 +110,11 @@ def tracking_server(directory: str, log_path: Optional[str] = None) -> Iterator[
         yield configured
         return
     server = LocalServer(directory, log_path=log_path).start()
+    ACTIVE_SERVERS.append(server)
     try:
         yield server.uri
     finally:
+        ACTIVE_SERVERS.remove(server)
         server.stop()
 
 

@@ -381,62 +381,61 @@ def _model_data(cfg: TrialConfig, cache: ModelCache, client: MlflowClient, run_i
     return latent_dataset(dataset, vae), dataset, vae
 
 
-def _vae_stage(cfg: TrialConfig, dataset, cache: ModelCache, client: MlflowClient, run_id: str, device):
-    """The VAE of latent diffusion, trained once per data set, latent options, batch size and seed and kept in the
-    model cache (``vae-<hash>``), like the guidance classifier: the first training that needs it trains it under the
-    entry's lock, later trainings and evaluations load it. Its reconstruction and KL on the test split are logged
-    to the run as metrics, with tags naming the entry and the run that trained it."""
-    from diffusion.latent import build_vae, fit_vae, vae_spec
-
-    spec = vae_spec(cfg)
-    entry = "vae-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    with cache.lock(entry, "vae"):
-        record = cache.read(entry, "vae.json")
-        path = cache.fetch(entry, "vae.pt") if record is not None else None
+def _cached_stage(cache: ModelCache, prefix: str, spec: dict, run_id: str, fit: Callable[[], tuple],
+                  build: Callable[[dict], torch.nn.Module], device, seconds_key: str) -> tuple:
+    """A small network trained once per ``spec`` and kept in the model cache as ``<prefix>-<hash>``: the first
+    caller trains it (``fit() -> (module, record)``) under the entry's lock and stores ``<prefix>.pt`` and
+    ``<prefix>.json`` (the record, its training time under ``seconds_key``, the run that computed it and the spec);
+    later callers load it into ``build(record)``. Returns (module in eval mode, record, entry)."""
+    entry = f"{prefix}-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    with cache.lock(entry, prefix):
+        record = cache.read(entry, f"{prefix}.json")
+        path = cache.fetch(entry, f"{prefix}.pt") if record is not None else None
         if path is None:
             started = time.perf_counter()
-            vae, record = fit_vae(cfg, dataset, device)
-            record = {**record, "vae_train_seconds": time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
-            save_atomic({k: v.detach().cpu() for k, v in vae.state_dict().items()}, cache.local(entry, "vae.pt"))
-            cache.put(entry, "vae.pt")
-            cache.write(entry, "vae.json", record)
+            module, record = fit()
+            record = {**record, seconds_key: time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
+            save_atomic({k: v.detach().cpu() for k, v in module.state_dict().items()}, cache.local(entry, f"{prefix}.pt"))
+            cache.put(entry, f"{prefix}.pt")
+            cache.write(entry, f"{prefix}.json", record)
         else:
-            vae = build_vae(cfg, dataset.shape).to(device)
-            vae.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+            module = build(record).to(device)
+            module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return module.eval(), record, entry
+
+
+def _vae_stage(cfg: TrialConfig, dataset, cache: ModelCache, client: MlflowClient, run_id: str, device):
+    """The VAE of latent diffusion, trained once per data set, latent options, batch size and seed and kept in the
+    model cache (``vae-<hash>``, :func:`_cached_stage`): the first training that needs it trains it, later
+    trainings and evaluations load it. Its reconstruction and KL on the test split are logged to the run as
+    metrics, with tags naming the entry and the run that trained it."""
+    from diffusion.latent import build_vae, fit_vae, vae_spec
+
+    vae, record, entry = _cached_stage(cache, "vae", vae_spec(cfg), run_id, lambda: fit_vae(cfg, dataset, device),
+                                       lambda record: build_vae(cfg, dataset.shape), device, "vae_train_seconds")
     client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in record.items()
                                       if k.startswith("vae_")],
                      tags=[RunTag("vae.entry", entry), RunTag("vae.computed_by_run", record["computed_by_run"]),
                            RunTag("vae.latent_shape", "x".join(map(str, record["latent_shape"]))),
                            RunTag("vae.scale", f"{record['scale']:.4f}")])
-    return vae.eval()
+    return vae
 
 
 def _guidance_classifier(cfg: TrialConfig, dataset, trainer: Trainer, cache: ModelCache, client: MlflowClient,
                          run_id: str) -> torch.nn.Module:
     """The noise-conditional classifier of classifier guidance, trained once per data set, process, step count
-    and seed and kept in the model cache (``classifier-<hash>``): the first evaluation that needs it trains it
-    under the entry's lock, later ones load it. Its test accuracy at three noise levels is tagged."""
+    and seed and kept in the model cache (``classifier-<hash>``, :func:`_cached_stage`): the first evaluation that
+    needs it trains it, later ones load it. Its test accuracy at three noise levels is tagged."""
     from diffusion.guidance import build_noisy_classifier, classifier_spec, fit_noisy_classifier
 
-    spec = classifier_spec(cfg)
-    entry = "classifier-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    with cache.lock(entry, "classifier"):
-        record = cache.read(entry, "classifier.json")
-        path = cache.fetch(entry, "classifier.pt") if record is not None else None
-        if path is None:
-            started = time.perf_counter()
-            classifier, record = fit_noisy_classifier(cfg, dataset, trainer.process, trainer.device)
-            record = {**record, "train_seconds": time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
-            save_atomic({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, cache.local(entry, "classifier.pt"))
-            cache.put(entry, "classifier.pt")
-            cache.write(entry, "classifier.json", record)
-        else:
-            classifier = build_noisy_classifier(record["shape"], record["num_classes"]).to(trainer.device)
-            classifier.load_state_dict(torch.load(path, map_location=trainer.device, weights_only=True))
+    classifier, record, entry = _cached_stage(
+        cache, "classifier", classifier_spec(cfg), run_id,
+        lambda: fit_noisy_classifier(cfg, dataset, trainer.process, trainer.device),
+        lambda record: build_noisy_classifier(record["shape"], record["num_classes"]), trainer.device, "train_seconds")
     tags = {"guidance.classifier": entry, "guidance.classifier_computed_by_run": record["computed_by_run"]}
     tags.update({f"guidance.classifier_{k}": f"{v:.4f}" for k, v in record.items() if k.startswith("accuracy_")})
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    return classifier.eval()
+    return classifier
 
 
 def _inverse_problems(trainer: Trainer, dataset, cfg: TrialConfig, client: MlflowClient, run_id: str) -> dict:

@@ -168,17 +168,49 @@ def test_ctrl_c_ends_every_run_killed(tmp_path, server, cache_dir):
     assert len(running) == 2, "both trials should be training"
     proc.send_signal(signal.SIGINT)
     try:
-        output, _ = proc.communicate(timeout=60)
+        # In two full-suite runs one Ctrl-C did not stop the driver (not reproduced alone): the driver's watcher
+        # (runner.InterruptWatch) then marks the runs KILLED and exits, ORCHESTRATOR_STOP_GRACE = 30 s after it
+        output, _ = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        # Once in a full-suite run on a loaded machine, one Ctrl-C did not stop the driver within 120 s (not
-        # reproduced alone); a user presses it again, and the runs must still end KILLED.
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError("the driver did not exit within 90 s of Ctrl-C:\n" + output[-5000:])
     assert proc.returncode == 130, output[-3000:]
     parents, training, evaluation = all_runs(client, "interrupted")
     assert [r.info.status for r in parents] == ["KILLED"]
     assert [r.info.status for r in training] == ["KILLED", "KILLED"]
     assert all(r.info.status == "KILLED" for r in evaluation)
+
+
+WATCHED = """
+import sys, time
+from orchestrator.runner import InterruptWatch
+watch = InterruptWatch(lambda: print("stop called", flush=True), grace=float(sys.argv[1]))
+print("ready", flush=True)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("graceful stop", flush=True)
+    time.sleep(60)  # a graceful stop that never ends (as Ray's shutdown once did)
+"""
+
+
+@pytest.mark.parametrize("presses, grace", [(1, 2.0), (2, 600.0)])
+def test_interrupt_watch_ends_a_stuck_stop(tmp_path, presses, grace):
+    """runner.InterruptWatch: the first Ctrl-C starts the graceful stop (KeyboardInterrupt in the main thread); if
+    that hangs, the watcher calls stop and exits 130 after the grace period, or at once at a second Ctrl-C."""
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED, str(grace)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    if presses == 2:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "graceful stop" in output and "stop called" in output, output
+    assert time.monotonic() - started < 10
+    assert ("Ctrl-C again" in output) == (presses == 2)
 
 
 def test_zoo_smoke_trains_and_samples_every_value(tmp_path, server, cache_dir):
