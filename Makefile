@@ -18,8 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/orchestrator sweep sweeps/ddpm_vs_ncsn.yaml
 
+# The integration tests (marked `integration`) mostly wait on Ray and MLflow; the unit tests run beside them on the
+# second core, their output printed when both are done. Fails if either fails.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@unit_log=$$(mktemp); \
+	$(BIN)/python -m pytest -q -m "not integration" > $$unit_log 2>&1 & unit_pid=$$!; \
+	$(BIN)/python -m pytest -q -m integration; integration=$$?; \
+	wait $$unit_pid; unit=$$?; \
+	echo "--- unit tests (pytest -m 'not integration') ---"; cat $$unit_log; rm -f $$unit_log; \
+	echo "integration tests: exit $$integration; unit tests: exit $$unit"; \
+	test $$integration -eq 0 -a $$unit -eq 0
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/demo.py

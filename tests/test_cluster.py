@@ -73,7 +73,7 @@ def test_stopped_worker_node_reschedules_its_trial(tmp_path, cluster, server):
     cluster.start_node("worker", 1, {"worker": 1})
     head_id, worker_id = cluster.node_id("head"), cluster.node_id("worker")
     variants = {"s0": {"seed": 0}, "s1": {"seed": 1}}  # 1 CPU each: one trial per node
-    path = sweep_file(tmp_path / "stop.yaml", "node_stop", 600, variants, checkpoint_every=50)
+    path = sweep_file(tmp_path / "stop.yaml", "node_stop", 300, variants, checkpoint_every=50)
     proc = sweep(cluster, path, tmp_path, server.uri)
     client = MlflowClient(server.uri)
     deadline, moved = time.monotonic() + 300, None
@@ -94,7 +94,7 @@ def test_stopped_worker_node_reschedules_its_trial(tmp_path, cluster, server):
     assert int(again.data.tags["resumed_from_step"]) >= 100
     for run in trainings:
         logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
-        assert logged == list(range(10, 601, 10))
+        assert logged == list(range(10, 301, 10))
     evaluations = stage_runs(client, "node_stop", "evaluate")
     assert sorted(r.data.tags["trial"] for r in evaluations) == ["s0", "s1"]
     assert all(r.info.status == "FINISHED" for r in evaluations)

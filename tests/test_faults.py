@@ -74,7 +74,7 @@ def assert_complete_history(client, run, steps: int):
 
 
 def test_killed_worker_is_retried_and_resumes_in_the_same_run(tmp_path, server):
-    path = write_sweep(tmp_path / "worker.yaml", "fault_worker", steps=400, seeds=[0])
+    path = write_sweep(tmp_path / "worker.yaml", "fault_worker", steps=250, seeds=[0])
     proc = start(["sweep", path], tmp_path, server.uri)
     client = MlflowClient(server.uri)
     run = wait_for(lambda: training_at(client, "fault_worker", 120), 300, proc, "training reached step 120")
@@ -88,7 +88,7 @@ def test_killed_worker_is_retried_and_resumes_in_the_same_run(tmp_path, server):
     assert training.data.tags["attempts"] == "2" and training.data.tags["worker"] != run.data.tags["worker"]
     resumed = int(training.data.tags["resumed_from_step"])
     assert resumed >= 100 and resumed % 50 == 0  # from the last checkpoint, not from scratch
-    assert_complete_history(client, training, 400)
+    assert_complete_history(client, training, 250)
     [evaluation] = runs(client, "fault_worker", "evaluate")
     assert evaluation.info.status == "FINISHED" and evaluation.data.tags["training_run_id"] == training.info.run_id
     assert [p.info.status for p in runs(client, "fault_worker", "parent")] == ["FINISHED"]
@@ -133,7 +133,7 @@ def test_mlflow_server_restart_loses_no_metric(tmp_path):
     directory.mkdir()
     port = free_port()
     server = LocalServer(str(directory), port=port).start()
-    path = write_sweep(tmp_path / "restart.yaml", "fault_server", steps=400, seeds=[0])
+    path = write_sweep(tmp_path / "restart.yaml", "fault_server", steps=300, seeds=[0])
     proc = start(["sweep", path], tmp_path, server.uri)
     try:
         client = MlflowClient(server.uri)
@@ -145,7 +145,7 @@ def test_mlflow_server_restart_loses_no_metric(tmp_path):
         assert proc.returncode == 0, output[-3000:]
         [training] = runs(client, "fault_server", "train")
         assert training.info.status == "FINISHED"
-        assert_complete_history(client, training, 400)
+        assert_complete_history(client, training, 300)
         [evaluation] = runs(client, "fault_server", "evaluate")
         assert evaluation.info.status == "FINISHED"
         assert [p.info.status for p in runs(client, "fault_server", "parent")] == ["FINISHED"]
