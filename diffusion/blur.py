@@ -86,9 +86,6 @@ class BlurProcess(DiscreteProcess):
         """N(0, I) in the DCT basis, drawn in pixel space and rotated."""
         return self.to_basis(torch.randn(shape, generator=generator, device=device))
 
-    def prior_sample(self, shape, generator, device):
-        """N(0, diag(sigma_k(1)^2)) in the DCT basis (1 - alpha_k(1)^2 per frequency)."""
-        return self.sigma(torch.ones(1)).to(device) * self.noise(shape, generator, device)
 
 
 class InBasis(torch.nn.Module):

@@ -256,8 +256,8 @@ class GaussianProcess:
 
     def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
         """A draw from the prior at t = 1: N(0, sigma(1)^2 I) (N(0, I) for vp, N(0, sigma_max^2 I) for ve)."""
-        noise = torch.randn(shape, generator=generator, device=device)
-        return self.sigma(torch.ones(1)).item() * noise
+        sigma = self.sigma(torch.ones(1))
+        return (sigma.item() if sigma.numel() == 1 else sigma.to(device)) * self.noise(shape, generator, device)
 
     # --- the SDE (Song et al. 2021, eq. 5; Kingma et al. 2021, appendix A.1) ----------------
     def sde(self, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -51,7 +51,7 @@ def _full(t: Tensor | float, x: Tensor) -> Tensor:
 
 def _noise(x: Tensor, generator: torch.Generator, process: Optional[GaussianProcess] = None) -> Tensor:
     """N(0, I) like x (in ``process``'s basis: the same draws, rotated, for a per-dimension process)."""
-    if process is not None and process.per_dimension:
+    if process is not None:
         return process.noise(x.shape, generator, x.device).to(x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device)
 

@@ -14,7 +14,7 @@ from diffusion.degradations import blur, dct_matrix
 from diffusion.denoiser import Denoiser
 from diffusion.errors import ConfigError
 from diffusion.processes import build_process
-from diffusion.samplers import SAMPLERS, draw_samples, make_timesteps
+from diffusion.samplers import draw_samples, make_timesteps
 from diffusion.training import BlurTrainer, build_trainer
 
 SHAPE = (1, 8, 8)
@@ -188,4 +188,4 @@ def test_trains_and_samples_digits():
     x = dataset.train[:4]
     assert torch.allclose(trainer.process.from_basis(trainer.process.to_basis(x)), x, atol=1e-5)
     assert torch.allclose(trainer.process.to_basis(x).pow(2).sum(), x.pow(2).sum(), rtol=1e-5)
-    assert make_timesteps(trainer.process, cfg.sample).numel() == 10 and "ancestral" in SAMPLERS.names()
+    assert make_timesteps(trainer.process, cfg.sample).numel() == 10
