@@ -124,6 +124,7 @@ class SampleConfig:
     guidance_scale: float = 1.0  # class_conditional: classifier-free guidance s, eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, eq. 6 with s = 1 + w): 0 unconditional, 1 conditional, > 1 guided (needs train.cond_dropout > 0 unless 1)
     classifier_scale: float = 0.0  # classifier guidance (Dhariwal & Nichol 2021): scale of grad log p(y | x_t) added to the score, from a noise-conditional classifier trained once per data set, process and seed (0: off)
     classifier_steps: int = 2000  # classifier guidance: training steps of the noise-conditional classifier
+    prior_noise: Optional[float] = None  # naive and cold: std of the Gaussian perturbation of the generation start x_T that breaks a deterministic degradation's symmetry, subtracted again by cold_improved (Bansal et al. 2022, sec. 5.2; default: 0.5 for mask, 0.01 for blur and pixelate, 0 for naive)
 
 
 @dataclass
@@ -246,6 +247,8 @@ def _validate_restoration(cfg: TrialConfig, point_sets: tuple[str, ...]) -> Tria
     if cfg.sample.sampler not in degradations.COLD_SAMPLERS.names():
         raise ConfigError("sample.sampler", cfg.sample.sampler, f"{', '.join(degradations.COLD_SAMPLERS.names())} with {what}",
                           detail="the Gaussian samplers need eps, alpha and sigma; a degradation has none")
+    _check(cfg.sample.prior_noise is None or cfg.sample.prior_noise >= 0, "sample.prior_noise", cfg.sample.prior_noise,
+           "a number >= 0 or null (the degradation's default)")
     if cfg.sample.steps is not None:
         _check(1 <= cfg.sample.steps <= process.T, "sample.steps", cfg.sample.steps, f"an integer in [1, process.T = {process.T}] or null")
     nets.validate(cfg.model)
@@ -449,6 +452,8 @@ def validate(cfg: TrialConfig) -> TrialConfig:
                "uniform, quadratic or karras in continuous time (leading and trailing pick discrete steps)")
     _check(0.0 <= cfg.sample.eta <= 1.0, "sample.eta", cfg.sample.eta, "a number in [0, 1]")
     _check(cfg.sample.churn >= 0, "sample.churn", cfg.sample.churn, "a number >= 0")
+    _check(cfg.sample.prior_noise is None, "sample.prior_noise", cfg.sample.prior_noise,
+           "null with a Gaussian process (it perturbs the start of naive and cold generation)")
     _check(cfg.sample.snr > 0, "sample.snr", cfg.sample.snr, "a positive number")
     _check(cfg.sample.corrector_steps >= 0, "sample.corrector_steps", cfg.sample.corrector_steps, "an integer >= 0")
     _check(cfg.sample.rtol > 0 and cfg.sample.atol > 0, "sample.rtol", cfg.sample.rtol, "positive tolerances")

@@ -380,6 +380,12 @@ class RestorationTrainer(Trainer):
         T, steps = self.degradation.T, self.cfg.sample.steps
         return 1 if steps is None else max(1, round(T / steps))
 
+    @property
+    def prior_noise(self) -> float:
+        """The std of the perturbation of x_T: ``sample.prior_noise``, else the degradation's default."""
+        chosen = self.cfg.sample.prior_noise
+        return self.degradation.prior_noise if chosen is None else float(chosen)
+
     def sample(self, n: int, seed: int, labels: Optional[torch.Tensor] = None,
                classifier: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
         from .degradations import COLD_SAMPLERS
@@ -393,7 +399,11 @@ class RestorationTrainer(Trainer):
             for start in range(0, n, self.cfg.sample.batch_size):
                 size = min(self.cfg.sample.batch_size, n - start)
                 x_T = self.degradation.prior(size, self.train_data, generator)
-                x, nfe = sampler(restore, self.degradation, x_T, generator=generator, step=self.step_size())
+                perturbation = None
+                if self.prior_noise > 0:
+                    perturbation = self.prior_noise * torch.randn(x_T.shape, generator=generator, device=x_T.device)
+                x, nfe = sampler(restore, self.degradation, x_T, generator=generator, step=self.step_size(),
+                                 perturbation=perturbation)
                 batches.append(x.float().cpu())
         return torch.cat(batches), nfe
 

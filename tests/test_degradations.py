@@ -88,11 +88,15 @@ def test_pixelate_is_block_averaging_and_the_mean_at_t():
 @pytest.mark.parametrize("name", ["mask", "blur", "pixelate"])
 @pytest.mark.parametrize("sampler", COLD_SAMPLERS.names())
 @pytest.mark.parametrize("step", [1, 3])
-def test_samplers_with_the_exact_restorer_return_x0(name, sampler, step):
+@pytest.mark.parametrize("perturbed", [False, True])
+def test_samplers_with_the_exact_restorer_return_x0(name, sampler, step, perturbed):
+    """Also with a perturbation of x_T: Algorithm 1 forgets it, Algorithm 2 carries it to the end and removes it."""
     degradation = build_degradation(name, 10, SHAPE, blur_sigma_max=3.0)
     x0 = images(4)
     x_T = degradation(x0, 10)
-    out, nfe = COLD_SAMPLERS.get(sampler)(lambda x, s: x0, degradation, x_T, generator=torch.Generator(), step=step)
+    perturbation = 0.1 * torch.randn(x_T.shape, generator=torch.Generator().manual_seed(3)) if perturbed else None
+    out, nfe = COLD_SAMPLERS.get(sampler)(lambda x, s: x0, degradation, x_T, generator=torch.Generator(), step=step,
+                                          perturbation=perturbation)
     assert nfe == math.ceil(10 / step)
     assert torch.allclose(out, x0, atol=1e-5)
 
@@ -113,10 +117,15 @@ def test_algorithm_2_cancels_a_constant_restorer_error_that_algorithm_1_keeps():
 
 @pytest.mark.parametrize("name", DEGRADATIONS.names())
 def test_priors_are_diverse_and_shaped(name):
+    """The generation start with the degradation's default perturbation differs from sample to sample (for the
+    mask, whose prior is the one empty image, only through the perturbation)."""
     reference = images(50)
     degradation = build_degradation(name, 10, SHAPE)
-    x_T = degradation.prior(8, reference, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    x_T = degradation.prior(8, reference, generator)
     assert x_T.shape == (8, *SHAPE) and torch.isfinite(x_T).all()
+    assert (name == "mask") == torch.equal(x_T[0], x_T[1])
+    x_T = x_T + degradation.prior_noise * torch.randn(x_T.shape, generator=generator)
     assert not torch.allclose(x_T[0], x_T[1])
 
 
@@ -129,7 +138,9 @@ def test_validation_of_naive_and_cold_trials():
            (dataclasses.replace(cfg, process=ProcessConfig(name="naive", T="continuous")), "process.T"),
            (dataclasses.replace(cfg, data=DataConfig(name="moons")), "data.name"),
            (dataclasses.replace(cfg, model=ModelConfig(parameterization="v")), "model.parameterization"),
-           (dataclasses.replace(cfg, sample=SampleConfig(sampler="cold_improved", steps=11)), "sample.steps")]
+           (dataclasses.replace(cfg, sample=SampleConfig(sampler="cold_improved", steps=11)), "sample.steps"),
+           (dataclasses.replace(cfg, sample=SampleConfig(sampler="cold_improved", prior_noise=-0.1)), "sample.prior_noise"),
+           (TrialConfig(sample=SampleConfig(prior_noise=0.1)), "sample.prior_noise")]
     for config, key in bad:
         with pytest.raises(ConfigError) as error:
             validate(config)

@@ -187,6 +187,9 @@ def test_label_dropout_rate_and_validation():
         assert error.value.key == key and words in str(error.value), (key, str(error.value))
 
 
+DIGITS_STEPS = 600  # training steps of the digits test: enough for recognisable digits
+
+
 def _nearest_label(points, dataset):
     distances = torch.cdist(points, dataset.train)
     return dataset.train_labels[distances.argmin(dim=1)]
@@ -211,3 +214,34 @@ def test_trained_conditional_model_samples_its_requested_class():
         accuracy[scale] = (_nearest_label(samples, dataset) == labels).float().mean().item()
     assert accuracy[1.0] > 0.9 and accuracy[3.0] >= accuracy[1.0] - 0.02, accuracy
     assert abs(accuracy[0.0] - 0.5) < 0.1, accuracy  # unconditional: half of the points on the asked-for moon
+
+
+def test_trained_digits_model_samples_are_classified_as_their_requested_class(tmp_path):
+    """The issue's figure in small: a class-conditional U-Net trained briefly on the 8x8 digits (label dropout
+    0.1), sampled with DDIM for every class in turn; the data set's classifier (the `classifier` FID extractor's
+    network, through the trial's metric) puts the conditional samples in their requested class far above the
+    10 % of chance, guidance (scale 3) more often still, and the unconditional half (scale 0) near chance
+    (measured: 0.68, 0.865 and 0.10; the classifier itself: 0.986)."""
+    from diffusion.config import EvalConfig
+    from diffusion.metrics import conditional_metrics
+
+    torch.manual_seed(0)
+    cfg = TrialConfig(data=DataConfig(name="digits"), process=ProcessConfig(T=1000),
+                      model=ModelConfig(channels=16, channel_mult=[1, 2], groups=8, class_conditional=True),
+                      train=TrainConfig(steps=DIGITS_STEPS, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99,
+                                        cond_dropout=0.1),
+                      sample=SampleConfig(sampler="ddim", steps=25, n=200, batch_size=200))
+    dataset = load_dataset(cfg.data)
+    trainer = Trainer(cfg, dataset, torch.device("cpu"))
+    trainer.train()
+    eval_cfg = EvalConfig(classifier_steps=300, cache_dir=str(tmp_path))
+    labels = round_robin_labels(200, 10)
+    accuracy = {}
+    for scale in (0.0, 1.0, 3.0):
+        trainer.cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance_scale=scale))
+        samples, _ = trainer.sample(200, seed=1, labels=labels)
+        metrics, _ = conditional_metrics(samples, labels, dataset, eval_cfg, torch.device("cpu"))
+        accuracy[scale] = metrics["class_accuracy"]
+    assert metrics["class_accuracy_reference"] > 0.9, metrics
+    assert accuracy[1.0] > 0.5 and accuracy[3.0] > accuracy[1.0], accuracy
+    assert accuracy[0.0] < 0.25, accuracy
