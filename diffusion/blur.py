@@ -87,7 +87,6 @@ class BlurProcess(DiscreteProcess):
         return self.to_basis(torch.randn(shape, generator=generator, device=device))
 
 
-
 class InBasis(torch.nn.Module):
     """A pixel-space network seen from the process's basis: ``network(from_basis(u), t, ...)`` rotated back.
     Every parameterization's output (eps, x0, v, score) is linear in the data, so it rotates the same way."""

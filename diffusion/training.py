@@ -340,7 +340,6 @@ def _numpy_state_from_tensors(d: dict):
     return ("MT19937", d["keys"].numpy().astype(np.uint32), int(d["pos"]), int(d["has_gauss"]), float(d["cached"]))
 
 
-
 # Processes that are not Gaussian: a network restores x0 from a degraded image (Bansal et al. 2022).
 RESTORATION_PROCESSES = ("naive", "cold")
 
