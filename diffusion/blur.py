@@ -95,5 +95,10 @@ class InBasis(torch.nn.Module):
         super().__init__()
         self.network, self.process = network, process
 
+    @property
+    def label_embedding(self):
+        """The wrapped network's label embedding (classifier-free guidance reads its null label)."""
+        return self.network.label_embedding
+
     def forward(self, u: Tensor, t: Tensor, *labels: Tensor) -> Tensor:
         return self.process.to_basis(self.network(self.process.from_basis(u), t, *labels))

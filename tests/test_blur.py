@@ -189,3 +189,28 @@ def test_trains_and_samples_digits():
     assert torch.allclose(trainer.process.from_basis(trainer.process.to_basis(x)), x, atol=1e-5)
     assert torch.allclose(trainer.process.to_basis(x).pow(2).sum(), x.pow(2).sum(), rtol=1e-5)
     assert make_timesteps(trainer.process, cfg.sample).numel() == 10
+
+
+def test_class_conditional_blur_model_with_classifier_free_guidance():
+    """Conditioning and classifier-free guidance pass through the DCT basis: the guided eps_hat of the doubled batch
+    is eps_u + s (eps_c - eps_u) of two separate calls, scale 0 is the null-label model; a conditional model with
+    label dropout trains, and guided sampling costs two network evaluations per step."""
+    cfg = dataclasses.replace(trial(), model=dataclasses.replace(trial().model, class_conditional=True),
+                              train=dataclasses.replace(trial().train, cond_dropout=0.2),
+                              sample=dataclasses.replace(trial().sample, guidance_scale=2.5))
+    validate(cfg)
+    dataset = load_dataset(cfg.data)
+    trainer = build_trainer(cfg, dataset)
+    history = trainer.train()
+    assert all(math.isfinite(r.loss) for r in history)
+    labels = torch.arange(6) % 10
+    u = torch.randn(6, *dataset.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((6,), 40)
+    with torch.no_grad():
+        eps_c, eps_u = trainer.ema_denoiser(labels, 1.0).eps(u, t), trainer.ema_denoiser(None, 1.0).eps(u, t)
+        guided = trainer.ema_denoiser(labels, 2.5)
+        assert torch.allclose(guided.eps(u, t), eps_u + 2.5 * (eps_c - eps_u), atol=1e-5)
+        assert torch.allclose(trainer.ema_denoiser(labels, 0.0).eps(u, t), eps_u, atol=1e-6)
+        assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the labels reach the network
+    samples, nfe = trainer.sample(10, seed=1)
+    assert samples.shape == (10, *dataset.shape) and torch.isfinite(samples).all() and nfe == 20 and guided.cost == 2
