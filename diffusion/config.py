@@ -274,7 +274,6 @@ def _validate_blur(cfg: TrialConfig, point_sets: tuple[str, ...]) -> None:
         ("loss.weighting", cfg.loss.weighting, ("simple",)),
         ("loss.t_sampling", cfg.loss.t_sampling, ("uniform",)),
         ("loss.objective", cfg.loss.objective, ("denoising",)),
-        ("sample.classifier_scale", cfg.sample.classifier_scale, (0.0, 0)),
         ("sample.sampler", cfg.sample.sampler, ("ancestral", "ddim")),
         ("sample.spacing", cfg.sample.spacing, ("uniform", "leading", "trailing", "quadratic")),
     ):

@@ -64,7 +64,8 @@ def train_noisy_classifier(classifier: nn.Module, process: GaussianProcess, x: T
                            on_log: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Cross-entropy of p_phi(y | x_t, t) on x_t = alpha(t) x0 + sigma(t) eps, t uniform on the process's
     training times (Dhariwal & Nichol 2021, sec. 4: the classifier sees the noised data the sampler
-    visits). Adam with the given generator for every draw; returns the loss every 50 steps."""
+    visits). The noising happens in the process's basis (blur diffusion's DCT), the classifier sees pixels.
+    Adam with the given generator for every draw; returns the loss every 50 steps."""
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
     classifier.train()
     history, window = [], []
@@ -72,7 +73,7 @@ def train_noisy_classifier(classifier: nn.Module, process: GaussianProcess, x: T
         index = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator, device=x.device)
         t = process.sample_times(len(index), generator, x.device)
         eps = torch.randn(x[index].shape, generator=generator, device=x.device)
-        x_t = process.marginal(x[index], t, eps)
+        x_t = process.from_basis(process.marginal(process.to_basis(x[index]), t, eps))
         loss = F.cross_entropy(classifier(x_t, process.network_time(t)), labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -99,14 +100,16 @@ def classifier_log_prob_grad(classifier: ClassifierFunction, x_t: Tensor, t: Ten
 def classifier_guided(denoiser: Denoiser, classifier: ClassifierFunction, labels: Tensor, scale: float,
                       network_time: bool = True) -> Denoiser:
     """The denoiser guided towards ``labels [B]`` by a classifier: eps - scale * sigma(t) * grad log p(y | x_t)
-    (module docstring). ``classifier(x_t, time)`` receives the process's network time when
+    (module docstring), with x_t in the process's basis: the classifier sees pixels, the gradient is taken
+    with respect to the basis coefficients. ``classifier(x_t, time)`` receives the process's network time when
     ``network_time`` (a trained :func:`build_noisy_classifier`), the plain t otherwise (an exact classifier)."""
     process = denoiser.process
 
     def eps_fn(x_t: Tensor, t: Tensor):
         eps, head = denoiser.predict(x_t, t)
         time = process.network_time(t) if network_time else t
-        grad = classifier_log_prob_grad(classifier, x_t, time, labels)
+        in_basis = lambda u, time: classifier(process.from_basis(u), time)  # noqa: E731 (pixels for the classifier)
+        grad = classifier_log_prob_grad(in_basis, x_t, time, labels)
         eps = eps - scale * expand(process.sigma(t), x_t).to(eps.dtype) * grad
         return (eps, head) if denoiser.learned_variance else eps
 
@@ -120,7 +123,8 @@ def noisy_classifier_accuracy(classifier: nn.Module, process: GaussianProcess, x
     with torch.no_grad():
         for time in times:
             t = torch.full((len(x),), float(time), device=x.device)
-            x_t = process.marginal(x, t, torch.randn(x.shape, generator=generator, device=x.device))
+            eps = torch.randn(x.shape, generator=generator, device=x.device)
+            x_t = process.from_basis(process.marginal(process.to_basis(x), t, eps))
             predicted = classifier(x_t, process.network_time(t)).argmax(dim=1)
             result[float(time)] = float((predicted == labels).float().mean())
     return result
