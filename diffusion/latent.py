@@ -29,6 +29,11 @@ LIKELIHOOD_NOTE = ("latent diffusion: bits/dim of the VAE's codes are not the da
                    "would have to be added), so none are computed")
 
 
+def gaussian_kl(mean: Tensor, log_var: Tensor) -> Tensor:
+    """KL(N(mean, diag exp(log_var)) || N(0, I)) in nats per example [B]."""
+    return 0.5 * (mean**2 + log_var.exp() - 1 - log_var).flatten(1).sum(1)
+
+
 class ConvVAE(nn.Module):
     """Encoder: conv, then per factor of 2 a stride-2 conv, each followed by SiLU, then a 1x1 conv to 2c channels
     (mean and log-variance). Decoder: the mirror image, nearest-neighbour upsampling then conv, output tanh."""
@@ -65,7 +70,7 @@ class ConvVAE(nn.Module):
         mean, log_var = self.posterior(x)
         z = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=generator, device=x.device)
         recon = (self.decode(z) - x).pow(2).flatten(1).mean(1)
-        kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).flatten(1).sum(1)
+        kl = gaussian_kl(mean, log_var)
         return recon + kl_weight * kl / mean[0].numel(), recon, kl
 
     def encode(self, x: Tensor) -> Tensor:
@@ -113,16 +118,16 @@ def fit_vae(cfg, dataset: Dataset, device: torch.device) -> tuple[ConvVAE, dict]
     with torch.no_grad():
         codes = torch.cat([vae.posterior(batch)[0] for batch in train.split(1024)])
         vae.scale.fill_(codes.std().item())
-        record = evaluate_vae(vae, dataset.test.to(device), cfg.model.vae_kl_weight, generator)
+        record = evaluate_vae(vae, dataset.test.to(device))
     return vae, {**record, "scale": vae.scale.item(), "shape": list(dataset.shape), "latent_shape": list(vae.latent_shape)}
 
 
 @torch.no_grad()
-def evaluate_vae(vae: ConvVAE, x: Tensor, kl_weight: float, generator: Optional[torch.Generator] = None) -> dict:
+def evaluate_vae(vae: ConvVAE, x: Tensor) -> dict:
     """Reconstruction of x by the posterior mean (MSE, PSNR for data in [-1, 1]) and the KL of q(z | x)."""
-    mean, _ = vae.posterior(x)
+    mean, log_var = vae.posterior(x)
     mse = (vae.decode(mean) - x).pow(2).flatten(1).mean(1)
-    _, _, kl = vae.loss(x, kl_weight, generator)
+    kl = gaussian_kl(mean, log_var)
     return {"vae_recon_mse": mse.mean().item(), "vae_recon_psnr": (10 * torch.log10(4.0 / mse)).mean().item(),
             "vae_kl": kl.mean().item(), "vae_kl_per_dim": kl.mean().item() / mean[0].numel()}
 

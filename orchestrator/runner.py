@@ -100,12 +100,13 @@ STOP_GRACE_SECONDS = float(os.environ.get("ORCHESTRATOR_STOP_GRACE", "30"))
 
 
 class InterruptWatch:
-    """The backstop of Ctrl-C. The main thread gets KeyboardInterrupt (at the first Ctrl-C only) and stops gracefully
-    (Ray shut down, unfinished runs marked KILLED). A watcher thread learns of every SIGINT through ``signal.set_wakeup_fd``, which Python's C
-    signal handler writes to even while the main thread is blocked in native code (where no KeyboardInterrupt can be
-    raised); once and if the driver is still alive ``grace`` seconds after the first Ctrl-C, or at a second Ctrl-C,
-    it calls ``stop`` (mark the runs KILLED), stops the local tracking server and exits with status 130 without
-    waiting for Ray (a local Ray instance's processes share the driver's fate). Installed only from the main thread."""
+    """The backstop of Ctrl-C. The main thread gets KeyboardInterrupt (at the first Ctrl-C only) and stops
+    gracefully (Ray shut down, unfinished runs marked KILLED). A watcher thread learns of every SIGINT through
+    ``signal.set_wakeup_fd``, which Python's C signal handler writes to even while the main thread is blocked in
+    native code (where no KeyboardInterrupt can be raised). If the driver is still stopping ``grace`` seconds after
+    the first Ctrl-C, or at a second Ctrl-C, the watcher calls ``stop`` (mark the runs KILLED), stops the local
+    tracking server and exits with status 130 without waiting for Ray (a local Ray instance's processes share the
+    driver's fate). Installed only from the main thread."""
 
     def __init__(self, stop, grace: float = STOP_GRACE_SECONDS):
         self.stop, self.grace, self.previous, self.closed = stop, grace, None, False

@@ -272,7 +272,7 @@ def test_beyond_smoke_runs_every_degradation_sampler_and_guidance(tmp_path, serv
         assert ("bpd.skipped" in run.data.tags) == restoration and ("bpd_ode" in run.data.metrics) != restoration
         guided = run.data.tags["trial"].endswith("guidance")
         assert ("class_accuracy" in run.data.metrics) == guided == ("fid_class_mean" in run.data.metrics)
-        if run.data.tags["trial"] == "free_guidance":
+        if run.data.tags["trial"] in ("free_guidance", "blur_linear_guidance"):
             assert run.data.metrics["sample_nfe"] == 16  # 8 steps, two predictions each
         if run.data.tags["trial"] == "classifier_guidance":
             assert float(run.data.tags["guidance.classifier_accuracy_t0.1"]) > 0.1
