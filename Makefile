@@ -42,4 +42,4 @@ bench-orchestration: $(STAMP)
 	$(BIN)/python benchmarks/orchestration.py
 
 clean:
-	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log
+	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log mlflow-server.json mlflow-server.lock

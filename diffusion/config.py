@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -109,7 +110,7 @@ class SampleConfig:
     n: int = 1000  # samples drawn per trial
     batch_size: int = 500  # samples drawn per network call
     steps: Optional[int] = None  # time steps visited, the NFE budget (default: every step of a discrete process; 100 in continuous time)
-    spacing: str = "uniform"  # which times: uniform, leading, trailing (discrete only), quadratic, karras
+    spacing: str = "uniform"  # which times: uniform, leading, trailing (discrete only), quadratic (in the step index, from t_min up to t = 1; DDIM's code stops at 0.8 T), karras
     rho: float = 7.0  # karras spacing: exponent rho (Karras et al. 2022, eq. 5)
     eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral (Song, Meng & Ermon 2021, eq. 16)
     churn: float = 0.0  # ode_heun: S_churn of Karras et al. 2022, Algorithm 2 (0: deterministic Algorithm 1)
@@ -176,6 +177,90 @@ class TrialConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0  # seed of training, sampling and evaluation
+
+
+# The least and most value of every integer option (of each element of a list), checked by validate and shown in
+# the option table. Generous, but finite: a slip (process.T: 10000000000) is refused at once instead of running for
+# days or out of memory. Seeds are below 2**63 (torch takes seeds below 2**64; trials add small offsets).
+INT_BOUNDS: Dict[str, tuple[int, int]] = {
+    "data.image_size": (1, 4096),
+    "data.n_points": (10, 10_000_000),
+    "data.split_seed": (0, 2**63 - 1),
+    "process.T": (1, 100_000),
+    "process.learned_hidden": (1, 65_536),
+    "model.channels": (1, 4096),
+    "model.channel_mult": (1, 64),
+    "model.num_res_blocks": (1, 64),
+    "model.groups": (1, 4096),
+    "model.hidden": (1, 65_536),
+    "model.depth": (1, 256),
+    "model.latent_channels": (1, 4096),
+    "model.vae_channels": (1, 4096),
+    "model.vae_steps": (1, 10_000_000),
+    "loss.importance_bins": (1, 100_000),
+    "loss.n_projections": (1, 1024),
+    "train.steps": (1, 10_000_000),
+    "train.batch_size": (1, 65_536),
+    "train.warmup": (0, 10_000_000),
+    "train.log_every": (1, 10_000_000),
+    "train.checkpoint_every": (0, 10_000_000),
+    "sample.n": (1, 1_000_000),
+    "sample.batch_size": (1, 65_536),
+    "sample.steps": (1, 100_000),
+    "sample.corrector_steps": (0, 1000),
+    "sample.steps_per_level": (1, 100_000),
+    "sample.grid": (0, 10_000),
+    "sample.classifier_steps": (1, 10_000_000),
+    "eval.fid_n": (2, 1_000_000),
+    "eval.bpd_n": (1, 1_000_000),
+    "eval.ode_max_nfe": (10, 10_000_000),
+    "eval.hutchinson_probes": (1, 1024),
+    "eval.dequant_draws": (1, 1024),
+    "eval.classifier_steps": (1, 10_000_000),
+    "eval.inverse_n": (1, 1_000_000),
+    "eval.inverse_cg_iterations": (1, 10_000),
+    "resources.max_failures": (0, 1000),
+    "seed": (0, 2**63 - 1),
+}
+
+
+def show_bound(n: int) -> str:
+    """A bound as the option table and error messages write it: 4096, 10_000_000 (valid YAML and Python), 2**63 - 1."""
+    return "2**63 - 1" if n == 2**63 - 1 else f"{n:_}" if n >= 10_000 else str(n)
+
+
+def _get(cfg: TrialConfig, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_bounds(cfg: TrialConfig) -> None:
+    """Every integer option within INT_BOUNDS (None, 'continuous' and wrong types are left to the specific checks)."""
+    for key, (low, high) in INT_BOUNDS.items():
+        value = _get(cfg, key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, int) and not isinstance(item, bool) and not low <= item <= high:
+                each = "each element " if isinstance(value, list) else ""
+                also = " or 'continuous'" if key == "process.T" else ""
+                raise ConfigError(key, value, f"{each}an integer >= {show_bound(low)} and <= {show_bound(high)}{also}",
+                                  detail="the bounds of the option table")
+
+
+def _check_finite(value, key: str) -> None:
+    """No infinite or NaN number anywhere in the config (dataclass fields, lists, dicts), naming its dotted key."""
+    if dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            _check_finite(getattr(value, item.name), f"{key}.{item.name}" if key else item.name)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(item, key)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, value, "a finite number", detail="inf and nan are refused everywhere")
 
 
 # What determines the trained weights: these sections and the seed (plus the package version). The sample,
@@ -342,6 +427,8 @@ def _validate_common(cfg: TrialConfig) -> None:
     _check(cfg.resources.gpu >= 0, "resources.gpu", cfg.resources.gpu, "a number >= 0 (fractions allowed)")
     _check(cfg.resources.device in ("auto", "cpu", "cuda"), "resources.device", cfg.resources.device, "auto, cpu or cuda")
     for name, amount in cfg.resources.custom.items():
+        _check(isinstance(amount, (int, float)) and not isinstance(amount, bool), f"resources.custom.{name}", amount,
+               "a number >= 0 (an amount of the custom resource per trial)")
         _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"resources.custom.{name}", name,
                "a custom resource name (CPU and GPU are resources.cpu and resources.gpu)")
         _check(amount >= 0, f"resources.custom.{name}", amount, "a number >= 0")
@@ -381,6 +468,8 @@ def validate(cfg: TrialConfig) -> TrialConfig:
     # Imported here: the registries import this module.
     from . import data, losses, nets, parameterizations, processes, samplers
 
+    _check_finite(cfg, "")
+    _check_bounds(cfg)
     data.DATASETS.get(cfg.data.name)
     _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a number in (0, 1)")
     _check(cfg.data.n_points >= 10, "data.n_points", cfg.data.n_points, "an integer >= 10")

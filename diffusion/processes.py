@@ -71,8 +71,12 @@ def _betas_from_alphabar(alphabar: Callable[[Tensor], Tensor], cfg: ProcessConfi
 
 
 def sigmoid_alphabar(t: Tensor, cfg: ProcessConfig) -> Tensor:
-    """The sigmoid schedule of Jabri et al. 2022 (RIN, appendix): alphabar(t) =
-    (sigmoid(-(t (end - start) + start) / tau) - v_end) / (v_start - v_end), start = -3, end = 3, tau = 1."""
+    """The sigmoid schedule of Jabri et al. 2022 (RIN, appendix), clipped below at 1e-9:
+
+        alphabar(t) = (v_end - sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
+
+    with v_start = sigmoid(start / tau) and v_end = sigmoid(end / tau) (start = -3, end = 3, tau = 1 by
+    default), so that alphabar(0) = 1 and alphabar(1) = 0."""
     start, end, tau = cfg.sigmoid_start, cfg.sigmoid_end, cfg.sigmoid_tau
     v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64)), torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
     value = torch.sigmoid((t * (end - start) + start) / tau)
@@ -155,18 +159,26 @@ def validate(cfg: ProcessConfig) -> None:
         if cfg.learned_hidden < 1:
             raise ConfigError("process.learned_hidden", cfg.learned_hidden, "an integer >= 1")
     if cfg.name in ("vp", "subvp", "blur"):
-        if not 0 < cfg.beta_start <= cfg.beta_end < 1:
-            raise ConfigError("process.beta_start", cfg.beta_start, f"a number in (0, beta_end={cfg.beta_end}], beta_end < 1")
+        # Each bound is blamed on the key that breaks it: a bad beta_end is not reported as beta_start.
+        if not 0 < cfg.beta_end < 1:
+            raise ConfigError("process.beta_end", cfg.beta_end, f"a number in (0, 1), >= beta_start={cfg.beta_start}")
+        if not 0 < cfg.beta_start <= cfg.beta_end:
+            raise ConfigError("process.beta_start", cfg.beta_start, f"a number in (0, beta_end={cfg.beta_end}]")
+        if not cfg.beta_max > 0:
+            raise ConfigError("process.beta_max", cfg.beta_max, f"a positive number >= beta_min={cfg.beta_min}")
         if not 0 < cfg.beta_min <= cfg.beta_max:
             raise ConfigError("process.beta_min", cfg.beta_min, f"a number in (0, beta_max={cfg.beta_max}]")
         if not 0 < cfg.max_beta < 1:
             raise ConfigError("process.max_beta", cfg.max_beta, "a number in (0, 1)")
         if cfg.cosine_s < 0:
             raise ConfigError("process.cosine_s", cfg.cosine_s, "a number >= 0")
-        if not cfg.sigmoid_start < cfg.sigmoid_end or cfg.sigmoid_tau <= 0:
-            raise ConfigError("process.sigmoid_start", cfg.sigmoid_start,
-                              f"a number < sigmoid_end={cfg.sigmoid_end}, with sigmoid_tau > 0")
+        if not cfg.sigmoid_start < cfg.sigmoid_end:
+            raise ConfigError("process.sigmoid_start", cfg.sigmoid_start, f"a number < sigmoid_end={cfg.sigmoid_end}")
+        if not cfg.sigmoid_tau > 0:
+            raise ConfigError("process.sigmoid_tau", cfg.sigmoid_tau, "a positive number")
     else:
+        if not cfg.sigma_max > 0:
+            raise ConfigError("process.sigma_max", cfg.sigma_max, f"a positive number > sigma_min={cfg.sigma_min}")
         if not 0 < cfg.sigma_min < cfg.sigma_max:
             raise ConfigError("process.sigma_min", cfg.sigma_min, f"a number in (0, sigma_max={cfg.sigma_max})")
 

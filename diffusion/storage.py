@@ -1,7 +1,9 @@
 """Writing files so that a reader never sees half of one: a temporary file in the target directory,
-then os.replace (atomic on POSIX, also on a shared file system seen from another node)."""
+then os.replace (atomic on POSIX, also on a shared file system seen from another node); and the checksum
+a later reader verifies a file against (a file can still be damaged after it was written whole)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -36,6 +38,16 @@ def save_atomic(obj, path: str) -> None:
 
 def write_text_atomic(path: str, text: str, mode: Optional[int] = None) -> None:
     write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), mode)
+
+
+def file_digest(path: str) -> dict:
+    """{"sha256": hex digest, "size": bytes} of a file: what a reader checks the file against."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"sha256": digest.hexdigest(), "size": size}
 
 
 def write_json_atomic(data: dict, path: str) -> None:

@@ -2,7 +2,7 @@
 
     orchestrator sweep FILE [key=value ...] [--dry-run] [--no-cache] [--resume] [--address ADDRESS]
     orchestrator resume FILE [key=value ...] [--address ADDRESS]
-    orchestrator validate FILE [key=value ...]
+    orchestrator validate FILE [key=value ...] [--address ADDRESS]
     orchestrator options
     orchestrator submit FILE [key=value ...] [--address URL] [--tracking-uri URI] [--resubmit] [--dry-run]
     orchestrator submit FILE [key=value ...] --slurm [--nodes N] [--gpus-per-node G] [--cpus-per-node C]
@@ -11,8 +11,9 @@
     orchestrator logs JOB [--address URL] [--follow]
 
 Bad input (a missing or unparsable file, an unknown key, a wrong type, an unknown choice, an
-out-of-range value) prints one message naming the key, the value and what is accepted, and exits
-with status 2 before Ray or MLflow start and before anything is written.
+out-of-range value, a data set whose files are missing, resources no node has) prints one message
+naming the key, the value and what is accepted, and exits with status 2 before MLflow starts and
+before anything is written.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ import sys
 
 from diffusion.errors import ConfigError
 
-from .options import option_table
-from .runner import EXIT_USAGE, describe, model_cache, plan, run_sweep
-from .submit import SubmitError, job_logs, job_status, submit_job, submit_slurm
+from . import EXIT_USAGE
 from .sweepfile import load_sweep
+
+# Ray, MLflow and torch (runner, submit) are imported once the sweep file has been read: a bad file is
+# refused in well under a second, whatever it holds.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--address", default=None,
                              help="join a running Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default: start "
                                   "a local Ray instance)")
-    validate = commands.add_parser("validate", help="check a sweep file and list its trials; run nothing")
+    validate = commands.add_parser("validate", help="check a sweep file, its data and resources, and list its "
+                                                    "trials; run nothing")
     validate.add_argument("file")
     validate.add_argument("overrides", nargs="*")
+    validate.add_argument("--address", default=None,
+                          help="check the trials' resources against this Ray cluster (default: this machine)")
     commands.add_parser("options", help="print every trial-config option with its default and meaning")
     _add_cluster_commands(commands)
     return parser
@@ -91,6 +96,8 @@ def _add_cluster_commands(commands) -> None:
 
 
 def _cluster_command(args) -> int:
+    from .submit import job_logs, job_status, submit_job, submit_slurm
+
     if args.command == "submit":
         slurm_only = {"--nodes": args.nodes, "--gpus-per-node": args.gpus_per_node,
                       "--cpus-per-node": args.cpus_per_node, "--partition": args.partition, "--time": args.time}
@@ -117,9 +124,13 @@ def _cluster_command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "options":
+        from .options import option_table
+
         print(option_table())
         return 0
     if args.command in ("submit", "status", "logs"):
+        from .submit import SubmitError
+
         try:
             return _cluster_command(args)
         except ConfigError as error:
@@ -133,9 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"orchestrator: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    from .runner import check_data, check_resources, describe, local_resources, model_cache, plan, run_sweep, start_ray
+
     use_cache = not getattr(args, "no_cache", False)
     try:
         if args.command == "validate" or getattr(args, "dry_run", False):
+            check_data(sweep)
+            if args.address:
+                start_ray(sweep, args.address)  # checks the cluster's resources
+                import ray
+
+                ray.shutdown()
+            else:
+                check_resources(sweep, local_resources(), "this machine")
             cache = model_cache(sweep)
             print(describe(sweep, plan(sweep, cache, use_cache), cache))
             return 0

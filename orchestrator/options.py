@@ -33,7 +33,15 @@ def option_rows() -> list[tuple[str, str, str]]:
         comments, instance = _comments(cls), cls()
         for item in dataclasses.fields(cls):
             rows.append((f"{section.name}.{item.name}", _show(getattr(instance, item.name)), comments.get(item.name, "")))
-    return rows
+    return [(key, default, meaning + _bounds(key)) for key, default, meaning in rows]
+
+
+def _bounds(key: str) -> str:
+    """The range validate enforces on an integer option (config.INT_BOUNDS), as the table states it."""
+    if key not in config.INT_BOUNDS:
+        return ""
+    low, high = map(config.show_bound, config.INT_BOUNDS[key])
+    return f" (range: {'each ' if key == 'model.channel_mult' else ''}{low} to {high})"
 
 
 def _show(value) -> str:

@@ -1,25 +1,30 @@
 """Run a sweep on Ray Tune and record it in MLflow: one parent run, one child run per trial."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import logging
 import math
 import os
+import re
 import select
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from diffusion.config import training_key
 from diffusion.errors import ConfigError
 
+from . import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE  # noqa: F401 - re-exported
 from .cache import ModelCache, filesystem, is_uri, local_path
-from .sweepfile import Sweep, Trial
-from .tracking import ACTIVE_SERVERS, end_unfinished_runs, tracking_server, worker_env
+from .sweepfile import Sweep, Trial, key_origin
+from .tracking import (ACTIVE_SERVERS, SECRET_ENV, check_tracking_uri_credentials, end_unfinished_runs, tracking_server,
+                       worker_env)
 from .trial import FAILURE_TAG, STAGE_TAG, TRAIN, TrialContext, find_run, record_unevaluated, run_task
 
-EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 @dataclass
@@ -104,8 +109,8 @@ class InterruptWatch:
     gracefully (Ray shut down, unfinished runs marked KILLED). A watcher thread learns of every SIGINT through
     ``signal.set_wakeup_fd``, which Python's C signal handler writes to even while the main thread is blocked in
     native code (where no KeyboardInterrupt can be raised). If the driver is still stopping ``grace`` seconds after
-    the first Ctrl-C, or at a second Ctrl-C, the watcher calls ``stop`` (mark the runs KILLED), stops the local
-    tracking server and exits with status 130 without waiting for Ray (a local Ray instance's processes share the
+    the first Ctrl-C, or at a second Ctrl-C, the watcher calls ``stop`` (mark the runs KILLED), leaves the local
+    tracking server (stopped unless another sweep in the directory uses it) and exits with status 130 without waiting for Ray (a local Ray instance's processes share the
     driver's fate). Installed only from the main thread."""
 
     def __init__(self, stop, grace: float = STOP_GRACE_SECONDS):
@@ -143,8 +148,8 @@ class InterruptWatch:
                 try:
                     self.stop()
                 finally:
-                    for server in list(ACTIVE_SERVERS):
-                        server.stop()
+                    for server in list(ACTIVE_SERVERS):  # left; stopped only if no other sweep uses it
+                        server.stop(timeout=10)
                     os._exit(EXIT_INTERRUPTED)
 
     def close(self) -> None:
@@ -167,7 +172,6 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
     checkpoint). ``address``: join an existing Ray cluster (``auto``, ``host:6379`` or
     ``ray://host:10001``) instead of starting a local Ray instance."""
     import ray
-    from mlflow.tracking import MlflowClient
 
     workdir = os.path.abspath(workdir)
     started = time.time()
@@ -175,6 +179,114 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
     if resume and not os.environ.get("MLFLOW_TRACKING_URI") and not os.path.exists(os.path.join(workdir, "mlflow.db")):
         raise ConfigError("--resume", sweep.name, "a sweep run earlier from this directory (or with this "
                           "MLFLOW_TRACKING_URI)", detail=f"there is no mlflow.db in {workdir}")
+    # Preflight: what would fail later fails here, before MLflow starts or anything is written.
+    check_tracking_uri_credentials(os.environ.get("MLFLOW_TRACKING_URI"))
+    check_data(sweep)
+    remote = start_ray(sweep, address)
+    try:
+        return _run_sweep(sweep, workdir, cache, started, use_cache, resume, remote)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def start_ray(sweep: Sweep, address: Optional[str]) -> bool:
+    """Start a local Ray instance, or join the cluster at ``address``, and check that some node can give every
+    trial its resources (ConfigError otherwise, with Ray shut down again). Returns whether the workers are on a
+    cluster joined here (they need the driver's credentials handed to them) rather than a local instance
+    started here (they inherit the driver's environment)."""
+    import ray
+
+    remote = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C raises KeyboardInterrupt here
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Ray's notice that it turned token authentication on for a local instance (docs/SECURITY.md) is not news
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=True,
+             logging_level="WARNING")
+    if not remote:
+        private_token_file()
+    try:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        check_resources(sweep, nodes, f"the Ray cluster at {address}" if remote else "this machine")
+    except BaseException:
+        ray.shutdown()
+        raise
+    return remote
+
+
+def private_token_file() -> None:
+    """Ray starts a local instance with token authentication (its ports listen on every interface), keeping the
+    token in ``~/.ray/auth_token`` (or ``$RAY_AUTH_TOKEN_PATH``), created readable by everyone. Make it readable
+    by its owner only, so that other users of the machine cannot join the instance and run code."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser(os.path.join("~", ".ray", "auth_token"))
+    try:
+        info = os.stat(path)
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:  # no token file (RAY_AUTH_TOKEN given, or authentication off): nothing to protect
+        pass
+
+
+def check_data(sweep: Sweep) -> None:
+    """Load each data set the sweep uses once (ConfigError naming the trial's key when its files are missing)."""
+    from diffusion.data import load_dataset
+
+    seen = set()
+    for trial in sweep.trials:
+        if repr(trial.config.data) in seen:
+            continue
+        seen.add(repr(trial.config.data))
+        try:
+            load_dataset(trial.config.data)
+        except ConfigError as error:
+            raise ConfigError(_origin(sweep, trial, error.key), error.value, error.accepted,
+                              detail=error.detail) from None
+
+
+def local_resources() -> list[dict]:
+    """This machine as one Ray node would see it: its CPUs and GPUs."""
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+RESOURCE_KEYS = {"CPU": "cpu", "GPU": "gpu"}
+
+
+def check_resources(sweep: Sweep, nodes: list[dict], where: str) -> None:
+    """ConfigError for the first trial whose resources no single node of ``nodes`` (Ray's resource dicts) has:
+    Ray would keep it pending forever."""
+    for trial in sweep.trials:
+        res = trial.config.resources
+        wanted = {"CPU": res.cpu, "GPU": res.gpu, **{name: float(amount) for name, amount in res.custom.items()}}
+        wanted = {name: amount for name, amount in wanted.items() if amount > 0}
+        if any(all(node.get(name, 0.0) >= amount for name, amount in wanted.items()) for node in nodes):
+            continue
+        for name, amount in wanted.items():
+            most = max((node.get(name, 0.0) for node in nodes), default=0.0)
+            key = f"resources.{RESOURCE_KEYS[name]}" if name in RESOURCE_KEYS else f"resources.custom.{name}"
+            if amount > most:
+                have = f"at most {most:g} (the most any node of {where} has)" if most else f"nothing: no node of {where} has {name}"
+                raise ConfigError(_origin(sweep, trial, key), amount, have,
+                                  detail=f"trial {trial.name} would wait for ever")
+        raise ConfigError(_origin(sweep, trial, "resources"), dict(wanted), f"resources one node of {where} has",
+                          detail=f"no single node has all of them; trial {trial.name} would wait for ever")
+
+
+def _origin(sweep: Sweep, trial: Trial, key: str) -> str:
+    """The sweep-file path of a trial's config key (grid.<key>, variants.<name>.<key> or base.<key>)."""
+    variants = sweep.source.get("variants") or {}
+    return key_origin(key, sweep.source.get("base") or {}, trial.variant if variants else None,
+                      variants.get(trial.variant) or {}, trial.axes)
+
+
+def _run_sweep(sweep: Sweep, workdir: str, cache: ModelCache, started: float, use_cache: bool, resume: bool,
+               remote: bool) -> int:
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    env = worker_env() if remote else {}  # a local instance's workers inherit this environment
     with tracking_server(workdir, log_path=os.path.join(workdir, "mlflow-server.log")) as uri:
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(sweep.name)
@@ -184,7 +296,7 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
             client.update_run(parent.info.run_id, status="RUNNING")
             client.set_tag(parent.info.run_id, "resumed", str(int(parent.data.tags.get("resumed", "0")) + 1))
         else:
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(sweep.name)
+            experiment_id = experiment.experiment_id if experiment else _create_experiment(client, sweep.name)
         parent_id = parent.info.run_id if resume else None
         done = _finished_trials(client, experiment_id, parent_id) if resume else set()
         groups = plan(sweep, cache, use_cache)
@@ -197,72 +309,93 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
                       "models_cached": str(sum(g.cached for g in groups))},
             ).info.run_id
             client.log_dict(parent_id, sweep.source, "sweep.yaml")
-        context = TrialContext(uri, experiment_id, parent_id, sweep.name, cache.root)
-        print(f"MLflow: experiment '{sweep.name}', parent run {parent_id} at {uri}", flush=True)
-        if resume:
-            print(f"resuming: {len(done)} of {len(sweep.trials)} trial(s) already finished", flush=True)
-        print(plan_line(groups, cache), flush=True)
-        suffix = f"-resume{time.strftime('%Y%m%d-%H%M%S')}" if resume else ""
+        with parent_guard(client, experiment_id, parent_id):
+            context = TrialContext(uri, experiment_id, parent_id, sweep.name, cache.root)
+            print(f"MLflow: experiment '{sweep.name}', parent run {parent_id} at {uri}", flush=True)
+            if resume:
+                print(f"resuming: {len(done)} of {len(sweep.trials)} trial(s) already finished", flush=True)
+            print(plan_line(groups, cache), flush=True)
+            suffix = f"-resume{time.strftime('%Y%m%d-%H%M%S')}" if resume else ""
 
-        status = "FINISHED"
+            status = "FINISHED"
 
-        def hard_stop() -> None:
-            end_unfinished_runs(client, experiment_id, parent_id, "KILLED")
-            client.set_terminated(parent_id, status="KILLED")
+            def hard_stop() -> None:
+                end_unfinished_runs(client, experiment_id, parent_id, "KILLED")
+                client.set_terminated(parent_id, status="KILLED")
 
-        watch = InterruptWatch(hard_stop)
-        try:
-            prepare_extractors(sweep)
-            os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C raises KeyboardInterrupt here
-            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                runtime_env={"env_vars": worker_env(uri)},
-                log_to_driver=True,
-                configure_logging=True,
-                logging_level="WARNING",
-            )
-            if not use_cache:
-                for group in groups:
-                    cache.invalidate(group.key)
-            if resume:  # a model published just before the driver died: its training run finished too
-                for group in groups:
-                    run = find_run(client, context, TRAIN, training_hash=group.key)
-                    if run is not None and run.info.status != "FINISHED" and cache.has(group.key):
-                        client.set_terminated(run.info.run_id, status="FINISHED")
-            pending = [(group, [t for t in group.trials if t.name not in done]) for group in groups]
-            pending = [(group, trials) for group, trials in pending if trials]
-            training = [_task(group, trials[:1], train=True) for group, trials in pending if not cache.has(group.key)]
-            trained_here = {task["key"] for task in training}
-            _fit(sweep, training, context, f"{sweep.name}-{parent_id[:8]}-train{suffix}", workdir)
-            evaluations = []
-            for group, trials in pending:
-                rest = trials[1:] if group.key in trained_here else trials
-                if cache.has(group.key):
-                    evaluations += [_task(group, [trial], train=False) for trial in rest]
-                    continue
-                run = (cache.training_run(group.key) or {}).get("run_id", "none")
-                for trial in rest:
-                    record_unevaluated(client, context, trial.as_dict(), group.key,
-                                       f"training failed (training run {run}): not evaluated")
-            _fit(sweep, evaluations, context, f"{sweep.name}-{parent_id[:8]}-evaluate{suffix}", workdir)
-        except KeyboardInterrupt:
-            status = "KILLED"
-            print("\ninterrupted: stopping every trial", flush=True)
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
-            killed = end_unfinished_runs(client, experiment_id, parent_id, "KILLED")
-            watch.close()
-        summaries = _summaries(client, experiment_id, parent_id, sweep)
-        if status != "KILLED" and any(s.status != "FINISHED" for s in summaries):
-            status = "FAILED"
-        client.set_terminated(parent_id, status=status)
+            watch = InterruptWatch(hard_stop)
+            try:
+                prepare_extractors(sweep)
+                if not use_cache:
+                    for group in groups:
+                        cache.invalidate(group.key)
+                if resume:  # a model published just before the driver died: its training run finished too
+                    for group in groups:
+                        run = find_run(client, context, TRAIN, training_hash=group.key)
+                        if run is not None and run.info.status != "FINISHED" and cache.has(group.key):
+                            client.set_terminated(run.info.run_id, status="FINISHED")
+                pending = [(group, [t for t in group.trials if t.name not in done]) for group in groups]
+                pending = [(group, trials) for group, trials in pending if trials]
+                training = [_task(group, trials[:1], train=True) for group, trials in pending if not cache.has(group.key)]
+                trained_here = {task["key"] for task in training}
+                _fit(sweep, training, context, f"{sweep.name}-{parent_id[:8]}-train{suffix}", workdir, env)
+                evaluations = []
+                for group, trials in pending:
+                    rest = trials[1:] if group.key in trained_here else trials
+                    if cache.has(group.key):
+                        evaluations += [_task(group, [trial], train=False) for trial in rest]
+                        continue
+                    run = (cache.training_run(group.key) or {}).get("run_id", "none")
+                    for trial in rest:
+                        record_unevaluated(client, context, trial.as_dict(), group.key,
+                                           f"training failed (training run {run}): not evaluated")
+                _fit(sweep, evaluations, context, f"{sweep.name}-{parent_id[:8]}-evaluate{suffix}", workdir, env)
+            except KeyboardInterrupt:
+                status = "KILLED"
+                print("\ninterrupted: stopping every trial", flush=True)
+            finally:
+                if ray.is_initialized():
+                    ray.shutdown()
+                killed = end_unfinished_runs(client, experiment_id, parent_id, "KILLED")
+                watch.close()
+            summaries = _summaries(client, experiment_id, parent_id, sweep)
+            if status != "KILLED" and any(s.status != "FINISHED" for s in summaries):
+                status = "FAILED"
+            client.set_terminated(parent_id, status=status)
     print(summary_table(sweep, summaries, time.time() - started))
     if killed:
         print(f"{len(killed)} run(s) were still running and are marked KILLED")
     return {"FINISHED": EXIT_OK, "FAILED": EXIT_TRIAL_FAILED}.get(status, EXIT_INTERRUPTED)
+
+
+def _create_experiment(client, name: str) -> str:
+    """The new experiment's id; the existing one's when another sweep of the same name created it meanwhile."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def parent_guard(client, experiment_id: str, parent_id: str) -> Iterator[None]:
+    """A sweep that fails after its parent run started (an error, not Ctrl-C, which ends the runs KILLED itself)
+    ends the parent run FAILED, the reason in its ``failure_reason`` tag, and every child run still RUNNING
+    with it; the error goes on up."""
+    try:
+        yield
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        try:
+            end_unfinished_runs(client, experiment_id, parent_id, "FAILED")
+            client.set_tag(parent_id, FAILURE_TAG, reason[:5000])
+            client.set_terminated(parent_id, status="FAILED")
+        except Exception as second:  # noqa: BLE001 - the tracking server is gone too: report the first error
+            print(f"could not mark parent run {parent_id} FAILED: {second}", flush=True)
+        raise
 
 
 def _resumable_parent(client, experiment, sweep: Sweep):
@@ -292,8 +425,9 @@ def _task(group: TrainingGroup, trials: list[Trial], train: bool) -> dict:
             "trials": [t.as_dict() for t in trials], "max_failures": trials[0].config.resources.max_failures}
 
 
-def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, workdir: str) -> None:
-    """Run ``tasks`` on Ray Tune, each with the resources of its trials."""
+def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, workdir: str, env: dict) -> None:
+    """Run ``tasks`` on Ray Tune, each with the resources of its trials. ``env``: the credentials workers of a
+    joined cluster need, handed over through Ray's object store (``tune.with_parameters``)."""
     from ray import tune
 
     if not tasks:
@@ -303,7 +437,8 @@ def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, work
         wanted = config["task"]["trials"][0]["config"]["resources"]
         return {"cpu": wanted["cpu"], "gpu": wanted["gpu"], **dict(wanted["custom"])}
 
-    trainable = tune.with_resources(run_task, resources)
+    keep_credentials_out_of_tune()
+    trainable = tune.with_resources(tune.with_parameters(run_task, env=env), resources)
     tuner = tune.Tuner(
         trainable,
         param_space={"task": tune.grid_search(tasks), "context": dataclasses.asdict(context)},
@@ -311,7 +446,7 @@ def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, work
             max_concurrent_trials=sweep.max_concurrent,
             reuse_actors=True,
             trial_name_creator=lambda t: t.config["task"]["name"],
-            trial_dirname_creator=lambda t: t.config["task"]["name"],
+            trial_dirname_creator=lambda t: trial_dirname(t.config["task"]["name"]),
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -323,6 +458,30 @@ def _fit(sweep: Sweep, tasks: list[dict], context: TrialContext, name: str, work
         ),
     )
     tuner.fit()
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Ray Tune copies AWS credentials from the driver's environment into the runtime_env of every trial actor
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and Ray's runtime_env agent logs runtime_envs
+    in plain text. Take them off that list: a local instance's workers inherit them anyway, and a joined
+    cluster's get them through ``tune.with_parameters`` (``_fit``)."""
+    from ray.tune.execution import class_cache
+
+    for name in SECRET_ENV:
+        class_cache.ENV_VARS_TO_PROPAGATE.discard(name)
+
+
+_UNSAFE_IN_PATH = re.compile(r"[^A-Za-z0-9_.,=+-]")
+
+
+def trial_dirname(name: str) -> str:
+    """A directory name for a trial: its name where that is a safe one, else the name with every character
+    outside [A-Za-z0-9_.,=+-] replaced and a hash of the whole name appended (grid values may hold '/', quotes,
+    spaces; two names that differ only there still get two directories)."""
+    safe = _UNSAFE_IN_PATH.sub("_", name)[:100]
+    if safe == name:
+        return name
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def prepare_extractors(sweep: Sweep) -> None:

@@ -16,9 +16,9 @@ attempt (``<id>-2``, ``<id>-3``, ...) once the latest has ended; it continues th
 MLflow run (``sweep --resume``: finished trials are not rerun) when there is one.
 
 The tracking server is the one in ``MLFLOW_TRACKING_URI`` (or ``--tracking-uri``, the URI as the
-cluster sees it); it and the credentials (``TRACKING_ENV``) reach the job through its
-``runtime_env`` ``env_vars`` only: never through the entrypoint, the job's metadata or anything
-printed.
+cluster sees it) reaches the job through its ``runtime_env`` ``env_vars``, with the other settings of
+``TRACKING_ENV`` that are not secrets. Credentials (``SECRET_ENV``) are never sent: Ray logs a job's
+runtime_env and shows it through its job API. The job uses the cluster's own credentials (docs/SECURITY.md).
 
 Slurm: ``--slurm`` writes ``<sweep name>.sbatch`` (a Ray head on the first node, a Ray worker on
 each other node, then ``orchestrator sweep`` against that cluster; only the Ray processes the
@@ -42,14 +42,15 @@ from diffusion.errors import ConfigError
 from diffusion.storage import write_text_atomic
 
 from .sweepfile import Sweep, load_sweep
-from .tracking import TRACKING_ENV
+from .tracking import SECRET_ENV, TRACKING_ENV, check_tracking_uri_credentials
 
 DEFAULT_JOB_SERVER = "http://127.0.0.1:8265"
 EXIT_OK, EXIT_FAILED = 0, 1
 
 # Paths of the project directory that are never uploaded with a job (gitignore patterns relative to
 # the working directory; Ray also honours the project's .gitignore): heavy local state, and secrets.
-TOP_LEVEL_EXCLUDES = (".venv", ".git", "mlartifacts", "mlruns", "mlflow.db", "mlflow-server.log", "ray_results", "data")
+TOP_LEVEL_EXCLUDES = (".venv", ".git", "mlartifacts", "mlruns", "mlflow.db", "mlflow-server.log", "mlflow-server.json",
+                      "mlflow-server.lock", "ray_results", "data")
 ANYWHERE_EXCLUDES = (".env", "*.pt", "__pycache__")
 JOB_EXCLUDES = [f"/{name}" for name in TOP_LEVEL_EXCLUDES] + list(ANYWHERE_EXCLUDES)
 
@@ -165,13 +166,19 @@ def entrypoint(relative_file: str, overrides: list[str], resume: bool = False) -
 
 
 def job_env(tracking_uri: str) -> dict[str, str]:
-    """The job's env_vars: the tracking variables of this environment, the URI as the cluster sees it."""
-    env = {name: os.environ[name] for name in TRACKING_ENV if os.environ.get(name)}
+    """The job's env_vars: the tracking variables of this environment that are not secrets (``SECRET_ENV``),
+    and the URI as the cluster sees it. Ray writes a job's runtime_env, env_vars included, in plain text to
+    its logs and shows it to every user of its job API, so the credentials are never sent: the job uses the
+    cluster's own (the nodes' environment, or ~/.mlflow/credentials and ~/.aws/credentials there; see
+    docs/SECURITY.md)."""
+    env = {name: os.environ[name] for name in TRACKING_ENV if os.environ.get(name) and name not in SECRET_ENV}
     env["MLFLOW_TRACKING_URI"] = tracking_uri
-    # `orchestrator sweep` hands the same variables to its workers through ray.init's runtime_env;
-    # inside a job that would conflict with the job's own env_vars unless Ray is told to merge them.
-    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     return env
+
+
+def unsent_credentials() -> list[str]:
+    """The credential variables set here that a Ray Job does not take along."""
+    return [name for name in SECRET_ENV if os.environ.get(name)]
 
 
 def job_runtime_env(workdir: str, tracking_uri: str, sweep: Sweep) -> dict:
@@ -259,8 +266,9 @@ def submit_job(file: str, overrides: list[str], address: Optional[str] = None, t
     sweep = load_sweep(file, overrides)
     relative = project_file(file, workdir)
     submitter_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = check_tracking_uri(tracking_uri or submitter_uri, address,
-                             key="--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI")
+    uri_key = "--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI"
+    check_tracking_uri_credentials(tracking_uri or submitter_uri, uri_key)
+    uri = check_tracking_uri(tracking_uri or submitter_uri, address, key=uri_key)
     base_id = submission_id(sweep)
     runtime_env = job_runtime_env(workdir, uri, sweep)
     metadata = {"sweep": sweep.name, "sweep_digest": sweep.digest(), "submitted_by": "orchestrator submit"}
@@ -271,6 +279,7 @@ def submit_job(file: str, overrides: list[str], address: Optional[str] = None, t
         out(f"  working dir: {runtime_env['working_dir']} (without {', '.join(runtime_env['excludes'])})")
         out(f"  env vars:    {', '.join(sorted(runtime_env['env_vars']))} (values not shown)")
         out(f"  MLflow:      {redact(uri)}")
+        out(_credentials_note())
         return EXIT_OK
 
     client = client or connect(address)
@@ -312,8 +321,17 @@ def submit_job(file: str, overrides: list[str], address: Optional[str] = None, t
     out(f"submitted sweep {sweep.name} ({how}) to {redact(address)} as Ray job {submitted}")
     out(f"  entrypoint: {command}")
     out(f"  MLflow:     {redact(uri)}, experiment '{sweep.name}'")
+    out(_credentials_note())
     out(_follow_hint(submitted, address))
     return EXIT_OK
+
+
+def _credentials_note() -> str:
+    unsent = unsent_credentials()
+    if not unsent:
+        return "  credentials: none set here; the job uses the cluster's own (docs/SECURITY.md)"
+    return (f"  credentials: not sent ({', '.join(unsent)}): Ray logs a job's environment; the job uses the "
+            f"cluster's own (docs/SECURITY.md)")
 
 
 def _follow_hint(job_id: str, address: str) -> str:

@@ -6,10 +6,14 @@ through the environment only; they are never params, tags or artifacts.
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -41,6 +45,37 @@ TRACKING_ENV = (
     "GOOGLE_APPLICATION_CREDENTIALS",
     "ORCHESTRATOR_CACHE_STAGING",
 )
+# The secrets among them: never sent with a Ray Job (``orchestrator submit``), whose runtime_env Ray logs.
+SECRET_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
+
+
+def check_tracking_uri_credentials(uri: Optional[str], key: str = "MLFLOW_TRACKING_URI") -> None:
+    """ConfigError when a tracking URI carries credentials (user:password@host): the URI is printed, recorded
+    in Tune's state and handed to every trial, while MLflow's credential variables are not."""
+    from urllib.parse import urlsplit
+
+    from diffusion.errors import ConfigError
+
+    if not uri or "://" not in uri:
+        return
+    try:
+        parts = urlsplit(uri)
+        has_credentials = parts.username is not None or parts.password is not None
+        shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    except ValueError:
+        return
+    if has_credentials:
+        raise ConfigError(key, shown.replace("://", "://...@", 1), "a URI without user:password@",
+                          detail="credentials go in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                                 "MLFLOW_TRACKING_TOKEN), which are never recorded")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,18 +84,78 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+SERVER_STATE = "mlflow-server.json"  # the directory's server (pid, port, uri); its users hold a shared flock on it
+SERVER_MUTEX = "mlflow-server.lock"  # an exclusive flock held while a user attaches, starts or stops the server
+_CHILDREN: dict[int, subprocess.Popen] = {}  # the servers this process started (reaped when stopped here)
+
+
 class LocalServer:
     """``mlflow server`` on 127.0.0.1 with ``mlflow.db`` and ``mlartifacts/`` in ``directory``:
-    the defaults of ``mlflow ui``, so ``mlflow ui`` run there later shows the same runs."""
+    the defaults of ``mlflow ui``, so ``mlflow ui`` run there later shows the same runs.
+
+    One server per directory, shared by every user (several sweeps started there at once: two servers
+    migrating one new ``mlflow.db`` would fail). :meth:`start` attaches to the directory's live server or
+    starts it; :meth:`stop` detaches and stops the server when no other user is attached. The bookkeeping
+    is two files in the directory: ``mlflow-server.json`` (the server's pid, port and URI), on which every
+    attached user holds a shared ``flock`` (released by the kernel when a user dies, however it dies), and
+    ``mlflow-server.lock``, an exclusive ``flock`` held while attaching or detaching. A detaching user stops
+    the server only if it then gets the exclusive lock on ``mlflow-server.json``: nobody else uses it.
+    ``port`` is the port of a server this user starts; attached to a running one, ``port`` and ``uri`` are
+    that server's."""
 
     def __init__(self, directory: str, port: Optional[int] = None, log_path: Optional[str] = None):
         self.directory = os.path.abspath(directory)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.process: Optional[subprocess.Popen] = None
+        self.process: Optional[subprocess.Popen] = None  # the server, when this user started it
+        self.pid: Optional[int] = None
+        self._user = None  # the open state file on which this user holds its shared lock, while attached
+        self._guard = threading.Lock()  # start/stop from two threads (InterruptWatch's hard exit)
+
+    @property
+    def database(self) -> str:
+        return os.path.join(self.directory, "mlflow.db")
 
     def start(self, timeout: float = 120.0) -> "LocalServer":
+        """Attach to the directory's server, starting it when none runs; returns self."""
+        with self._guard:
+            if self._user is not None:
+                return self
+            os.makedirs(self.directory, exist_ok=True)
+            with _flock(os.path.join(self.directory, SERVER_MUTEX), timeout + 60, "the MLflow server's lock"):
+                user = open(os.path.join(self.directory, SERVER_STATE), "a+")
+                try:
+                    state = _read_state(user)
+                    if not (_server_alive(state, self.database) and self._healthy(state, timeout)):
+                        self._launch(timeout)
+                        state = {"pid": self.pid, "port": self.port, "uri": self.uri, "database": self.database}
+                        user.seek(0)
+                        user.truncate()
+                        user.write(json.dumps(state))
+                        user.flush()
+                    self.pid, self.port, self.uri = state["pid"], state["port"], state["uri"]
+                    # never blocks: an exclusive lock on it is only taken under the mutex held here
+                    fcntl.flock(user, fcntl.LOCK_SH)
+                except BaseException:
+                    user.close()
+                    raise
+                self._user = user
+        return self
+
+    def _healthy(self, state: dict, timeout: float) -> bool:
+        """Whether the live server of ``state`` answers (it may be busy: wait up to ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _answers(state["uri"]):
+                return True
+            if not _server_alive(state, self.database):
+                return False
+            time.sleep(0.5)
+        raise RuntimeError(f"the MLflow server of {self.directory} (pid {state['pid']}, {state['uri']}) runs but "
+                           f"does not answer within {timeout:.0f} s; stop it, or remove {SERVER_STATE}")
+
+    def _launch(self, timeout: float) -> None:
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -73,38 +168,150 @@ class LocalServer:
         # MLflow's server-side job runner (GenAI evaluation jobs, periodic tasks) starts several worker
         # processes that sweeps never use: on a 2-core machine they cost the trials CPU.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        self.process = subprocess.Popen(
-            command, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        self.uri = f"http://127.0.0.1:{self.port}"
+        try:
+            self.process = subprocess.Popen(
+                command, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # the server has its own copy
+        self.pid = self.process.pid
+        _CHILDREN[self.pid] = self.process
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with status {self.process.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
+            if _answers(self.uri):
+                return
+            time.sleep(0.5)
+        _terminate(self.pid)
         raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout:.0f} s")
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
+    def stop(self, timeout: float = 60.0) -> None:
+        """Detach; stop the server when no other user is attached. Idempotent. Gives up (the server keeps
+        running) when another thread or process holds the bookkeeping locks for ``timeout`` seconds."""
+        if not self._guard.acquire(timeout=timeout):
+            return
+        try:
+            if self._user is None:
+                return
             try:
-                self.process.wait(timeout=20)
+                with _flock(os.path.join(self.directory, SERVER_MUTEX), timeout, "the MLflow server's lock"):
+                    self._user.close()  # our shared lock goes
+                    self._user = None
+                    with open(os.path.join(self.directory, SERVER_STATE), "a+") as probe:
+                        try:
+                            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except BlockingIOError:
+                            return  # another user is attached: the server stays
+                        state = _read_state(probe)
+                        if _server_alive(state, self.database):
+                            _terminate(state["pid"])
+                        probe.seek(0)
+                        probe.truncate()
+            except TimeoutError as error:  # leave anyway; the server stays for whoever comes next
+                print(f"warning: {error}: left the MLflow server of {self.directory} running", file=sys.stderr,
+                      flush=True)
+                if self._user is not None:
+                    self._user.close()
+                    self._user = None
+        finally:
+            self._guard.release()
+
+
+def _answers(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _read_state(handle) -> dict:
+    handle.seek(0)
+    try:
+        state = json.loads(handle.read() or "{}")
+    except ValueError:  # damaged: as if no server were recorded
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _server_alive(state: dict, database: str) -> bool:
+    """Whether the server ``state`` records runs: its pid is alive and (where /proc tells) still serves
+    ``database``, not a later process that got the same pid."""
+    pid = state.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return str(state.get("database", database)).encode() in handle.read()
+    except OSError:
+        return True
+
+
+def _terminate(pid: int) -> None:
+    """Stop the server ``pid`` and its process group (SIGTERM, SIGKILL after 20 s); reaped when it is ours."""
+    child = _CHILDREN.pop(pid, None)
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        if child is not None:
+            try:
+                child.wait(timeout=wait)
+                return
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+                continue
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if not _alive(pid):
+            return
 
 
-ACTIVE_SERVERS: list[LocalServer] = []  # the local servers tracking_server has running (stopped on a hard exit)
+@contextmanager
+def _flock(path: str, timeout: float, what: str) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created when missing), waited for up to ``timeout`` seconds."""
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what} ({path}) was held by another process for {timeout:.0f} s") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+ACTIVE_SERVERS: list[LocalServer] = []  # the local servers tracking_server uses (left on a hard exit: LocalServer.stop)
 
 
 @contextmanager
 def tracking_server(directory: str, log_path: Optional[str] = None) -> Iterator[str]:
-    """Yield a tracking URI: $MLFLOW_TRACKING_URI when set, else a local server's for the duration."""
+    """Yield a tracking URI: $MLFLOW_TRACKING_URI when set, else that of the directory's local server,
+    shared with the other sweeps running there (:class:`LocalServer`) and used for the duration."""
     configured = os.environ.get("MLFLOW_TRACKING_URI")
     if configured:
         yield configured
@@ -118,11 +325,14 @@ def tracking_server(directory: str, log_path: Optional[str] = None) -> Iterator[
         server.stop()
 
 
-def worker_env(tracking_uri: str) -> dict[str, str]:
-    """The environment variables a trial worker needs (passed through Ray's runtime_env)."""
-    env = {k: os.environ[k] for k in TRACKING_ENV if k in os.environ}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return env
+def worker_env() -> dict[str, str]:
+    """The variables of ``TRACKING_ENV`` set here, for the workers of a cluster the driver joined (``--address``).
+
+    They reach those workers through Ray's object store (``tune.with_parameters``), never through a
+    ``runtime_env``, whose ``env_vars`` Ray writes in plain text to its session logs. Workers of a local Ray
+    instance inherit the driver's environment and are given nothing. The tracking URI is not among them:
+    every task carries it in its context."""
+    return {k: os.environ[k] for k in TRACKING_ENV if k in os.environ and k != "MLFLOW_TRACKING_URI"}
 
 
 def end_unfinished_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str) -> list[str]:

@@ -37,7 +37,7 @@ from diffusion.metrics import compute_fid, conditional_metrics
 from diffusion.storage import save_atomic
 from diffusion.training import Trainer, TrainingDiverged, build_trainer, select_device
 
-from .cache import MODEL_FILE, ModelCache, likelihood_key
+from .cache import CHECKPOINT, CHECKPOINT_SUM, MODEL_FILE, ModelCache, likelihood_key, warn_damaged
 from .sweepfile import flatten
 from .tracking import PARENT_TAG
 
@@ -64,10 +64,13 @@ class TrialOutcome:
     step: int = 0
 
 
-def run_task(config: dict) -> None:
-    """Ray Tune function trainable: ``config`` holds "task" (see ``execute_task``) and "context"."""
+def run_task(config: dict, env: Optional[dict] = None) -> None:
+    """Ray Tune function trainable: ``config`` holds "task" (see ``execute_task``) and "context". ``env``: the
+    driver's credentials for a worker on a cluster the driver joined (``tune.with_parameters``: they travel in
+    Ray's object store, never in a runtime_env, Tune's state or a log); set in this worker's environment."""
     from ray import tune
 
+    os.environ.update(env or {})
     execute_task(config["task"], TrialContext(**config["context"]), report=tune.report)
 
 
@@ -143,12 +146,14 @@ def _base_tags(context: TrialContext, stage: str, key: str) -> dict:
 
 
 def find_run(client: MlflowClient, context: TrialContext, stage: str, **tags: str):
-    """This sweep run's latest child run of ``stage`` with ``tags`` (e.g. trial=name), or None."""
-    filters = [f"tags.`{PARENT_TAG}` = '{context.parent_run_id}'", f"tags.{STAGE_TAG} = '{stage}'"]
-    filters += [f"tags.`{name}` = '{value}'" for name, value in tags.items()]
-    runs = client.search_runs([context.experiment_id], " and ".join(filters), max_results=1,
-                              order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
+    """This sweep run's latest child run of ``stage`` with ``tags`` (e.g. trial=name), or None.
+
+    The filter holds only values this code made (the parent run's id, the stage); the user's values (a trial
+    name carries grid values, which may hold quotes) are compared here, never spliced into a filter string."""
+    runs = client.search_runs([context.experiment_id],
+                              f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and tags.{STAGE_TAG} = '{stage}'",
+                              max_results=10_000, order_by=["attributes.start_time DESC"])
+    return next((run for run in runs if all(run.data.tags.get(name) == value for name, value in tags.items())), None)
 
 
 def _where(client: MlflowClient, run_id: str, device) -> None:
@@ -186,17 +191,73 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
     When this sweep run already has a training run for the key, that run continues: nothing is done if it
     finished and the cache has the model; otherwise training resumes from the cache's last checkpoint
     (bit for bit: the checkpoint holds every random state), and the steps logged before are not logged
-    twice."""
+    twice; a damaged checkpoint is reported and training starts from step 0 (:func:`resume_trainer`).
+
+    Training holds the entry's lock (``ModelCache.lock(key, "train")``): another sweep that plans to train
+    the same model waits for it, then finds the model complete and does not train it; its trials are
+    evaluated on that model, linked to the training run that made it, as for a model taken from the cache
+    (the id returned is that run's). A waiter gives up after ``$ORCHESTRATOR_CACHE_LOCK_TIMEOUT`` seconds
+    (``cache.LockTimeout``, naming the entry and the holder): the task's trials are recorded FAILED with it."""
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
-    spec = training_spec(cfg)
     previous = find_run(client, context, TRAIN, **{TRAINING_HASH_TAG: key})
     if previous is not None and previous.info.status == "FINISHED" and cache.has(key):
         return previous.info.run_id
+    with cache.lock(key, "train", note=f"sweep {context.sweep_name}, parent run {context.parent_run_id}"):
+        model = cache.model(key)
+        if model is not None:
+            return _trained_meanwhile(client, key, model, previous)
+        return _train(cfg, key, group, context, client, cache, report, entered, previous)
+
+
+def _trained_meanwhile(client: MlflowClient, key: str, model: dict, previous) -> str:
+    """The model of ``key`` is complete in the cache although this task was to train it (another sweep trained
+    it while this one waited for the entry's lock): nothing to train. An unfinished training run of this sweep
+    run for it ends: FINISHED if it is the run that published the model (its worker died just after), else
+    KILLED with the reason. Returns the id of the run that trained the model."""
+    trained_by = model.get("run_id", "")
+    if previous is not None and previous.info.status != "FINISHED":
+        if previous.info.run_id == trained_by:
+            client.set_terminated(trained_by, status="FINISHED")
+            return trained_by
+        client.set_tag(previous.info.run_id, FAILURE_TAG, f"the model was trained meanwhile by training run "
+                       f"{trained_by}: evaluated on that one")
+        client.set_terminated(previous.info.run_id, status="KILLED")
+    print(f"model cache entry {key}: trained meanwhile by training run {trained_by} (experiment "
+          f"{model.get('experiment_id')}); evaluating on it", flush=True)
+    return trained_by
+
+
+def resume_trainer(cfg: TrialConfig, key: str, cache: ModelCache, model_data, device,
+                   resume: bool) -> tuple[Trainer, bool, Optional[str]]:
+    """A trainer for the model of ``key``: restored from the cache's checkpoint when ``resume`` and there is a
+    whole one, else fresh. A damaged checkpoint (not matching its checksum, ``ModelCache.checkpoint``, or
+    failing to load with ``weights_only``) is reported, removed and not used: training starts from step 0, on
+    the same trajectory (every random state is seeded). Returns (trainer, restored, what was wrong or None)."""
+    trainer = build_trainer(cfg, model_data, device)
+    if not resume:
+        return trainer, False, None
+    path, problem = cache.checkpoint(key)
+    if path is None:
+        return trainer, False, problem
+    try:
+        trainer.load(path)
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: the trainer may be half loaded
+        problem = f"cannot be loaded: {type(error).__name__}: {str(error)[:200]}"
+        cache.discard_checkpoint(key, problem)
+        return build_trainer(cfg, model_data, device), False, problem
+    return trainer, True, None
+
+
+def _train(cfg: TrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
+           cache: ModelCache, report: Callable[[dict], None], entered: Optional[float], previous) -> str:
+    """:func:`train_model`'s training, under the entry's lock, with this sweep run's earlier training run or None."""
+    spec = training_spec(cfg)
     logged = 0
     if previous is None:
         tags = {**_base_tags(context, TRAIN, key), "trials": ",".join(group)[:5000]}
         run_id = client.create_run(context.experiment_id, run_name=f"train-{key[:8]}", tags=tags).info.run_id
-        cache.remove(key, "checkpoint.pt")  # another sweep's unfinished training: this run starts from step 0
+        cache.remove(key, CHECKPOINT)  # another sweep's unfinished training: this run starts from step 0
+        cache.remove(key, CHECKPOINT_SUM)
     else:
         run_id = _reopen(client, previous)
         logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
@@ -209,11 +270,11 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
         device = select_device(cfg.resources.device)
         _where(client, run_id, device)
         model_data, _, _ = _model_data(cfg, cache, client, run_id, device)
-        trainer = build_trainer(cfg, model_data, device)
-        checkpoint = cache.fetch(key, "checkpoint.pt") if previous is not None else None
-        if checkpoint is not None:
-            trainer.load(checkpoint)
+        trainer, restored, damaged = resume_trainer(cfg, key, cache, model_data, device, previous is not None)
+        if restored:
             client.set_tag(run_id, "resumed_from_step", str(trainer.step))
+        elif damaged:
+            client.set_tag(run_id, "checkpoint_damaged", f"{damaged}: trained from step 0"[:5000])
 
         def on_log(step: int, loss: float) -> None:
             if step > logged:  # a resumed run repeats the steps after its checkpoint: log them once
@@ -221,8 +282,7 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
             report({"train_loss": loss, "step": step})
 
         def on_checkpoint(step: int) -> None:
-            trainer.save(cache.local(key, "checkpoint.pt"))
-            cache.put(key, "checkpoint.pt")
+            cache.save_checkpoint(key, trainer.save)
 
         # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
         startup = time.time() - (entered or time.time())
@@ -238,12 +298,13 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
                 log_snr = trainer.process.schedule(t).cpu()
             client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
         trainer.save_ema(cache.local(key, "ema.pt"))
-        cache.put(key, "ema.pt")
+        files = {"ema.pt": cache.publish_file(key, "ema.pt")}  # checksums: ModelCache.model verifies them
         client.log_artifact(run_id, cache.local(key, "ema.pt"))
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
         cache.write(key, MODEL_FILE, {"run_id": run_id, "experiment_id": context.experiment_id, "steps": trainer.step,
-                                      "train_loss": history[-1].value if history else float("nan"), **metrics})
+                                      "train_loss": history[-1].value if history else float("nan"), **metrics,
+                                      "files": files})
     except BaseException as error:  # recorded, then re-raised so Ray marks the trial as errored
         _fail(client, run_id, error)
         raise
@@ -386,21 +447,32 @@ def _cached_stage(cache: ModelCache, prefix: str, spec: dict, run_id: str, fit: 
     """A small network trained once per ``spec`` and kept in the model cache as ``<prefix>-<hash>``: the first
     caller trains it (``fit() -> (module, record)``) under the entry's lock and stores ``<prefix>.pt`` and
     ``<prefix>.json`` (the record, its training time under ``seconds_key``, the run that computed it and the spec);
-    later callers load it into ``build(record)``. Returns (module in eval mode, record, entry)."""
+    later callers load it into ``build(record)``. The record holds the checksum of ``<prefix>.pt`` (``files``); a
+    weights file that does not match it, or does not load, is reported and the network trained again. Returns
+    (module in eval mode, record, entry)."""
     entry = f"{prefix}-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    with cache.lock(entry, prefix):
+    weights = f"{prefix}.pt"
+    with cache.lock(entry, prefix, note=f"run {run_id}"):
         record = cache.read(entry, f"{prefix}.json")
-        path = cache.fetch(entry, f"{prefix}.pt") if record is not None else None
-        if path is None:
+        module = None
+        if record is not None:
+            problem = cache.verify(entry, weights, (record.get("files") or {}).get(weights))
+            if problem is None:
+                try:
+                    module = build(record).to(device)
+                    module.load_state_dict(torch.load(cache.fetch(entry, weights), map_location=device,
+                                                      weights_only=True))
+                except Exception as error:  # noqa: BLE001 - damaged in a way its record cannot tell (no checksum)
+                    module, problem = None, f"cannot be loaded: {type(error).__name__}: {str(error)[:200]}"
+            if problem is not None:
+                warn_damaged(entry, weights, problem, "training it again")
+        if module is None:
             started = time.perf_counter()
             module, record = fit()
             record = {**record, seconds_key: time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
-            save_atomic({k: v.detach().cpu() for k, v in module.state_dict().items()}, cache.local(entry, f"{prefix}.pt"))
-            cache.put(entry, f"{prefix}.pt")
+            save_atomic({k: v.detach().cpu() for k, v in module.state_dict().items()}, cache.local(entry, weights))
+            record["files"] = {weights: cache.publish_file(entry, weights)}
             cache.write(entry, f"{prefix}.json", record)
-        else:
-            module = build(record).to(device)
-            module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     return module.eval(), record, entry
 
 

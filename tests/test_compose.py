@@ -25,11 +25,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPOSE = os.path.join(ROOT, "docker-compose.yml")
 ENV_EXAMPLE = os.path.join(ROOT, ".env.example")
 
-SERVICES = {"postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker"}
-ONE_SHOT = {"minio-init"}
+SERVICES = {"secrets-check", "postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker"}
+ONE_SHOT = {"secrets-check", "minio-init"}
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY|CREDENTIAL", re.IGNORECASE)
 PLACEHOLDER = "change-me"
 LOOPBACK = "127.0.0.1"
+CHECK_SERVICE = "secrets-check"
+CHECK_SCRIPT = os.path.join(ROOT, "docker", "check-secrets.sh")
+MIN_SECRET_LENGTH = 16
+# What the issue names: the Ray token, the database and object-store passwords, the Flask secret
+# key and the MLflow admin password.
+REQUIRED_SECRETS = {"RAY_AUTH_TOKEN", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY",
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"}
 
 # Compose interpolation: $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
 # ${VAR?error}, ${VAR:+alternative}, ${VAR+alternative}, and the bare $VAR.
@@ -275,6 +282,212 @@ def test_start_order(services):
     for name, target in order.items():
         assert target in services[name]["depends_on"], f"{name} does not wait for {target}"
     assert services["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets-check: the one-shot service every other service waits for, and its script, run here
+# with sh as the service runs it.
+
+def _check_arguments(services) -> tuple[list[str], list[str]]:
+    """(the secrets, the user names) the secrets-check service's command checks."""
+    command = [str(word) for word in services[CHECK_SERVICE]["command"]]
+    if "--names" in command:
+        i = command.index("--names")
+        return command[:i], command[i + 1:]
+    return command, []
+
+
+def _marked_secret() -> set[str]:
+    """The variables of .env.example whose comment says "Secret."."""
+    _, comments = read_env_example()
+    return {name for name, block in comments.items() if block and block[0].startswith("# Secret.")}
+
+
+def run_check(arguments: list[str], variables: dict) -> subprocess.CompletedProcess:
+    """docker/check-secrets.sh run with sh, in an environment of ``variables`` alone (and PATH)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **variables}
+    return subprocess.run(["sh", CHECK_SCRIPT, *arguments], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+@pytest.fixture(scope="module")
+def check_arguments(services) -> list[str]:
+    return [str(word) for word in services[CHECK_SERVICE]["command"]]
+
+
+@pytest.fixture
+def good_values(services) -> dict:
+    """Every checked variable with an acceptable value (distinct and random, so a leak is seen)."""
+    secret_names, user_names = _check_arguments(services)
+    values = {name: secrets.token_hex(16) for name in secret_names}
+    values.update({name: f"user-{i}-{secrets.token_hex(4)}" for i, name in enumerate(user_names)})
+    return values
+
+
+def _complaints(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def _named(output: str, name: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){name}(?![A-Za-z0-9_])", output) is not None
+
+
+def _assert_no_value(output: str, variables: dict):
+    for name, value in variables.items():
+        assert not value or value not in output, f"the value of {name} is printed: {output!r}"
+
+
+def test_secrets_check_checks_every_secret(services):
+    secret_names, user_names = _check_arguments(services)
+    marked = _marked_secret()
+    assert REQUIRED_SECRETS <= marked, f".env.example: not marked Secret.: {REQUIRED_SECRETS - marked}"
+    assert set(secret_names) == marked, "secrets-check must check exactly the variables marked Secret."
+    assert len(secret_names) == len(set(secret_names))
+    # Every other variable that .env.example leaves as the placeholder (the user names) is checked
+    # for the placeholder.
+    values, _ = read_env_example()
+    placeholders = {name for name, value in values.items() if value == PLACEHOLDER}
+    assert placeholders >= marked
+    assert set(user_names) == placeholders - marked
+    assert {"MINIO_ROOT_USER", "MLFLOW_S3_ACCESS_KEY"} <= set(user_names)
+
+
+def test_secrets_check_service(compose, services):
+    service = services[CHECK_SERVICE]
+    secret_names, user_names = _check_arguments(services)
+    env = environment(service)
+    # Exactly the variables it checks, each straight from .env through ${VAR:?...}.
+    assert set(env) == set(secret_names) | set(user_names)
+    for name, value in env.items():
+        assert value is not None and re.fullmatch(rf"\$\{{{name}:\?[^}}]*\}}", value), f"{name}: {value!r}"
+    # The script of the repository, run by sh from where the config puts it.
+    (config,) = service["configs"]
+    assert compose["configs"][config["source"]]["file"] == "./docker/check-secrets.sh"
+    assert os.path.isfile(CHECK_SCRIPT)
+    assert service["entrypoint"] == ["/bin/sh", config["target"]]
+    # No extra image to pull, no network, no port, and it runs once.
+    others = {services[name].get("image") for name in services if name != CHECK_SERVICE}
+    assert service["image"] in others, f"{service['image']} is pulled for secrets-check alone"
+    assert service.get("network_mode") == "none" and "networks" not in service
+    assert not service.get("ports")
+    assert service.get("restart") == "no"
+    assert not service.get("depends_on")
+
+
+def test_services_wait_for_secrets_check(services):
+    secret_names, user_names = _check_arguments(services)
+    checked = set(secret_names) | set(user_names)
+    waiting = set()
+    for name, service in services.items():
+        if name == CHECK_SERVICE:
+            continue
+        used = {m["name"] or m["bare"] for text in strings(service) for m in references(text)}
+        if not used & checked:
+            continue
+        depends = service.get("depends_on") or {}
+        assert CHECK_SERVICE in depends, f"{name} uses {sorted(used & checked)} but does not wait for {CHECK_SERVICE}"
+        assert depends[CHECK_SERVICE]["condition"] == "service_completed_successfully", name
+        waiting.add(name)
+    assert waiting == SERVICES - {CHECK_SERVICE}
+
+
+def test_secrets_check_accepts_good_values(check_arguments, good_values):
+    result = run_check(check_arguments, good_values)
+    assert result.returncode == 0, _complaints(result)
+    _assert_no_value(_complaints(result), good_values)
+    assert result.stderr == ""
+
+
+def test_secrets_check_refuses_env_example(check_arguments, services):
+    """`cp .env.example .env` and nothing else: every checked variable is named, no value printed."""
+    values, _ = read_env_example()
+    result = run_check(check_arguments, values)
+    assert result.returncode != 0
+    secret_names, user_names = _check_arguments(services)
+    output = _complaints(result)
+    for name in secret_names + user_names:
+        assert _named(output, name), f"{name} is not named: {output!r}"
+    assert PLACEHOLDER not in output
+
+
+@pytest.mark.parametrize("variant", ["exact", "inside"])
+def test_secrets_check_refuses_placeholder(check_arguments, good_values, variant):
+    for name in good_values:
+        variables = dict(good_values)
+        variables[name] = PLACEHOLDER if variant == "exact" else f"{secrets.token_hex(8)}{PLACEHOLDER}"
+        result = run_check(check_arguments, variables)
+        output = _complaints(result)
+        assert result.returncode != 0, f"{name}={variables[name]} accepted"
+        named = [other for other in good_values if _named(output, other)]
+        assert named == [name], f"{name}: {output!r}"
+        _assert_no_value(output, variables)
+        assert PLACEHOLDER not in output
+
+
+def test_secrets_check_length(check_arguments, good_values, services):
+    secret_names, user_names = _check_arguments(services)
+    for name in secret_names:
+        for length, accepted in ((MIN_SECRET_LENGTH - 1, False), (MIN_SECRET_LENGTH, True)):
+            variables = dict(good_values)
+            variables[name] = secrets.token_hex(MIN_SECRET_LENGTH)[:length]
+            result = run_check(check_arguments, variables)
+            output = _complaints(result)
+            assert (result.returncode == 0) == accepted, f"{name} of {length} characters: {output!r}"
+            assert _named(output, name) != accepted, f"{name} of {length} characters: {output!r}"
+            _assert_no_value(output, variables)
+    # A user name is no secret: a short one passes (MinIO has its own rule, 3 characters).
+    for name in user_names:
+        result = run_check(check_arguments, {**good_values, name: "abc"})
+        assert result.returncode == 0, _complaints(result)
+
+
+@pytest.mark.parametrize("how", ["unset", "empty"])
+def test_secrets_check_refuses_missing(check_arguments, good_values, how):
+    for name in good_values:
+        variables = dict(good_values)
+        if how == "unset":
+            del variables[name]
+        else:
+            variables[name] = ""
+        result = run_check(check_arguments, variables)
+        output = _complaints(result)
+        assert result.returncode != 0, f"{name} {how} accepted"
+        assert [other for other in good_values if _named(output, other)] == [name], output
+        _assert_no_value(output, variables)
+
+
+def test_secrets_check_reports_every_bad_variable(check_arguments, good_values, services):
+    secret_names, _ = _check_arguments(services)
+    variables = dict(good_values)
+    variables[secret_names[0]] = PLACEHOLDER
+    variables[secret_names[1]] = "x" * (MIN_SECRET_LENGTH - 1)
+    del variables[secret_names[2]]
+    result = run_check(check_arguments, variables)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if any(_named(line, n) for n in good_values)]
+    assert [[n for n in good_values if _named(line, n)] for line in lines] == [[n] for n in secret_names[:3]]
+    _assert_no_value(_complaints(result), variables)
+
+
+def test_secrets_check_values_are_data(check_arguments, good_values, tmp_path):
+    """Values with quotes, $(...), backquotes, spaces and newlines are measured, not run."""
+    marker = tmp_path / "ran"
+    variables = dict(good_values)
+    hostile = [f"$(touch {marker})-{secrets.token_hex(8)}", f"`touch {marker}`;'\"{secrets.token_hex(8)}",
+               f"a b\nc\t{secrets.token_hex(8)} ${{HOME}} *"]
+    for name, value in zip(variables, hostile):
+        variables[name] = value
+    result = run_check(check_arguments, variables)
+    assert result.returncode == 0, _complaints(result)
+    assert not marker.exists()
+    _assert_no_value(_complaints(result), variables)
+
+
+def test_secrets_check_refuses_bad_arguments(good_values):
+    result = run_check([], good_values)
+    assert result.returncode != 0
+    result = run_check(["RAY_AUTH_TOKEN;exit 0"], good_values)
+    assert result.returncode != 0 and "not a variable name" in result.stderr
 
 
 def test_gpu_worker(services):

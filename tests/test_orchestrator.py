@@ -1,15 +1,19 @@
 """End to end with real Ray and a real MLflow tracking server on loopback."""
+import glob
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from leaks import files_holding
 from orchestrator.tracking import LocalServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,11 +68,26 @@ def training_run_of(client, run):
     return training
 
 
+# Credentials a sweep must never write anywhere: the values are unique strings to search for.
+SENTINELS = {name: f"sentinel-{name.lower().replace('_', '-')}-5f1c0e9a" for name in (
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY")}
+
+
 def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
     """No MLFLOW_TRACKING_URI: the sweep starts a server over ./mlflow.db and ./mlartifacts, and a
-    later server over the same directory (what `mlflow ui` does) shows every run complete."""
-    result = orchestrator(["sweep", SMOKE, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    later server over the same directory (what `mlflow ui` does) shows every run complete. Credentials
+    in the environment land in no file the sweep wrote, Ray's session directory (its logs) included."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's sockets live there: a short path
+    try:
+        result = orchestrator(["sweep", SMOKE, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path,
+                              env_extra={**SENTINELS, "RAY_TMPDIR": ray_tmp})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert glob.glob(os.path.join(ray_tmp, "ray", "session_*", "logs", "*.log"))  # Ray's logs were searched
+        assert files_holding([tmp_path, ray_tmp, cache_dir], SENTINELS) == []
+        assert not any(value in result.stdout + result.stderr for value in SENTINELS.values())
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "fid_reference" in result.stdout  # the summary table
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
 

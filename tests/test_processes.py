@@ -138,6 +138,29 @@ def test_sigmoid_schedule_closed_form_and_ends():
     assert alphabar[0] == 1 and alphabar[-1] < 1e-3
 
 
+def test_sigmoid_schedule_docstring_states_the_code():
+    """The formula sigmoid_alphabar's docstring displays, evaluated as written (with the v_start and v_end it
+    defines), is the continuous sigmoid process's alphabar at every t, 1 at t = 0, for non-default start, end, tau."""
+    import re
+
+    from diffusion.processes import sigmoid_alphabar
+
+    doc = sigmoid_alphabar.__doc__
+    formula = re.search(r"^\s*alphabar\(t\) = (.+)$", doc, re.MULTILINE)
+    ends = dict(re.findall(r"\b(v_start|v_end) = (sigmoid\([^)]*\))", doc))
+    assert formula and set(ends) == {"v_start", "v_end"}, \
+        "the docstring displays alphabar(t) = ... and defines v_start, v_end"
+    cfg = ProcessConfig(schedule="sigmoid", T="continuous", sigmoid_start=-2.0, sigmoid_end=4.0, sigmoid_tau=0.7)
+    t = torch.tensor([0.0, 0.1, 0.4, 0.8, 0.95], dtype=torch.float64)
+    names = {"sigmoid": torch.sigmoid, "t": t,
+             **{k: torch.tensor(getattr(cfg, f"sigmoid_{k}"), dtype=torch.float64) for k in ("start", "end", "tau")}}
+    names.update({name: eval(expression, {}, names) for name, expression in ends.items()})
+    documented = eval(formula.group(1), {}, names)
+    assert documented[0].item() == pytest.approx(1.0, abs=1e-12)
+    code = build_process(cfg).alpha(t.float()).double() ** 2
+    assert torch.allclose(documented, code, rtol=1e-5, atol=1e-7)
+
+
 def test_subvp_and_ve_sde_marginals():
     """sub-VP: sigma = 1 - alphabar (Song et al. 2021, eq. 29); VE-SDE: sigma(t) = sigma_min (sigma_max / sigma_min)^t."""
     vp = build_process(ProcessConfig(T="continuous"))

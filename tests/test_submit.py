@@ -197,23 +197,32 @@ class FakeJobs:
         return kwargs["submission_id"]
 
 
-def test_credentials_only_in_env_vars(project, monkeypatch, capsys):
+def test_credentials_are_never_sent_with_a_job(project, monkeypatch, capsys):
+    """Ray writes a job's runtime_env (env_vars included) to its logs and shows it through the job API: the
+    submitter's credentials stay home, the settings that are not secret go along, and a URI with
+    user:password@ is refused before anything is submitted."""
     monkeypatch.chdir(project)
-    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "RAY_"))]:
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "RAY_", "AWS_"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://alice:{SECRET}@mlflow.example.org")
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI.*without user:password") as refused:
+        submit.submit_job("sweeps/smoke.yaml", [], address="http://ray.example.org:8265", client=FakeJobs())
+    assert SECRET not in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET + "-aws")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
     fake = FakeJobs()
     assert submit.submit_job("sweeps/smoke.yaml", ["base.train.steps=5"], address="http://ray.example.org:8265",
                              client=fake) == 0
     assert submit.submit_job("sweeps/smoke.yaml", ["base.train.steps=5"], address="http://ray.example.org:8265",
                              dry_run=True) == 0
     (job,) = fake.submitted
-    env_vars = job["runtime_env"]["env_vars"]
-    assert env_vars["MLFLOW_TRACKING_PASSWORD"] == SECRET and env_vars["MLFLOW_TRACKING_USERNAME"] == "alice"
-    assert SECRET not in json.dumps({k: v for k, v in job.items() if k != "runtime_env"})
-    assert SECRET not in json.dumps({k: v for k, v in job["runtime_env"].items() if k != "env_vars"})
+    assert SECRET not in json.dumps(job)
+    assert "alice" not in json.dumps(job)
+    assert job["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.example.org",
+                                              "AWS_ENDPOINT_URL": "http://minio.internal:9000"}
     assert job["entrypoint"] == ("python -m orchestrator sweep sweeps/smoke.yaml base.train.steps=5 --address auto")
     assert job["runtime_env"]["working_dir"] == os.path.realpath(project)
     assert {"/.venv", "/mlartifacts", "/mlflow.db", "/ray_results", "/data", ".env", "*.pt"} <= \
@@ -224,7 +233,8 @@ def test_credentials_only_in_env_vars(project, monkeypatch, capsys):
     assert SECRET not in (project / "smoke.sbatch").read_text()
     printed = capsys.readouterr()
     assert SECRET not in printed.out + printed.err
-    assert "https://mlflow.example.org" in printed.out  # the URI, without its user:password
+    assert printed.out.count("credentials: not sent (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, "
+                             "AWS_SECRET_ACCESS_KEY)") == 2
 
 
 def test_resubmission_is_idempotent_and_resubmit_numbers_attempts(project, monkeypatch, capsys):

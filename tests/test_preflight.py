@@ -1,0 +1,138 @@
+"""What a sweep can know before it starts is checked before MLflow starts or anything is written (a data set
+whose files are missing, resources no node has, credentials in the tracking URI); a sweep that fails after it
+started ends its parent run FAILED with the reason; grid values holding '/' or quotes work like any other."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from diffusion.errors import ConfigError
+from orchestrator.runner import check_resources, trial_dirname
+from orchestrator.sweepfile import load_sweep
+from orchestrator.tracking import LocalServer
+from smallsweep import small_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def orchestrator(args, cwd, env_extra=None, timeout=600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(env_extra or {})
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def written(directory) -> set[str]:
+    """What a sweep leaves in its directory (the sweep file itself aside)."""
+    return {name for name in os.listdir(directory) if not name.endswith(".yaml")}
+
+
+def assert_refused(result, *fragments):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orchestrator: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_data_files_are_refused_before_anything_starts(tmp_path):
+    path = small_sweep(tmp_path / "mnist.yaml", "mnist_missing", 5)
+    overrides = ["base.data.name=mnist", f"base.data.root={tmp_path / 'nonexistent'}"]
+    for command in (["validate"], ["sweep"]):
+        result = orchestrator([*command, path, *overrides], cwd=tmp_path)
+        assert_refused(result, "base.data.name", "mnist")
+        assert written(tmp_path) == set()  # no mlflow.db, no mlartifacts, no ray_results, no server log
+
+
+def test_resources_no_node_has():
+    """Against the nodes' resource dicts as Ray reports them: the first trial that no single node can hold
+    names its key, what it asks and the most there is."""
+    sweep = load_sweep(os.path.join(ROOT, "sweeps", "smoke.yaml"), ["base.resources.cpu=3"])
+    nodes = [{"CPU": 2.0, "GPU": 0.0, "memory": 1e9}]
+    with pytest.raises(ConfigError, match=r"base\.resources\.cpu: invalid value 3\.0; accepted: at most 2"):
+        check_resources(sweep, nodes, "this machine")
+    check_resources(sweep, [*nodes, {"CPU": 4.0}], "a cluster")  # one node is enough
+    gpu = load_sweep(os.path.join(ROOT, "sweeps", "smoke.yaml"), ["base.resources.gpu=0.5"])
+    with pytest.raises(ConfigError, match=r"resources\.gpu: invalid value 0\.5; accepted: nothing: no node"):
+        check_resources(gpu, nodes, "this machine")
+    check_resources(gpu, [{"CPU": 1.0, "GPU": 1.0}], "a cluster")  # fractions share a GPU
+    custom = load_sweep(os.path.join(ROOT, "sweeps", "smoke.yaml"), ["base.resources.custom={node_a: 1}"])
+    with pytest.raises(ConfigError, match=r"resources\.custom\.node_a"):
+        check_resources(custom, nodes, "this machine")
+    # each resource exists somewhere, but on no single node together: still pending for ever
+    with pytest.raises(ConfigError, match="no single node has all of them"):
+        check_resources(custom, [{"CPU": 4.0}, {"CPU": 0.0, "node_a": 1.0}], "a cluster")
+    check_resources(custom, [{"CPU": 4.0}, {"CPU": 1.0, "node_a": 1.0}], "a cluster")
+
+
+def test_trial_dirname_is_safe_and_distinct():
+    assert trial_dirname("ddpm-seed=1,sample.steps=20") == "ddpm-seed=1,sample.steps=20"  # safe names stay
+    odd = ["base-eval.cache_dir=/tmp/a/b", "base-eval.cache_dir=/tmp/a_b", "base-x=it's", 'base-x="q"', "base-x=..",
+           "base-x=" + "y" * 300]
+    names = [trial_dirname(name) for name in odd]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert "/" not in name and "'" not in name and '"' not in name and len(name) <= 120 and name not in (".", "..")
+
+
+@pytest.mark.integration
+def test_sweep_preflight_and_values_with_slash_and_quote(tmp_path, tmp_path_factory):
+    """One local Ray start each: resources beyond this machine are refused before MLflow starts; a credential
+    in the tracking URI is refused before anything; grid values with '/' and a quote give a trial each, with
+    its evaluation run."""
+    path = small_sweep(tmp_path / "odd.yaml", "odd_values", 20)
+    result = orchestrator(["sweep", path, f"base.resources.cpu={os.cpu_count() + 62}"], cwd=tmp_path)
+    assert_refused(result, "base.resources.cpu", "at most")
+    assert written(tmp_path) == set()
+    result = orchestrator(["sweep", path], cwd=tmp_path,
+                          env_extra={"MLFLOW_TRACKING_URI": "http://alice:hunter2-password@127.0.0.1:9"})
+    assert_refused(result, "MLFLOW_TRACKING_URI")
+    assert "hunter2-password" not in result.stderr and written(tmp_path) == set()
+
+    odd = [str(tmp_path / "a/b"), str(tmp_path / "it's")]  # eval.cache_dir: no effect on training, one model
+    sweep = yaml.safe_load(open(path))
+    sweep["grid"] = {"eval.cache_dir": odd}
+    (tmp_path / "odd.yaml").write_text(yaml.safe_dump(sweep))
+    home = tmp_path_factory.mktemp("home")  # where Ray keeps the local instance's token: ~/.ray/auth_token
+    result = orchestrator(["sweep", path], cwd=tmp_path, env_extra={"HOME": str(home)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    token = home / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600  # Ray creates it 0644: other users could join the instance
+    reader = LocalServer(str(tmp_path)).start()
+    try:
+        client = MlflowClient(reader.uri)
+        experiment = client.get_experiment_by_name("odd_values")
+        runs = client.search_runs([experiment.experiment_id])
+        evaluations = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
+        assert sorted(r.data.params["eval.cache_dir"] for r in evaluations) == sorted(odd)
+        assert all(r.info.status == "FINISHED" for r in runs)
+        assert len([r for r in runs if r.data.tags.get("stage") == "train"]) == 1
+    finally:
+        reader.stop()
+
+
+@pytest.mark.integration
+def test_a_sweep_that_fails_after_it_started_ends_its_parent_failed(tmp_path):
+    """The FID feature cache cannot be made (its directory would be under a file): the sweep has started (its
+    parent run exists) when that is found; the parent run ends FAILED with the reason, not RUNNING."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    path = small_sweep(tmp_path / "fails.yaml", "fails_late", 5)
+    result = orchestrator(["sweep", path, "base.eval.fid=true", f"base.eval.cache_dir={blocker / 'cache'}"],
+                          cwd=tmp_path)
+    assert result.returncode != 0
+    reader = LocalServer(str(tmp_path)).start()
+    try:
+        client = MlflowClient(reader.uri)
+        experiment = client.get_experiment_by_name("fails_late")
+        (parent,) = client.search_runs([experiment.experiment_id])
+        assert parent.info.status == "FAILED"
+        assert "a-file" in parent.data.tags["failure_reason"]
+    finally:
+        reader.stop()
