@@ -18,12 +18,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/orchestrator sweep sweeps/ddpm_vs_ncsn.yaml
 
-# The integration tests (marked `integration`) mostly wait on Ray and MLflow; the unit tests run beside them on the
-# second core, their output printed when both are done. Fails if either fails.
+# The integration tests (marked `integration`) mostly wait on Ray and MLflow: two pytest-xdist workers take their
+# files in turn (a file stays in one worker, in order), and the unit tests run beside them at a lower priority (the
+# integration tests' waits are the critical path), their output printed when both are done. Fails if either fails.
 test: $(STAMP)
 	@unit_log=$$(mktemp); \
-	$(BIN)/python -m pytest -q -m "not integration" > $$unit_log 2>&1 & unit_pid=$$!; \
-	$(BIN)/python -m pytest -q -m integration; integration=$$?; \
+	nice -n 10 $(BIN)/python -m pytest -q -m "not integration" > $$unit_log 2>&1 & unit_pid=$$!; \
+	$(BIN)/python -m pytest -q -m integration -n 2 --dist loadfile --durations=15; integration=$$?; \
 	wait $$unit_pid; unit=$$?; \
 	echo "--- unit tests (pytest -m 'not integration') ---"; cat $$unit_log; rm -f $$unit_log; \
 	echo "integration tests: exit $$integration; unit tests: exit $$unit"; \

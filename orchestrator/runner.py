@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 from diffusion.config import training_key
 from diffusion.errors import ConfigError
 
-from . import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE  # noqa: F401 - re-exported
+from . import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIAL_FAILED
 from .cache import ModelCache, filesystem, is_uri, local_path
 from .sweepfile import Sweep, Trial, key_origin
 from .tracking import (ACTIVE_SERVERS, SECRET_ENV, check_tracking_uri_credentials, end_unfinished_runs, tracking_server,

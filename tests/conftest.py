@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from orchestrator.tracking import free_port
+from orchestrator.tracking import LocalServer, free_port
 
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
 
@@ -50,3 +50,16 @@ def s3(s3_server, monkeypatch):
     pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"].split("://")[1], scheme="http",
                       allow_bucket_creation=True).create_dir(bucket)
     return bucket
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One classifier feature-extractor cache for every sweep of this module."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LocalServer(str(tmp_path_factory.mktemp("mlflow"))).start()
+    yield srv
+    srv.stop()

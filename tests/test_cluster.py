@@ -111,7 +111,15 @@ def test_trials_land_on_both_nodes(tmp_path, cluster, server):
     cluster.start_node("worker", 1, {"node_b": 1})
     variants = {"a": {"seed": 0, "resources": {"custom": {"node_a": 1}}},
                 "b": {"seed": 1, "resources": {"custom": {"node_b": 1}}}}
-    proc = sweep(cluster, sweep_file(tmp_path / "two.yaml", "two_nodes", 30, variants), tmp_path, server.uri)
+    path = sweep_file(tmp_path / "two.yaml", "two_nodes", 30, variants)
+    # A resource no node of the cluster has is found against the cluster's nodes, before anything starts.
+    refused = subprocess.run([sys.executable, "-m", "orchestrator", "validate", path,
+                              "variants.b.resources.custom={node_c: 1}", "--address", cluster.address], cwd=tmp_path,
+                             env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        "orchestrator: error: variants.b.resources.custom.node_c: invalid value 1.0; accepted: nothing: no node of "
+        f"the Ray cluster at {cluster.address} has node_c"), refused.stderr[-3000:]
+    proc = sweep(cluster, path, tmp_path, server.uri)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     client = MlflowClient(server.uri)

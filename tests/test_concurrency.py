@@ -28,8 +28,10 @@ def start(args, cwd) -> subprocess.Popen:
 
 def test_two_sweeps_started_at_once_share_the_server_and_train_once(tmp_path):
     """The same sweep file started twice at the same moment (its experiment is created by one, found by the
-    other), whose one trial needs one model."""
-    path = small_sweep(tmp_path / "twice.yaml", "twice", steps=60)
+    other), whose two trials need one model. Their grid values hold '/' and a quote (eval.cache_dir, which no
+    trial here reads): trial directories are named safely and each trial finds its own evaluation run."""
+    odd = [str(tmp_path / "a/b"), str(tmp_path / "it's")]
+    path = small_sweep(tmp_path / "twice.yaml", "twice", steps=60, grid={"eval.cache_dir": odd})
     started = time.monotonic()
     procs = [start(["sweep", path], tmp_path) for _ in range(2)]
     try:
@@ -59,7 +61,8 @@ def test_two_sweeps_started_at_once_share_the_server_and_train_once(tmp_path):
         reader.stop()
     assert [r.info.status for r in training] == ["FINISHED"]  # trained once, by one of the two sweeps
     [trained] = training
-    assert [r.info.status for r in evaluation] == ["FINISHED", "FINISHED"]
+    assert [r.info.status for r in evaluation] == ["FINISHED"] * 4
+    assert sorted(r.data.params["eval.cache_dir"] for r in evaluation) == sorted(odd * 2)
     assert {r.data.tags["training_run_id"] for r in evaluation} == {trained.info.run_id}
     key = trained.data.tags["training_hash"]
     record = json.loads((tmp_path / "ray_results" / "models" / key / "model.json").read_text())
