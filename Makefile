@@ -18,13 +18,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/orchestrator sweep sweeps/ddpm_vs_ncsn.yaml
 
-# The integration tests (marked `integration`) mostly wait on Ray and MLflow: two pytest-xdist workers take their
-# files in turn (a file stays in one worker, in order), and the unit tests run beside them at a lower priority (the
-# integration tests' waits are the critical path), their output printed when both are done. Fails if either fails.
+# The integration tests (marked `integration`) mostly wait on Ray and MLflow: two pytest-xdist workers take whole
+# files (module fixtures stay shared), the longest first (INTEGRATION_FIRST, then every other tests/test_*.py), and the
+# unit tests run beside them at a lower priority (the integration tests' waits are the critical path), their output
+# printed when both are done. Fails if either fails.
+INTEGRATION_FIRST := tests/test_zoo.py tests/test_cluster.py tests/test_faults.py tests/test_orchestrator.py
 test: $(STAMP)
 	@unit_log=$$(mktemp); \
 	nice -n 10 $(BIN)/python -m pytest -q -m "not integration" > $$unit_log 2>&1 & unit_pid=$$!; \
-	$(BIN)/python -m pytest -q -m integration -n 2 --dist loadfile --durations=15; integration=$$?; \
+	$(BIN)/python -m pytest -q -m integration -n 2 --dist loadfile --no-loadscope-reorder --durations=15 $(INTEGRATION_FIRST) $(filter-out $(INTEGRATION_FIRST),$(sort $(wildcard tests/test_*.py))); integration=$$?; \
 	wait $$unit_pid; unit=$$?; \
 	echo "--- unit tests (pytest -m 'not integration') ---"; cat $$unit_log; rm -f $$unit_log; \
 	echo "integration tests: exit $$integration; unit tests: exit $$unit"; \
