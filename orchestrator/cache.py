@@ -345,20 +345,13 @@ class ModelCache:
     def checkpoint(self, key: str) -> tuple[Optional[str], Optional[str]]:
         """(a local path of the entry's checkpoint, None), or (None, None) when there is none, or (None, what is
         wrong) when it does not match its checksum: then it is reported and removed (train from step 0)."""
-        path = self.fetch(key, CHECKPOINT)
-        if path is None:
+        problem = self.verify(key, CHECKPOINT, self.read(key, CHECKPOINT_SUM))
+        if problem == "missing":
             return None, None
-        expected = self.read(key, CHECKPOINT_SUM)
-        if expected is not None:
-            digest, problem = file_digest(path), None
-            if digest["size"] != expected.get("size"):
-                problem = f"size {digest['size']} bytes, {expected.get('size')} recorded"
-            elif digest["sha256"] != expected.get("sha256"):
-                problem = "sha256 mismatch"
-            if problem:
-                self.discard_checkpoint(key, problem)
-                return None, problem
-        return path, None
+        if problem is not None:
+            self.discard_checkpoint(key, problem)
+            return None, problem
+        return self.fetch(key, CHECKPOINT), None
 
     def discard_checkpoint(self, key: str, problem: str) -> None:
         """Report a damaged checkpoint and remove it (and its checksum)."""

@@ -460,8 +460,8 @@ def _cached_stage(cache: ModelCache, prefix: str, spec: dict, run_id: str, fit: 
             if problem is None:
                 try:
                     module = build(record).to(device)
-                    module.load_state_dict(torch.load(cache.fetch(entry, weights), map_location=device,
-                                                      weights_only=True))
+                    state = torch.load(cache.fetch(entry, weights), map_location=device, weights_only=True)
+                    module.load_state_dict(state)
                 except Exception as error:  # noqa: BLE001 - damaged in a way its record cannot tell (no checksum)
                     module, problem = None, f"cannot be loaded: {type(error).__name__}: {str(error)[:200]}"
             if problem is not None:
