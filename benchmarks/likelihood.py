@@ -42,7 +42,7 @@ from diffusion.config import ProcessConfig  # noqa: E402
 from diffusion.data import load_dataset  # noqa: E402
 from diffusion.elbo import elbo_terms  # noqa: E402
 from diffusion.likelihood import bits_per_dim, dequantize, ode_log_likelihood, to_levels  # noqa: E402
-from diffusion.processes import build_process  # noqa: E402
+from diffusion.factory import build_process  # noqa: E402
 from report import write_section  # noqa: E402  (benchmarks/report.py)
 from samplers import DEFAULT_CACHE, model_config, trained_model  # noqa: E402  (benchmarks/samplers.py)
 

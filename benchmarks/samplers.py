@@ -34,12 +34,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from diffusion.config import (  # noqa: E402
     DataConfig, EvalConfig, LossConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig,
-    training_key, training_spec, validate,
 )
 from diffusion.data import load_dataset  # noqa: E402
 from diffusion.metrics import compute_fid  # noqa: E402
-from diffusion.samplers import SAMPLERS, draw_samples, make_timesteps  # noqa: E402
+from diffusion.samplers import SAMPLERS  # noqa: E402
+from diffusion.factory import draw_samples, make_timesteps  # noqa: E402
 from diffusion.training import Trainer  # noqa: E402
+from diffusion.validation import validate  # noqa: E402
+from orchestrator.keys import training_key, training_spec  # noqa: E402
 from report import write_section  # noqa: E402  (benchmarks/report.py)
 
 BEGIN, END = "<!-- samplers:begin -->", "<!-- samplers:end -->"

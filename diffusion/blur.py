@@ -32,8 +32,11 @@ from torch import Tensor
 
 from .config import ProcessConfig
 from .degradations import dct_matrix
-from .processes import DiscreteProcess, build_process
+from .errors import ConfigError
+from .process_families import PROCESS_FAMILIES, ProcessFamily, build_gaussian
+from .processes import CONTINUOUS, DiscreteProcess
 from .registry import Registry
+from .schedules import VP_SCHEDULES
 
 LOG_ALPHA_FLOOR = 40.0
 BLUR_SCHEDULES: Registry[Callable[[Tensor, int], Tensor]] = Registry("process.blur_schedule")
@@ -64,7 +67,7 @@ class BlurProcess(DiscreteProcess):
     per_dimension = True
 
     def __init__(self, cfg: ProcessConfig, shape: tuple):
-        vp = build_process(dataclasses.replace(cfg, name="vp"))
+        vp = build_gaussian(dataclasses.replace(cfg, name="vp"))
         log_alphabar = 2 * vp.alphas.log()  # [T + 1]
         log_alpha2 = log_alphabar[:, None, None, None] + 2 * blur_exponents(cfg)[:, None, None, None] * log_blur_factors(shape, cfg.blur_sigma)
         # a floor on the signal, alpha >= e^-40: a frequency blurred to nothing would make x0 = (x - sigma eps) / alpha
@@ -102,3 +105,23 @@ class InBasis(torch.nn.Module):
 
     def forward(self, u: Tensor, t: Tensor, *labels: Tensor) -> Tensor:
         return self.process.to_basis(self.network(self.process.from_basis(u), t, *labels))
+
+
+def _check_blur(cfg: ProcessConfig) -> None:
+    if cfg.T == CONTINUOUS:
+        raise ConfigError("process.T", cfg.T, "an integer >= 1 for blur (Lee et al.'s blur diffusion has discrete steps)")
+    BLUR_SCHEDULES.get(cfg.blur_schedule)
+    if cfg.blur_sigma < 0:
+        raise ConfigError("process.blur_sigma", cfg.blur_sigma, "a number >= 0 (0: no blur, the VP process)")
+    if cfg.blur_f_max < 0:
+        raise ConfigError("process.blur_f_max", cfg.blur_f_max, "a number >= 0 (0: no blur, the VP process)")
+
+
+def _build_blur(cfg: ProcessConfig, shape: tuple | None) -> BlurProcess:
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"the blur process needs an image shape [C, H, W], not {shape}")
+    return BlurProcess(cfg, tuple(shape))
+
+
+# blur: the VP schedule of Lee et al.'s blur diffusion, per DCT frequency
+PROCESS_FAMILIES.register("blur")(ProcessFamily(_build_blur, VP_SCHEDULES, check=_check_blur))

@@ -1,11 +1,15 @@
-"""Data sets: every loader turns a :class:`DataConfig` into one in-memory :class:`Dataset`.
+"""Data sets: every loader takes plain keyword options and returns one in-memory :class:`Dataset`.
 
 Images are float32 tensors ``[N, C, H, W]`` scaled to ``[-1, 1]`` (the data range of Ho et al. 2020,
 Sec. 3.3); 2-D point sets are float32 ``[N, 2]``. Every loader is registered by the name users write
 as ``data.name`` in :data:`DATASETS`, so an unknown name fails with the list of valid ones.
 
-Splits are fixed by ``data.split_seed``: the same config always yields the same train/test tensors,
-and the 2-D sets are generated from a ``torch.Generator`` seeded the same way, so a data set never
+A loader's keywords are named like the :class:`DataConfig` fields, with the same defaults, e.g.
+``load_moons(n_points=8000, test_fraction=0.2, split_seed=0)``; :func:`load_dataset` reads exactly the
+keywords a loader declares from a DataConfig. Errors still name the config keys (``data.test_fraction``).
+
+Splits are fixed by ``split_seed``: the same options always yield the same train/test tensors, and
+the 2-D sets are generated from a ``torch.Generator`` seeded the same way, so a data set never
 depends on the global random state (or on the trial seed).
 """
 from __future__ import annotations
@@ -22,9 +26,9 @@ from torch import Tensor
 
 from .config import DataConfig
 from .errors import ConfigError
-from .registry import Registry
+from .registry import Registry, options_for
 
-DATASETS: Registry[Callable[[DataConfig], "Dataset"]] = Registry("data.name")
+DATASETS: Registry[Callable[..., "Dataset"]] = Registry("data.name")
 POINT_SETS = ("swiss_roll", "moons", "gaussian_mixture")  # the 2-D sets; every other data set holds images
 
 
@@ -64,8 +68,10 @@ LABELLED_SETS = ("digits", "moons", "gaussian_mixture", "mnist", "fashion_mnist"
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the data set named by ``cfg.name``; raise :class:`ConfigError` if it is unknown or missing."""
-    return DATASETS.get(cfg.name)(cfg)
+    """Load the data set named by ``cfg.name``, passing the loader the options it declares, read from
+    ``cfg`` by name; raise :class:`ConfigError` if it is unknown or missing."""
+    loader = DATASETS.get(cfg.name)
+    return loader(**options_for(loader, cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +79,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _split_generator(cfg: DataConfig) -> torch.Generator:
-    return torch.Generator().manual_seed(cfg.split_seed)
+def _split_generator(split_seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(split_seed)
 
 
 def _test_count(n: int, test_fraction: float) -> int:
@@ -84,28 +90,28 @@ def _test_count(n: int, test_fraction: float) -> int:
     return min(max(round(n * test_fraction), 1), n - 1)
 
 
-def _random_split(n: int, cfg: DataConfig) -> tuple[Tensor, Tensor]:
-    """Indices (train, test) of a uniformly random split of range(n), fixed by cfg.split_seed."""
-    permutation = torch.randperm(n, generator=_split_generator(cfg))
-    n_test = _test_count(n, cfg.test_fraction)
+def _random_split(n: int, test_fraction: float, split_seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (train, test) of a uniformly random split of range(n), fixed by split_seed."""
+    permutation = torch.randperm(n, generator=_split_generator(split_seed))
+    n_test = _test_count(n, test_fraction)
     return permutation[n_test:].sort().values, permutation[:n_test].sort().values
 
 
-def _stratified_split(labels: Tensor, cfg: DataConfig) -> tuple[Tensor, Tensor]:
-    """Indices (train, test) of a split that keeps every class's share, fixed by cfg.split_seed.
+def _stratified_split(labels: Tensor, test_fraction: float, split_seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (train, test) of a split that keeps every class's share, fixed by split_seed.
 
     The test split has exactly round(N * test_fraction) examples; each class contributes
     floor(n_c * test_fraction) of them and the remaining ones go to the classes with the
     largest fractional remainders (largest-remainder apportionment).
     """
-    n_test_total = _test_count(len(labels), cfg.test_fraction)
+    n_test_total = _test_count(len(labels), test_fraction)
     classes, class_sizes = torch.unique(labels, sorted=True, return_counts=True)
     quotas = class_sizes.double() * n_test_total / len(labels)
     n_test_per_class = quotas.floor().long()
     remainder_order = torch.argsort(quotas - n_test_per_class, descending=True, stable=True)
     n_test_per_class[remainder_order[: n_test_total - int(n_test_per_class.sum())]] += 1
 
-    generator = _split_generator(cfg)
+    generator = _split_generator(split_seed)
     train_parts, test_parts = [], []
     for label, n_test in zip(classes.tolist(), n_test_per_class.tolist()):
         members = torch.nonzero(labels == label).flatten()
@@ -139,7 +145,7 @@ DIGITS_MAX_INTENSITY = 16.0  # sklearn's digits are 8x8 images with integer inte
 
 
 @DATASETS.register("digits")
-def load_digits(cfg: DataConfig) -> Dataset:
+def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """sklearn's 1,797 handwritten 8x8 digits (UCI optdigits test set), ``[N, 1, 8, 8]`` in [-1, 1].
 
     Ships with scikit-learn, so it needs no download. The split is stratified by digit class.
@@ -150,7 +156,7 @@ def load_digits(cfg: DataConfig) -> Dataset:
     images = torch.from_numpy(bunch.images).float().unsqueeze(1)  # [N, 1, 8, 8], values 0..16
     images = images / DIGITS_MAX_INTENSITY * 2.0 - 1.0
     labels = torch.from_numpy(bunch.target).long()
-    train_idx, test_idx = _stratified_split(labels, cfg)
+    train_idx, test_idx = _stratified_split(labels, test_fraction, split_seed)
     return _split("digits", images, labels, train_idx, test_idx, num_classes=10,
                   levels=int(DIGITS_MAX_INTENSITY) + 1)
 
@@ -200,46 +206,47 @@ def _curve_moments(curve: Callable[[Tensor], Tensor], low: float, high: float, n
     return mean.float(), variance.sqrt().float()
 
 
-def _point_split(name: str, points: Tensor, labels: Optional[Tensor], cfg: DataConfig, **extra) -> Dataset:
+def _point_split(name: str, points: Tensor, labels: Optional[Tensor], test_fraction: float, split_seed: int,
+                 **extra) -> Dataset:
     """Split i.i.d. points ``[n_points, 2]`` into train and test (a random split, fixed by split_seed)."""
-    train_idx, test_idx = _random_split(len(points), cfg)
+    train_idx, test_idx = _random_split(len(points), test_fraction, split_seed)
     return _split(name, points, labels, train_idx, test_idx, **extra)
 
 
 @DATASETS.register("swiss_roll")
-def load_swiss_roll(cfg: DataConfig) -> Dataset:
+def load_swiss_roll(*, n_points: int = 8000, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """2-D swiss roll (u cos u, u sin u), u ~ U(1.5 pi, 4.5 pi), plus Gaussian noise; standardised.
 
     Each axis is shifted and scaled by the distribution's exact mean and std (zero mean, unit
     variance per axis). No labels.
     """
-    generator = _split_generator(cfg)
+    generator = _split_generator(split_seed)
     low, high = SWISS_ROLL_TURNS
-    u = low + (high - low) * torch.rand(cfg.n_points, generator=generator, dtype=torch.float64)
-    points = _swiss_roll_curve(u) + SWISS_ROLL_NOISE * torch.randn(cfg.n_points, 2, generator=generator, dtype=torch.float64)
+    u = low + (high - low) * torch.rand(n_points, generator=generator, dtype=torch.float64)
+    points = _swiss_roll_curve(u) + SWISS_ROLL_NOISE * torch.randn(n_points, 2, generator=generator, dtype=torch.float64)
     mean, std = _curve_moments(_swiss_roll_curve, low, high, SWISS_ROLL_NOISE)
     points = (points.float() - mean) / std
-    return _point_split("swiss_roll", points, None, cfg)
+    return _point_split("swiss_roll", points, None, test_fraction, split_seed)
 
 
 @DATASETS.register("moons")
-def load_moons(cfg: DataConfig) -> Dataset:
+def load_moons(*, n_points: int = 8000, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """Two interlocking half circles (as sklearn's make_moons) plus Gaussian noise; standardised.
 
     Each point picks a moon with probability 1/2 (its label) and a uniform angle on it. Each axis
     is shifted and scaled by the distribution's exact mean and std.
     """
-    generator = _split_generator(cfg)
-    moon = torch.randint(0, 2, (cfg.n_points,), generator=generator)
-    u = math.pi * torch.rand(cfg.n_points, generator=generator, dtype=torch.float64)
-    points = _moons_curve(u, moon) + MOONS_NOISE * torch.randn(cfg.n_points, 2, generator=generator, dtype=torch.float64)
+    generator = _split_generator(split_seed)
+    moon = torch.randint(0, 2, (n_points,), generator=generator)
+    u = math.pi * torch.rand(n_points, generator=generator, dtype=torch.float64)
+    points = _moons_curve(u, moon) + MOONS_NOISE * torch.randn(n_points, 2, generator=generator, dtype=torch.float64)
 
     def both_moons(v: Tensor) -> Tensor:  # v in [0, 2 pi): the first half is moon 0, the second moon 1
         return _moons_curve(torch.remainder(v, math.pi), (v >= math.pi).long())
 
     mean, std = _curve_moments(both_moons, 0.0, 2.0 * math.pi, MOONS_NOISE)
     points = (points.float() - mean) / std
-    return _point_split("moons", points, moon, cfg, num_classes=2)
+    return _point_split("moons", points, moon, test_fraction, split_seed, num_classes=2)
 
 
 def gaussian_mixture_means(dtype: torch.dtype = torch.float32, device=None) -> Tensor:
@@ -264,17 +271,17 @@ def gaussian_mixture_log_prob(x: Tensor) -> Tensor:
 
 
 @DATASETS.register("gaussian_mixture")
-def load_gaussian_mixture(cfg: DataConfig) -> Dataset:
+def load_gaussian_mixture(*, n_points: int = 8000, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """8 equally weighted Gaussians (std 0.1) on a ring of radius 2; labels are the components.
 
     Not standardised: its exact density :func:`gaussian_mixture_log_prob` is the Dataset's log_prob.
     """
-    generator = _split_generator(cfg)
-    component = torch.randint(0, GAUSSIAN_MIXTURE_COMPONENTS, (cfg.n_points,), generator=generator)
-    noise = torch.randn(cfg.n_points, 2, generator=generator)
+    generator = _split_generator(split_seed)
+    component = torch.randint(0, GAUSSIAN_MIXTURE_COMPONENTS, (n_points,), generator=generator)
+    noise = torch.randn(n_points, 2, generator=generator)
     points = gaussian_mixture_means()[component] + GAUSSIAN_MIXTURE_STD * noise
     return _point_split(
-        "gaussian_mixture", points, component, cfg,
+        "gaussian_mixture", points, component, test_fraction, split_seed,
         num_classes=GAUSSIAN_MIXTURE_COMPONENTS, log_prob=gaussian_mixture_log_prob,
     )
 
@@ -284,18 +291,18 @@ def load_gaussian_mixture(cfg: DataConfig) -> Dataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _torchvision_split(name: str, dataset_class, cfg: DataConfig, expected_dir: str, expected_files: str):
+def _torchvision_split(name: str, dataset_class, root: str, download: bool, expected_dir: str, expected_files: str):
     """Both official splits of a torchvision data set, or ConfigError saying where the files go.
 
-    expected_dir: the folder under data.root that torchvision reads; expected_files: what it holds.
+    expected_dir: the folder under root that torchvision reads; expected_files: what it holds.
     """
-    root = os.path.expanduser(cfg.root)
+    root = os.path.expanduser(root)
     directory = os.path.abspath(os.path.join(root, expected_dir))
     try:
-        train = dataset_class(root=root, train=True, download=cfg.download)
-        test = dataset_class(root=root, train=False, download=cfg.download)
+        train = dataset_class(root=root, train=True, download=download)
+        test = dataset_class(root=root, train=False, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found. You can use download=True ..."
-        if cfg.download:
+        if download:
             accepted = f"{name} files ({expected_files}) in {directory}; the download failed, so put them there by hand"
         else:
             accepted = (
@@ -304,7 +311,7 @@ def _torchvision_split(name: str, dataset_class, cfg: DataConfig, expected_dir: 
             )
         raise ConfigError("data.name", name, accepted, detail=f"torchvision: {error}") from error
     except OSError as error:  # a failed download (no network) surfaces as URLError, an OSError
-        if not cfg.download:
+        if not download:
             raise
         raise ConfigError(
             "data.name", name,
@@ -314,11 +321,11 @@ def _torchvision_split(name: str, dataset_class, cfg: DataConfig, expected_dir: 
     return train, test
 
 
-def _mnist_like(name: str, dataset_class, cfg: DataConfig) -> Dataset:
+def _mnist_like(name: str, dataset_class, root: str, download: bool) -> Dataset:
     # torchvision's MNIST-family classes read their raw files from <root>/<ClassName>/raw.
     expected_dir = os.path.join(dataset_class.__name__, "raw")
     expected_files = ", ".join(os.path.splitext(os.path.basename(url))[0] for url, _ in dataset_class.resources)
-    train, test = _torchvision_split(name, dataset_class, cfg, expected_dir, expected_files)
+    train, test = _torchvision_split(name, dataset_class, root, download, expected_dir, expected_files)
     return Dataset(
         name=name,
         train=_uint8_to_unit_range(train.data).unsqueeze(1),  # [60000, 1, 28, 28]
@@ -331,29 +338,29 @@ def _mnist_like(name: str, dataset_class, cfg: DataConfig) -> Dataset:
 
 
 @DATASETS.register("mnist")
-def load_mnist(cfg: DataConfig) -> Dataset:
+def load_mnist(*, root: str = "data", download: bool = False) -> Dataset:
     """MNIST (LeCun et al. 1998) through torchvision: 60,000/10,000 images ``[N, 1, 28, 28]``."""
     from torchvision.datasets import MNIST
 
-    return _mnist_like("mnist", MNIST, cfg)
+    return _mnist_like("mnist", MNIST, root, download)
 
 
 @DATASETS.register("fashion_mnist")
-def load_fashion_mnist(cfg: DataConfig) -> Dataset:
+def load_fashion_mnist(*, root: str = "data", download: bool = False) -> Dataset:
     """Fashion-MNIST (Xiao et al. 2017) through torchvision: 60,000/10,000 images ``[N, 1, 28, 28]``."""
     from torchvision.datasets import FashionMNIST
 
-    return _mnist_like("fashion_mnist", FashionMNIST, cfg)
+    return _mnist_like("fashion_mnist", FashionMNIST, root, download)
 
 
 @DATASETS.register("cifar10")
-def load_cifar10(cfg: DataConfig) -> Dataset:
+def load_cifar10(*, root: str = "data", download: bool = False) -> Dataset:
     """CIFAR-10 (Krizhevsky 2009) through torchvision: 50,000/10,000 images ``[N, 3, 32, 32]``."""
     from torchvision.datasets import CIFAR10
 
     # torchvision reads the extracted python batches from <root>/cifar-10-batches-py.
     expected_files = "data_batch_1..5, test_batch, batches.meta; the extracted cifar-10-python.tar.gz"
-    train, test = _torchvision_split("cifar10", CIFAR10, cfg, CIFAR10.base_folder, expected_files)
+    train, test = _torchvision_split("cifar10", CIFAR10, root, download, CIFAR10.base_folder, expected_files)
 
     def images(split) -> Tensor:  # split.data: uint8 numpy [N, 32, 32, 3]
         return _uint8_to_unit_range(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous())
@@ -391,30 +398,31 @@ def _load_square_rgb(path: Path, image_size: int) -> Tensor:
 
 
 @DATASETS.register("image_folder")
-def load_image_folder(cfg: DataConfig) -> Dataset:
-    """All png/jpg/jpeg/bmp/webp images under ``data.root`` as ``[N, 3, S, S]`` in [-1, 1], S = data.image_size.
+def load_image_folder(*, root: str = "data", image_size: int = 32, test_fraction: float = 0.2,
+                      split_seed: int = 0) -> Dataset:
+    """All png/jpg/jpeg/bmp/webp images under ``root`` as ``[N, 3, S, S]`` in [-1, 1], S = image_size.
 
     Each image is converted to RGB, resized so its shorter side is S, and centre-cropped. The
-    split is uniformly random, fixed by data.split_seed. No labels.
+    split is uniformly random, fixed by split_seed. No labels.
     """
-    root = Path(os.path.expanduser(cfg.root))
+    folder = Path(os.path.expanduser(root))
     accepted = "a folder holding at least two " + "/".join(e[1:] for e in IMAGE_EXTENSIONS) + " images (any nesting)"
-    if not root.is_dir():
-        raise ConfigError("data.root", cfg.root, accepted, detail=f"{root.absolute()} is not a directory")
-    if cfg.image_size < 1:
-        raise ConfigError("data.image_size", cfg.image_size, "an integer >= 1")
-    paths = _find_images(root)
+    if not folder.is_dir():
+        raise ConfigError("data.root", root, accepted, detail=f"{folder.absolute()} is not a directory")
+    if image_size < 1:
+        raise ConfigError("data.image_size", image_size, "an integer >= 1")
+    paths = _find_images(folder)
     if len(paths) < 2:
-        raise ConfigError("data.root", cfg.root, accepted, detail=f"found {len(paths)} images in {root.absolute()}")
+        raise ConfigError("data.root", root, accepted, detail=f"found {len(paths)} images in {folder.absolute()}")
 
     from PIL import UnidentifiedImageError
 
     pixels = []
     for path in paths:
         try:
-            pixels.append(_load_square_rgb(path, cfg.image_size))
+            pixels.append(_load_square_rgb(path, image_size))
         except (UnidentifiedImageError, OSError) as error:
-            raise ConfigError("data.root", cfg.root, accepted, detail=f"cannot read {path}: {error}") from error
+            raise ConfigError("data.root", root, accepted, detail=f"cannot read {path}: {error}") from error
     images = _uint8_to_unit_range(torch.stack(pixels))
-    train_idx, test_idx = _random_split(len(images), cfg)
+    train_idx, test_idx = _random_split(len(images), test_fraction, split_seed)
     return _split("image_folder", images, None, train_idx, test_idx, levels=256)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .denoiser import Denoiser
+from .fit import fit
 from .nets import MLP, ResBlock, TimeEmbedding, _batch_times, downsample
 from .processes import GaussianProcess, expand
 
@@ -65,26 +66,26 @@ def train_noisy_classifier(classifier: nn.Module, process: GaussianProcess, x: T
     """Cross-entropy of p_phi(y | x_t, t) on x_t = alpha(t) x0 + sigma(t) eps, t uniform on the process's
     training times (Dhariwal & Nichol 2021, sec. 4: the classifier sees the noised data the sampler
     visits). The noising happens in the process's basis (blur diffusion's DCT), the classifier sees pixels.
-    Adam with the given generator for every draw; returns the loss every 50 steps."""
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
-    classifier.train()
-    history, window = [], []
-    for step in range(1, steps + 1):
+    Adam (``fit.fit``) with the given generator for every draw; returns the mean loss of every 50 steps (and of
+    the last ones), each also handed to ``on_log(step, loss)``."""
+    def loss() -> Tensor:
         index = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator, device=x.device)
         t = process.sample_times(len(index), generator, x.device)
         eps = torch.randn(x[index].shape, generator=generator, device=x.device)
         x_t = process.from_basis(process.marginal(process.to_basis(x[index]), t, eps))
-        loss = F.cross_entropy(classifier(x_t, process.network_time(t)), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window.append(loss.item())
+        return F.cross_entropy(classifier(x_t, process.network_time(t)), labels[index])
+
+    history, window = [], []
+
+    def record(step: int, value: float) -> None:
+        window.append(value)
         if step % 50 == 0 or step == steps:
             history.append(sum(window) / len(window))
-            window = []
+            window.clear()
             if on_log:
                 on_log(step, history[-1])
-    classifier.eval()
+
+    fit(classifier, loss, steps, lr, on_step=record)
     return history
 
 
@@ -134,18 +135,6 @@ def round_robin_labels(n: int, num_classes: int, device: Optional[torch.device] 
     """The class asked of each of n conditional samples: 0, 1, ..., K-1, 0, 1, ... (every class equally often)."""
     return torch.arange(n, device=device) % num_classes
 
-
-
-def classifier_spec(cfg) -> dict:
-    """What determines a trial's noise-conditional classifier (classifier guidance): the data, the process,
-    ``sample.classifier_steps``, the seed and the package version. Its hash names it in the model cache."""
-    import dataclasses
-
-    from .config import package_version
-
-    return {"data": dataclasses.asdict(cfg.data), "process": dataclasses.asdict(cfg.process),
-            "classifier_steps": cfg.sample.classifier_steps, "seed": cfg.seed, "version": package_version(),
-            "kind": "noisy_classifier"}
 
 
 def fit_noisy_classifier(cfg, dataset, process: GaussianProcess, device: torch.device) -> tuple[nn.Module, dict]:

@@ -20,10 +20,11 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Dataset
+from .errors import ConfigError
+from .fit import fit
 
 LIKELIHOOD_NOTE = ("latent diffusion: bits/dim of the VAE's codes are not the data's (the decoder's likelihood "
                    "would have to be added), so none are computed")
@@ -82,18 +83,9 @@ class ConvVAE(nn.Module):
         return self.decode(z * self.scale)
 
 
-def vae_spec(cfg) -> dict:
-    """What determines a trained VAE: the data, the latent options, the batch size, the seed (a TrialConfig)."""
-    keys = ("latent_channels", "latent_factor", "vae_channels", "vae_steps", "vae_kl_weight", "vae_lr")
-    return {"data": dataclasses.asdict(cfg.data), "model": {k: getattr(cfg.model, k) for k in keys},
-            "batch_size": cfg.train.batch_size, "seed": cfg.seed}
-
-
 def build_vae(cfg, shape: tuple) -> ConvVAE:
     model = cfg.model
     if shape[-1] % model.latent_factor or shape[-2] % model.latent_factor:
-        from .errors import ConfigError
-
         raise ConfigError("model.latent_factor", model.latent_factor, f"a divisor of the image size {shape[-2]}x{shape[-1]}")
     return ConvVAE(shape, model.latent_channels, model.latent_factor, model.vae_channels)
 
@@ -104,17 +96,14 @@ def fit_vae(cfg, dataset: Dataset, device: torch.device) -> tuple[ConvVAE, dict]
     mean), KL per example (nats) and per latent dimension, the scale, and the shapes."""
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg, dataset.shape).to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.model.vae_lr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     train = dataset.train.to(device)
-    vae.train()
-    for _ in range(cfg.model.vae_steps):
+
+    def loss() -> Tensor:
         index = torch.randint(len(train), (cfg.train.batch_size,), generator=generator, device=device)
-        loss = vae.loss(train[index], cfg.model.vae_kl_weight, generator)[0].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    vae.eval()
+        return vae.loss(train[index], cfg.model.vae_kl_weight, generator)[0].mean()
+
+    fit(vae, loss, cfg.model.vae_steps, cfg.model.vae_lr)
     with torch.no_grad():
         codes = torch.cat([vae.posterior(batch)[0] for batch in train.split(1024)])
         vae.scale.fill_(codes.std().item())

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
+from .elbo import elbo_terms
 from .processes import GaussianProcess
 
 VectorField = Callable[[Tensor], Tensor]
@@ -178,19 +179,46 @@ def prior_log_prob(process: GaussianProcess, x1: Tensor) -> Tensor:
     return -0.5 * D * (math.log(2 * math.pi) + 2 * log_sigma) - 0.5 * x.square().sum(1) * math.exp(-2 * log_sigma)
 
 
-def ode_log_likelihood(
-    denoiser: Denoiser,
-    x0: Tensor,
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    divergence: str = "hutchinson",
-    probes: int = 1,
-    distribution: str = "rademacher",
-    generator: Optional[torch.Generator] = None,
-    t_start: Optional[float] = None,
-    max_nfe: Optional[int] = None,
-) -> LikelihoodResult:
+def _velocity_and_divergence(denoiser: Denoiser, x: Tensor, t: float, vectors: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """v(x, t) = f(t) x - 1/2 g(t)^2 score(x, t) and div v per example [B], both detached: exact
+    (``vectors`` None) or Hutchinson's estimate with the fixed probes ``vectors`` [probes, B, ...]."""
+    tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+    f, g2 = denoiser.process.sde(torch.tensor([t], dtype=torch.float64))
+    f, g2 = f.item(), g2.item()
+
+    def velocity(z: Tensor) -> Tensor:
+        return f * z - 0.5 * g2 * denoiser.score(z, tt).to(z.dtype)
+
+    with torch.enable_grad():
+        x_, v = _forward(velocity, x)
+        div = _exact_trace(x_, v) if vectors is None else _hutchinson_terms(x_, v, vectors).mean(1)
+    return v.detach(), div.detach()
+
+
+def _augmented_field(denoiser: Denoiser, x0: Tensor, vectors: Optional[Tensor],
+                     max_nfe: Optional[int]) -> Callable[[float, np.ndarray], np.ndarray]:
+    """The right-hand side d/dt [x, delta] = [v, div v] on scipy's flattened float64 state (x in x0's
+    shape, dtype and device for the denoiser), raising RuntimeError past ``max_nfe`` evaluations."""
+    shape, device, dtype, n = x0.shape, x0.device, x0.dtype, x0.numel()
+    evaluations = 0
+
+    def augmented(t: float, y: np.ndarray) -> np.ndarray:
+        nonlocal evaluations
+        evaluations += 1
+        if max_nfe is not None and evaluations > max_nfe:
+            raise RuntimeError(f"the probability-flow ODE solve needed more than {max_nfe} evaluations "
+                               f"(eval.ode_max_nfe), at t = {t:.4g}")
+        x = torch.from_numpy(y[:n]).to(device, dtype).reshape(shape)
+        v, div = _velocity_and_divergence(denoiser, x, t, vectors)
+        return np.concatenate([v.double().cpu().numpy().ravel(), div.double().cpu().numpy()])
+
+    return augmented
+
+
+def ode_log_likelihood(denoiser: Denoiser, x0: Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
+                       divergence: str = "hutchinson", probes: int = 1, distribution: str = "rademacher",
+                       generator: Optional[torch.Generator] = None, t_start: Optional[float] = None,
+                       max_nfe: Optional[int] = None) -> LikelihoodResult:
     """-log p_{t_start}(x0) in nats per example under the probability-flow ODE of ``denoiser``.
 
     Integrates d/dt [x, delta] = [v(x, t), div v(x, t)], v = f x - 1/2 g^2 score, from (x0, 0) at
@@ -200,10 +228,8 @@ def ode_log_likelihood(
     the prior p_1 = N(0, sigma(1)^2 I) (:func:`prior_log_prob`).
 
     - ``t_start``: default :func:`default_t_start` (``process.t_min``; 1/T for a discrete process).
-      x0 is taken to be the state at t_start unchanged, neither scaled by alpha(t_start) nor noised
-      (Song et al. 2021's convention): the result is the model's density at time t_start, which
-      approximates q_{t_start} (the data scaled by alpha(t_start) and blurred by N(0, sigma(t_start)^2 I)),
-      evaluated at the clean x0. For small sigma(t_start) that is the data density smoothed at that scale.
+      x0 is the state at t_start unchanged (module docstring, "Start time"): the result is the model's
+      density at t_start, approximating q_{t_start}, at the clean x0 (the data density smoothed at sigma(t_start)).
     - ``divergence``: "exact" (``divergence_exact``, D backward passes per evaluation) or
       "hutchinson" (``probes`` vectors of ``distribution`` per example, drawn once from ``generator``
       and fixed for the solve; the trajectory does not depend on them and delta is linear in the
@@ -223,40 +249,17 @@ def ode_log_likelihood(
         raise ValueError(f"t_start must be in (0, 1), got {t0}")
     if not x0.is_floating_point():
         raise ValueError("x0 must be a floating-point tensor (dequantize integer data first)")
-    shape, device, dtype = x0.shape, x0.device, x0.dtype
-    B, D = shape[0], x0[0].numel()
-    vectors = None
-    if divergence == "hutchinson":
-        vectors = draw_probes(tuple(shape), probes, distribution, generator, dtype, device)
-
-    evaluations = 0
-
-    def augmented(t: float, y: np.ndarray) -> np.ndarray:
-        nonlocal evaluations
-        evaluations += 1
-        if max_nfe is not None and evaluations > max_nfe:
-            raise RuntimeError(f"the probability-flow ODE solve needed more than {max_nfe} evaluations "
-                               f"(eval.ode_max_nfe), at t = {t:.4g}")
-        x = torch.from_numpy(y[: B * D]).to(device, dtype).reshape(shape)
-        tt = torch.full((B,), t, dtype=torch.float32, device=device)
-        f, g2 = process.sde(torch.tensor([t], dtype=torch.float64))
-        f, g2 = f.item(), g2.item()
-
-        def velocity(z: Tensor) -> Tensor:
-            return f * z - 0.5 * g2 * denoiser.score(z, tt).to(z.dtype)
-
-        with torch.enable_grad():
-            x_, v = _forward(velocity, x)
-            div = _exact_trace(x_, v) if vectors is None else _hutchinson_terms(x_, v, vectors).mean(1)
-        return np.concatenate([v.detach().double().cpu().numpy().ravel(), div.detach().double().cpu().numpy()])
-
+    B, D = x0.shape[0], x0[0].numel()
+    vectors = (draw_probes(tuple(x0.shape), probes, distribution, generator, x0.dtype, x0.device)
+               if divergence == "hutchinson" else None)
+    # The likelihood is one integral (Song et al. 2021, appendix D): one adaptive solve, not split further.
     state = np.concatenate([x0.detach().double().cpu().numpy().ravel(), np.zeros(B)])
-    solution = solve_ivp(augmented, (t0, 1.0), state, method="RK45", rtol=rtol, atol=atol)
+    solution = solve_ivp(_augmented_field(denoiser, x0, vectors, max_nfe), (t0, 1.0), state, method="RK45",
+                         rtol=rtol, atol=atol)
     if not solution.success:
         raise RuntimeError(f"the probability-flow ODE solve failed: {solution.message}")
     end = torch.from_numpy(solution.y[:, -1].copy())
-    x1 = end[: B * D].reshape(shape)
-    delta = end[B * D:]
+    x1, delta = end[: B * D].reshape(x0.shape), end[B * D:]
     prior = prior_log_prob(process, x1)
     return LikelihoodResult(nll=-(prior + delta), prior_logp=prior, delta_logp=delta, x1=x1,
                             nfe=int(solution.nfev), t_start=t0, dims=D)
@@ -331,6 +334,52 @@ class HeldOutLikelihood:
     elbo_curve: Optional[dict] = None
 
 
+def _ode_metrics(denoiser: Denoiser, x: Tensor, levels: Optional[int], options, generator: torch.Generator,
+                 batch_size: int) -> dict:
+    """bpd_ode, bpd_ode_nfe and bpd_ode_stderr of :func:`heldout_likelihood`: each example's bits/dim
+    averaged over ``dequant_draws`` dequantizations, one ODE solve per batch and draw."""
+    per_example = torch.zeros(len(x), dtype=torch.float64)
+    nfes = []
+    for _ in range(options.dequant_draws):
+        start = 0
+        for batch in x.split(batch_size):
+            y = dequantize(to_levels(batch, levels), generator, levels) if levels else batch
+            result = ode_log_likelihood(denoiser, y.to(batch.device), rtol=options.ode_rtol,
+                                        atol=options.ode_atol, divergence=options.divergence,
+                                        probes=options.hutchinson_probes, distribution=options.probe,
+                                        generator=generator, max_nfe=options.ode_max_nfe)
+            offset = math.log2(levels / 2) if levels else 0.0
+            per_example[start:start + len(batch)] += result.bits_per_dim(offset).cpu() / options.dequant_draws
+            nfes.append(result.nfe)
+            start += len(batch)
+    return {"bpd_ode": per_example.mean().item(), "bpd_ode_nfe": float(np.mean(nfes)),
+            "bpd_ode_stderr": (per_example.std() / math.sqrt(len(x))).item() if len(x) > 1 else float("nan")}
+
+
+def _elbo_metrics(denoiser: Denoiser, x: Tensor, levels: Optional[int], variance: str,
+                  generator: torch.Generator, batch_size: int) -> tuple[dict, dict, dict]:
+    """(metrics bpd_elbo and bpd_elbo_stderr, the tag bpd_elbo.method, the per-step curve) of
+    :func:`heldout_likelihood`. The bound is one sum over the T steps (Ho et al. 2020, eq. 5), all its
+    terms computed together by ``elbo_terms`` for each batch."""
+    process, dims = denoiser.process, x[0].numel()
+    totals, columns = [], []
+    with torch.no_grad():
+        for batch in x.split(batch_size):
+            terms = elbo_terms(denoiser, batch, levels, variance, generator=generator)
+            totals.append(terms["total"].cpu())
+            columns.append(torch.cat([terms["decoder"][:, None], terms["transitions"], terms["prior"][:, None]], 1).cpu())
+    total = bits_per_dim(torch.cat(totals), dims)
+    per_term = bits_per_dim(torch.cat(columns).mean(0), dims)
+    metrics = {"bpd_elbo": total.mean().item(),
+               "bpd_elbo_stderr": (total.std() / math.sqrt(len(total))).item() if len(total) > 1 else float("nan")}
+    method = (f"discrete bound (Ho et al. 2020, eq. 5): prior + {process.T - 1} transition KLs + "
+              + (f"decoder discretized on {levels} levels" if levels else "Gaussian decoder density")
+              + f", reverse variance {variance}, one eps draw per term")
+    curve = {"t": [i / process.T for i in range(1, process.T + 1)] + ["prior"],
+             "bits_per_dim": per_term.tolist(), "terms": ["L_0"] + [f"L_{i - 1}" for i in range(2, process.T + 1)] + ["L_T"]}
+    return metrics, {"bpd_elbo.method": method}, curve
+
+
 def heldout_likelihood(denoiser: Denoiser, x: Tensor, levels: Optional[int], options, generator: torch.Generator,
                        variance: str = "beta_tilde", batch_size: int = 256,
                        ode_denoiser: Optional[Denoiser] = None) -> HeldOutLikelihood:
@@ -344,33 +393,16 @@ def heldout_likelihood(denoiser: Denoiser, x: Tensor, levels: Optional[int], opt
       + 7); continuous data (2-D sets) get the density's bits/dim, no offset. ``bpd_ode_stderr`` is the
       standard error over examples of their mean over draws; ``bpd_ode_nfe`` the mean solver NFE per solve.
       ``ode_denoiser`` (default ``denoiser``) is the model the ODE runs on: a discrete model through its
-      continuous limit (``processes.continuous_limit``), whose smooth path costs far fewer solver steps.
+      continuous limit (``factory.continuous_limit``), whose smooth path costs far fewer solver steps.
     - ``bpd_elbo`` (integer process.T only): the discrete variational bound of Ho et al. 2020, eq. 5
       (``diffusion.elbo.elbo_terms``: prior, every transition KL, the decoder discretized on ``levels``
       values, or its density for continuous data), in bits/dim; ``elbo_curve`` holds each term's mean
       in bits/dim per step t = i / T (L_0 the decoder at i = 1, L_{i-1} for i >= 2, and L_T).
     """
-    from .elbo import elbo_terms
-
-    process = denoiser.process
-    dims = x[0].numel()
-    per_example = torch.zeros(len(x), dtype=torch.float64)
-    nfes, metrics, tags = [], {}, {}
-    try:
-        for _ in range(options.dequant_draws):
-            start = 0
-            for batch in x.split(batch_size):
-                y = dequantize(to_levels(batch, levels), generator, levels) if levels else batch
-                result = ode_log_likelihood(ode_denoiser or denoiser, y.to(batch.device), rtol=options.ode_rtol,
-                                            atol=options.ode_atol, divergence=options.divergence,
-                                            probes=options.hutchinson_probes, distribution=options.probe,
-                                            generator=generator, max_nfe=options.ode_max_nfe)
-                offset = math.log2(levels / 2) if levels else 0.0
-                per_example[start:start + len(batch)] += result.bits_per_dim(offset).cpu() / options.dequant_draws
-                nfes.append(result.nfe)
-                start += len(batch)
-        metrics = {"bpd_ode": per_example.mean().item(), "bpd_ode_nfe": float(np.mean(nfes)),
-                   "bpd_ode_stderr": (per_example.std() / math.sqrt(len(x))).item() if len(x) > 1 else float("nan")}
+    ode_model = ode_denoiser or denoiser
+    metrics, tags, curve = {}, {}, None
+    try:  # the ODE part draws from ``generator`` first, then the ELBO part
+        metrics = _ode_metrics(ode_model, x, levels, options, generator, batch_size)
     except RuntimeError as error:  # an evaluation, not the trial: the solver's failure is recorded, not raised
         tags["bpd_ode.error"] = str(error)[:500]
     tags.update({
@@ -379,27 +411,14 @@ def heldout_likelihood(denoiser: Denoiser, x: Tensor, levels: Optional[int], opt
         "bpd_ode.max_nfe": str(options.ode_max_nfe),
         "bpd_ode.divergence": options.divergence if options.divergence == "exact"
         else f"hutchinson, {options.hutchinson_probes} {options.probe} probe(s) per example, fixed per solve",
-        "bpd_ode.t_start": str(default_t_start((ode_denoiser or denoiser).process)),
+        "bpd_ode.t_start": str(default_t_start(ode_model.process)),
         "bpd.dequantization": (f"uniform, (k + u) / {levels} on [-1, 1), {options.dequant_draws} draw(s); "
                                f"offset log2({levels}/2) = {math.log2(levels / 2):.4f} bits") if levels
         else "none (continuous data: bits/dim of the density)",
         "bpd.n": str(len(x)),
     })
-    curve = None
-    if process.T is not None:
-        totals, columns = [], []
-        with torch.no_grad():
-            for batch in x.split(batch_size):
-                terms = elbo_terms(denoiser, batch, levels, variance, generator=generator)
-                totals.append(terms["total"].cpu())
-                columns.append(torch.cat([terms["decoder"][:, None], terms["transitions"], terms["prior"][:, None]], 1).cpu())
-        total = bits_per_dim(torch.cat(totals), dims)
-        per_term = bits_per_dim(torch.cat(columns).mean(0), dims)
-        metrics.update({"bpd_elbo": total.mean().item(),
-                        "bpd_elbo_stderr": (total.std() / math.sqrt(len(total))).item() if len(total) > 1 else float("nan")})
-        tags["bpd_elbo.method"] = (f"discrete bound (Ho et al. 2020, eq. 5): prior + {process.T - 1} transition KLs + "
-                                   + (f"decoder discretized on {levels} levels" if levels else "Gaussian decoder density")
-                                   + f", reverse variance {variance}, one eps draw per term")
-        curve = {"t": [i / process.T for i in range(1, process.T + 1)] + ["prior"],
-                 "bits_per_dim": per_term.tolist(), "terms": ["L_0"] + [f"L_{i - 1}" for i in range(2, process.T + 1)] + ["L_T"]}
+    if denoiser.process.T is not None:
+        elbo_metrics, elbo_tags, curve = _elbo_metrics(denoiser, x, levels, variance, generator, batch_size)
+        metrics.update(elbo_metrics)
+        tags.update(elbo_tags)
     return HeldOutLikelihood(metrics, tags, curve)

@@ -1,24 +1,27 @@
 """Loss weightings: weights on one squared error between predicted and true noise.
 
-Every weighting is a function ``(eps_hat, eps, alpha, sigma, *, t, process, options) -> loss [B]``
-with alpha and sigma broadcast against the data, t [B] the times and options the LossConfig; the
+Every weighting is a function ``(eps_hat, eps, alpha, sigma, *, <what else it reads>) -> loss [B]``
+with alpha and sigma broadcast against the data; a weight that depends on the time takes ``t`` [B] and the
+``process``, and a weighting's own options are plain numbers with its paper's defaults (``min_snr``'s ``gamma``).
+``diffusion_loss`` is the entry point from a LossConfig: it passes each weighting exactly what it declares. The
 errors of x0 and the score follow from the eps error (x0 error = sigma / alpha * eps error, score
 error = eps error / sigma), so every weighting is written where its paper writes it. Squared errors are averaged over data dimensions (not summed), so
 losses are comparable across image sizes; the papers' sums are D times larger.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .config import LossConfig
 from .denoiser import Denoiser
-from .parameterizations import SIGMA_DATA
-from .parameterizations import eps_to_score
+from .elbo import elbo_term, prior_term
+from .parameterizations import SIGMA_DATA, eps_to_score
 from .processes import expand
-from .registry import Registry
+from .registry import Registry, options_for
+from .score_matching import OBJECTIVES
 
 Weighting = Callable[..., Tensor]
 WEIGHTINGS: Registry[Weighting] = Registry("loss.weighting")
@@ -29,13 +32,13 @@ def _mean_over_dims(x: Tensor) -> Tensor:
 
 
 @WEIGHTINGS.register("simple")
-def simple(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tensor:
+def simple(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """L_simple = ||eps - eps_hat||^2 (Ho et al. 2020, eq. 14 and Algorithm 1)."""
     return _mean_over_dims((eps_hat - eps) ** 2)
 
 
 @WEIGHTINGS.register("sigma2")
-def sigma2(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tensor:
+def sigma2(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """Denoising score matching with lambda(sigma) = sigma^2 (Song & Ermon 2019, eqs. 5-6):
     1/2 lambda(sigma) ||s_hat(x_t) - grad log q(x_t | x0)||^2 with grad log q(x_t | x0) = -eps / sigma
     For alpha != 1 this is the same expression with q(x_t | x0) = N(alpha x0, sigma^2 I)."""
@@ -45,15 +48,15 @@ def sigma2(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> T
 
 
 @WEIGHTINGS.register("min_snr")
-def min_snr(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, options: LossConfig, **_) -> Tensor:
+def min_snr(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, gamma: float = 5.0) -> Tensor:
     """Min-SNR-gamma (Hang et al. 2023, eq. 5): min(SNR, gamma) ||x0_hat - x0||^2, i.e. min(SNR, gamma) / SNR
-    times the eps error, SNR = alpha^2 / sigma^2, gamma = ``loss.min_snr_gamma`` (5 in the paper)."""
+    times the eps error, SNR = alpha^2 / sigma^2 (gamma = 5 in the paper; ``loss.min_snr_gamma`` in a config)."""
     snr = (alpha / sigma) ** 2
-    return _mean_over_dims(snr.clamp(max=options.min_snr_gamma) / snr * (eps_hat - eps) ** 2)
+    return _mean_over_dims(snr.clamp(max=gamma) / snr * (eps_hat - eps) ** 2)
 
 
 @WEIGHTINGS.register("likelihood")
-def likelihood(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t: Tensor, process, **_) -> Tensor:
+def likelihood(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t: Tensor, process) -> Tensor:
     """Likelihood weighting lambda(t) = g(t)^2 (Song et al. 2021b, "Maximum Likelihood Training of Score-Based
     Diffusion Models", Theorem 1): 1/2 g^2 ||s_hat - grad log q(x_t | x0)||^2 = 1/2 g^2 / sigma^2 ||eps_hat - eps||^2."""
     _, g2 = process.sde(t)
@@ -62,7 +65,7 @@ def likelihood(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t:
 
 
 @WEIGHTINGS.register("elbo")
-def elbo(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t: Tensor, process, **_) -> Tensor:
+def elbo(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t: Tensor, process) -> Tensor:
     """The variational bound's weight. Continuous time: -1/2 dlambda/dt ||eps_hat - eps||^2 (Kingma et al. 2021,
     VDM eq. 17), which is 1/2 g^2 / sigma^2 since g^2 = -sigma^2 dlambda/dt: the same weight as ``likelihood``
     (Song et al. 2021b show the equivalence). In discrete time ``diffusion_loss`` uses the exact bound instead
@@ -71,7 +74,7 @@ def elbo(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, *, t: Tenso
 
 
 @WEIGHTINGS.register("edm")
-def edm(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, **_) -> Tensor:
+def edm(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """Karras et al. 2022, sec. 5 and Table 1: lambda(sigma~) ||D - x0||^2 with lambda = (sigma~^2 + sd^2) / (sigma~ sd)^2
     in their coordinates (sigma~ = sigma / alpha, sd = SIGMA_DATA, the x0 error is sigma~ times the eps error):
     (sigma~^2 + sd^2) / sd^2 times the eps error, so the effective target has unit variance at every noise level."""
@@ -158,7 +161,9 @@ def diffusion_loss(
       L + ``loss.hybrid_lambda`` L_vlb, where L_vlb is the same bound estimate with the gradient through
       the mean stopped, so that the bound trains only the variance head (their sec. 3.1).
 
-    One network evaluation per example either way."""
+    The weighting gets the options it declares, read from ``options`` (``min_snr``'s ``gamma`` from
+    ``loss.min_snr_gamma``), and the times and process if it takes them. One network evaluation per example either
+    way."""
     process = denoiser.process
     options = options or LossConfig()
     if options.objective != "denoising":
@@ -170,8 +175,6 @@ def diffusion_loss(
     eps_hat, head = denoiser.predict(x_t, t)
     bound = None
     if process.T is not None and (weighting is elbo or variance == "learned_range"):
-        from .elbo import elbo_term, prior_term
-
         term = elbo_term(denoiser, x0, process.index(t), eps, levels, variance, prediction=(eps_hat, head),
                          detach_mean=weighting is not elbo)
         bound = ((prior_term(process, x0) + process.T * term) / x0[0].numel()).float()
@@ -179,11 +182,18 @@ def diffusion_loss(
         losses = bound
     else:
         alpha, sigma = denoiser._coefs(x_t, t)
-        losses = weighting(eps_hat.float(), eps, alpha, sigma, t=t, process=process, options=options)
+        keywords = weighting_options(weighting, options, t=t, process=process)
+        losses = weighting(eps_hat.float(), eps, alpha, sigma, **keywords)
         if bound is not None:
             losses = losses + options.hybrid_lambda * bound
     time_sampler.update(t, losses)
     return _reduce(importance * losses, reduction)
+
+
+def weighting_options(weighting: Weighting, options: LossConfig, **inputs: Any) -> dict:
+    """The keyword arguments ``weighting`` declares: its options read from the LossConfig by name (min_snr's
+    ``gamma`` from ``min_snr_gamma``) and those of ``inputs`` (the times ``t``, the ``process``) it takes."""
+    return options_for(weighting, options, renames={"gamma": "min_snr_gamma"}, **inputs)
 
 
 def _reduce(losses: Tensor, reduction: str) -> Tensor:
@@ -196,8 +206,6 @@ def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generat
     random t per example, weighted by lambda = sigma^2 (Song & Ermon 2019, eq. 6) and averaged over
     dimensions: for every model it equals the ``sigma2`` denoising loss up to a constant that does not
     depend on the model (Hyvarinen 2005, Theorem 1; Vincent 2011). For data [B, D]."""
-    from .score_matching import OBJECTIVES
-
     process = denoiser.process
     time_sampler = time_sampler or TimeSampler(process, LossConfig())
     t, importance = time_sampler.sample(x0.shape[0], generator, x0.device)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .registry import options_for
 
 ARCHITECTURES = ("auto", "unet", "mlp")
 
@@ -59,24 +60,18 @@ def validate(cfg: ModelConfig) -> None:
 
 
 def build_network(cfg: ModelConfig, data_shape: Sequence[int], num_classes: Optional[int] = None) -> nn.Module:
-    """The network ``cfg.arch`` names, sized for examples of shape data_shape (``(C, H, W)`` or ``(D,)``).
+    """The network ``cfg.arch`` names, sized for examples of shape data_shape (``(C, H, W)`` or ``(D,)``):
+    :class:`UNet` or :class:`MLP` with the options it declares, read from ``cfg`` by name.
     With ``variance: learned_range`` it outputs twice the channels: the prediction, then the variance head.
     With ``num_classes`` (``model.class_conditional``) it takes a class label as a third input."""
     validate(cfg)
     data_shape = tuple(int(n) for n in data_shape)
-    arch = cfg.arch
-    outputs = 2 if cfg.variance == "learned_range" else 1
-    if arch == "auto":
-        arch = {3: "unet", 1: "mlp"}.get(len(data_shape), "auto")
+    arch = {3: "unet", 1: "mlp"}.get(len(data_shape), "auto") if cfg.arch == "auto" else cfg.arch
+    outputs = data_shape[0] * (2 if cfg.variance == "learned_range" else 1)
     if arch == "unet" and len(data_shape) == 3:
-        return UNet(
-            in_channels=data_shape[0], channels=cfg.channels, channel_mult=cfg.channel_mult,
-            num_res_blocks=cfg.num_res_blocks, attention=cfg.attention, groups=cfg.groups, dropout=cfg.dropout,
-            out_channels=data_shape[0] * outputs, num_classes=num_classes,
-        )
+        return UNet(data_shape[0], **options_for(UNet, cfg, out_channels=outputs, num_classes=num_classes))
     if arch == "mlp" and len(data_shape) == 1:
-        return MLP(dim=data_shape[0], hidden=cfg.hidden, depth=cfg.depth, out_dim=data_shape[0] * outputs,
-                   num_classes=num_classes)
+        return MLP(data_shape[0], **options_for(MLP, cfg, out_dim=outputs, num_classes=num_classes))
     raise ConfigError(
         "model.arch", cfg.arch, "unet (or auto) for images (C, H, W), mlp (or auto) for vectors (D,)",
         detail=f"data shape is {data_shape}",
@@ -259,6 +254,9 @@ class UNet(nn.Module):
     upsampling level with one skip each, parameter-free average-pool downsampling and a 1x1 conv
     instead of a 3x3 conv at upsampling, attention only at the lowest resolution, and only the
     output conv zero-initialised.
+
+    The defaults are those of :class:`ModelConfig`: ``UNet(C)`` is the network that
+    ``build_network(ModelConfig(), (C, H, W))`` builds, from the same random state.
     """
 
     def __init__(self, in_channels: int, channels: int = 32, channel_mult: Sequence[int] = (1, 2),
@@ -339,9 +337,12 @@ class MLP(nn.Module):
     concatenation [h, temb] of its input and the time embedding (the first layer's input h is x);
     feeding t to every layer, not only the first, keeps the time signal from washing out. The
     output layer is zero-initialised, as the U-Net's.
+
+    The defaults are those of :class:`ModelConfig`: ``MLP(D)`` is the network that
+    ``build_network(ModelConfig(), (D,))`` builds, from the same random state.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None,
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, out_dim: int | None = None,
                  num_classes: int | None = None):
         super().__init__()
         self.time_embedding = TimeEmbedding(hidden)

@@ -15,172 +15,39 @@ sampler and loss serves every process.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .config import ProcessConfig
-from .errors import ConfigError
-from .registry import Registry
-
 CONTINUOUS = "continuous"
-# Schedules of alphabar for vp/subvp: name -> (discrete betas(cfg), continuous alphabar(t, cfg)).
-VP_SCHEDULES: Registry[tuple[Callable, Callable]] = Registry("process.schedule")
-VE_SCHEDULES: Registry[tuple[Callable, Callable]] = Registry("process.schedule")
-PROCESS_FAMILIES = {"vp": VP_SCHEDULES, "ve": VE_SCHEDULES, "subvp": VP_SCHEDULES,
-                    "blur": VP_SCHEDULES}  # blur: the VP schedule of Lee et al.'s blur diffusion (diffusion.blur)
 
 
-def is_continuous(cfg: ProcessConfig) -> bool:
-    return cfg.T == CONTINUOUS
+def vp_process(betas: Tensor) -> "DiscreteProcess":
+    """The discrete VP path of betas_1..T: alphabar_i = prod_{j <= i} (1 - beta_j) (Ho et al. 2020, eq. 4)."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    alphabar = torch.cat([zero + 1, torch.cumprod(1 - betas, 0)])
+    return DiscreteProcess("vp", alphabar.sqrt(), (1 - alphabar).sqrt())
 
 
-# --- vp schedules -------------------------------------------------------------------------------
-def linear_betas(cfg: ProcessConfig) -> Tensor:
-    """beta_1..beta_T linear from beta_start to beta_end (Ho et al. 2020, sec. 4: 1e-4 to 0.02 at
-    T = 1000). For other T both ends are scaled by 1000 / T so that the path keeps roughly the same
-    end points (Nichol & Dhariwal 2021, improved-diffusion's convention); for T < 20 the scaled betas
-    would pass 1 and are clipped at max_beta."""
-    scale = 1000.0 / cfg.T
-    betas = torch.linspace(cfg.beta_start * scale, cfg.beta_end * scale, cfg.T, dtype=torch.float64)
-    return betas.clamp(max=cfg.max_beta)
+def ve_process(sigmas: Tensor) -> "DiscreteProcess":
+    """The discrete VE path of sigmas_1..T (Song & Ermon 2019): alpha = 1, sigma_0 = 0."""
+    sigmas = torch.cat([torch.zeros(1, dtype=torch.float64), sigmas])
+    return DiscreteProcess("ve", torch.ones_like(sigmas), sigmas)
 
 
-def linear_alphabar(t: Tensor, cfg: ProcessConfig) -> Tensor:
-    """The VP-SDE's alphabar(t) = exp(-beta_min t - (beta_max - beta_min) t^2 / 2) for the linear
-    beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, eq. 33; beta_min = 0.1, beta_max = 20,
-    the continuous limit of Ho et al.'s schedule: beta_min = T beta_start, beta_max = T beta_end)."""
-    return torch.exp(-cfg.beta_min * t - 0.5 * (cfg.beta_max - cfg.beta_min) * t**2)
-
-
-def cosine_alphabar(t: Tensor, s: float) -> Tensor:
-    """Nichol & Dhariwal 2021, eq. 17: alphabar(t) = f(t) / f(0), f(t) = cos((t + s) / (1 + s) * pi / 2)^2."""
-    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-    f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
-    return f / f0
-
-
-def _betas_from_alphabar(alphabar: Callable[[Tensor], Tensor], cfg: ProcessConfig) -> Tensor:
-    """beta_i = min(1 - alphabar(i/T) / alphabar((i-1)/T), max_beta) (Nichol & Dhariwal 2021, sec. 3.2)."""
-    grid = torch.arange(cfg.T + 1, dtype=torch.float64) / cfg.T
-    values = alphabar(grid)
-    return torch.clamp(1 - values[1:] / values[:-1], max=cfg.max_beta)
-
-
-def sigmoid_alphabar(t: Tensor, cfg: ProcessConfig) -> Tensor:
-    """The sigmoid schedule of Jabri et al. 2022 (RIN, appendix), clipped below at 1e-9:
-
-        alphabar(t) = (v_end - sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
-
-    with v_start = sigmoid(start / tau) and v_end = sigmoid(end / tau) (start = -3, end = 3, tau = 1 by
-    default), so that alphabar(0) = 1 and alphabar(1) = 0."""
-    start, end, tau = cfg.sigmoid_start, cfg.sigmoid_end, cfg.sigmoid_tau
-    v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64)), torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
-    value = torch.sigmoid((t * (end - start) + start) / tau)
-    return ((v_end - value) / (v_end - v_start)).clamp(min=1e-9)
-
-
-def scaled_linear_betas(cfg: ProcessConfig) -> Tensor:
-    """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (Rombach et al. 2022, latent diffusion;
-    0.00085 and 0.012 there), scaled by 1000 / T like ``linear``."""
-    scale = 1000.0 / cfg.T
-    roots = torch.linspace((cfg.beta_start * scale) ** 0.5, (cfg.beta_end * scale) ** 0.5, cfg.T, dtype=torch.float64)
-    return (roots**2).clamp(max=cfg.max_beta)
-
-
-def scaled_linear_alphabar(t: Tensor, cfg: ProcessConfig) -> Tensor:
-    """Continuous limit of ``scaled_linear``: beta(t) = (sqrt(b0) + t (sqrt(b1) - sqrt(b0)))^2 with
-    b = 1000 * beta_start/end, integrated: log alphabar(t) = -int_0^t beta(u) du."""
-    r0, r1 = (1000 * cfg.beta_start) ** 0.5, (1000 * cfg.beta_end) ** 0.5
-    integral = ((r0 + t * (r1 - r0)) ** 3 - r0**3) / (3 * (r1 - r0)) if r1 != r0 else r0**2 * t
-    return torch.exp(-integral)
-
-
-VP_SCHEDULES.register("linear")((linear_betas, linear_alphabar))
-VP_SCHEDULES.register("cosine")(
-    (lambda cfg: _betas_from_alphabar(lambda t: cosine_alphabar(t, cfg.cosine_s), cfg),
-     lambda t, cfg: cosine_alphabar(t, cfg.cosine_s).clamp(min=1e-9))
-)
-VP_SCHEDULES.register("sigmoid")(
-    (lambda cfg: _betas_from_alphabar(lambda t: sigmoid_alphabar(t, cfg), cfg), sigmoid_alphabar)
-)
-VP_SCHEDULES.register("scaled_linear")((scaled_linear_betas, scaled_linear_alphabar))
-
-
-# --- ve schedules -------------------------------------------------------------------------------
-def geometric_sigmas(cfg: ProcessConfig) -> Tensor:
-    """sigma_1 < ... < sigma_L geometric between sigma_min and sigma_max (Song & Ermon 2019, sec. 4.2;
-    their sigma_1 is our sigma_L: here the index grows with the noise)."""
-    if cfg.T == 1:
-        return torch.tensor([cfg.sigma_max], dtype=torch.float64)
-    ratio = torch.arange(cfg.T, dtype=torch.float64) / (cfg.T - 1)
-    return cfg.sigma_min * (cfg.sigma_max / cfg.sigma_min) ** ratio
-
-
-def geometric_sigma(t: Tensor, cfg: ProcessConfig) -> Tensor:
-    """The VE-SDE's sigma(t) = sigma_min (sigma_max / sigma_min)^t (Song et al. 2021, eq. 31)."""
-    return cfg.sigma_min * (cfg.sigma_max / cfg.sigma_min) ** t
-
-
-VE_SCHEDULES.register("geometric")((geometric_sigmas, geometric_sigma))
-
-
-def validate(cfg: ProcessConfig) -> None:
-    if cfg.name not in PROCESS_FAMILIES:
-        raise ConfigError("process.name", cfg.name, "one of " + ", ".join(sorted(PROCESS_FAMILIES)))
-    schedules = PROCESS_FAMILIES[cfg.name]
-    names = schedules.names() + (["learned"] if cfg.name == "vp" else [])
-    if cfg.schedule not in names:
-        raise ConfigError("process.schedule", cfg.schedule, f"for process {cfg.name}: one of " + ", ".join(names),
-                          detail="the learned schedule (VDM) is variance preserving" if cfg.schedule == "learned" else "")
-    T = cfg.T
-    if not (T == CONTINUOUS or (isinstance(T, int) and not isinstance(T, bool) and T >= 1)):
-        raise ConfigError("process.T", T, f"an integer >= 1 or '{CONTINUOUS}'")
-    if cfg.name == "subvp" and T != CONTINUOUS:
-        raise ConfigError("process.T", T, f"'{CONTINUOUS}' for subvp (the sub-VP SDE is defined in continuous time)")
-    if cfg.name == "blur":
-        from .blur import BLUR_SCHEDULES
-
-        if T == CONTINUOUS:
-            raise ConfigError("process.T", T, "an integer >= 1 for blur (Lee et al.'s blur diffusion has discrete steps)")
-        BLUR_SCHEDULES.get(cfg.blur_schedule)
-        if cfg.blur_sigma < 0:
-            raise ConfigError("process.blur_sigma", cfg.blur_sigma, "a number >= 0 (0: no blur, the VP process)")
-        if cfg.blur_f_max < 0:
-            raise ConfigError("process.blur_f_max", cfg.blur_f_max, "a number >= 0 (0: no blur, the VP process)")
-    if not 0 < cfg.t_min < 1:
-        raise ConfigError("process.t_min", cfg.t_min, "a number in (0, 1)")
-    if cfg.schedule == "learned":
-        if not cfg.log_snr_min < cfg.log_snr_max:
-            raise ConfigError("process.log_snr_min", cfg.log_snr_min, f"a number < log_snr_max={cfg.log_snr_max}")
-        if cfg.learned_hidden < 1:
-            raise ConfigError("process.learned_hidden", cfg.learned_hidden, "an integer >= 1")
-    if cfg.name in ("vp", "subvp", "blur"):
-        # Each bound is blamed on the key that breaks it: a bad beta_end is not reported as beta_start.
-        if not 0 < cfg.beta_end < 1:
-            raise ConfigError("process.beta_end", cfg.beta_end, f"a number in (0, 1), >= beta_start={cfg.beta_start}")
-        if not 0 < cfg.beta_start <= cfg.beta_end:
-            raise ConfigError("process.beta_start", cfg.beta_start, f"a number in (0, beta_end={cfg.beta_end}]")
-        if not cfg.beta_max > 0:
-            raise ConfigError("process.beta_max", cfg.beta_max, f"a positive number >= beta_min={cfg.beta_min}")
-        if not 0 < cfg.beta_min <= cfg.beta_max:
-            raise ConfigError("process.beta_min", cfg.beta_min, f"a number in (0, beta_max={cfg.beta_max}]")
-        if not 0 < cfg.max_beta < 1:
-            raise ConfigError("process.max_beta", cfg.max_beta, "a number in (0, 1)")
-        if cfg.cosine_s < 0:
-            raise ConfigError("process.cosine_s", cfg.cosine_s, "a number >= 0")
-        if not cfg.sigmoid_start < cfg.sigmoid_end:
-            raise ConfigError("process.sigmoid_start", cfg.sigmoid_start, f"a number < sigmoid_end={cfg.sigmoid_end}")
-        if not cfg.sigmoid_tau > 0:
-            raise ConfigError("process.sigmoid_tau", cfg.sigmoid_tau, "a positive number")
-    else:
-        if not cfg.sigma_max > 0:
-            raise ConfigError("process.sigma_max", cfg.sigma_max, f"a positive number > sigma_min={cfg.sigma_min}")
-        if not 0 < cfg.sigma_min < cfg.sigma_max:
-            raise ConfigError("process.sigma_min", cfg.sigma_min, f"a number in (0, sigma_max={cfg.sigma_max})")
+def continuous_process(name: str, alphabar_or_sigma: Callable[[Tensor], Tensor], t_min: float = 1e-3) -> "ContinuousProcess":
+    """The SDE of Song et al. 2021 for a continuous schedule: ve (alpha = 1, sigma(t)), vp (alpha^2 = alphabar,
+    sigma^2 = 1 - alphabar) or subvp (alpha^2 = alphabar, sigma = 1 - alphabar, eq. 29)."""
+    if name == "ve":
+        return ContinuousProcess("ve", torch.zeros_like, lambda t: alphabar_or_sigma(t).log(), t_min)
+    log_alphabar = lambda t: alphabar_or_sigma(t).log()  # noqa: E731
+    if name == "vp":
+        return ContinuousProcess("vp", lambda t: 0.5 * log_alphabar(t),
+                                 lambda t: 0.5 * torch.log(-torch.expm1(log_alphabar(t))), t_min)
+    return ContinuousProcess("subvp", lambda t: 0.5 * log_alphabar(t),
+                             lambda t: torch.log(-torch.expm1(log_alphabar(t))), t_min)
 
 
 class GaussianProcess:
@@ -459,61 +326,6 @@ class LearnedProcess(DiscreteProcess):
 
     def parameters(self):
         return self.schedule.parameters()
-
-
-def build_process(cfg: ProcessConfig, shape: tuple | None = None) -> GaussianProcess:
-    """The process a ProcessConfig names (discrete for integer T, continuous for T = 'continuous'); ``shape``,
-    one example's shape, is needed by the per-frequency blur process only."""
-    validate(cfg)
-    if cfg.name == "blur":
-        from .blur import BlurProcess
-
-        if shape is None or len(shape) != 3:
-            raise ValueError(f"the blur process needs an image shape [C, H, W], not {shape}")
-        return BlurProcess(cfg, tuple(shape))
-    if cfg.schedule == "learned":
-        schedule = MonotoneLogSNR(cfg.log_snr_max, cfg.log_snr_min, cfg.learned_hidden)
-        return LearnedProcess(schedule, None if is_continuous(cfg) else cfg.T, cfg.t_min)
-    discrete, continuous = PROCESS_FAMILIES[cfg.name].get(cfg.schedule)
-    if not is_continuous(cfg):
-        table = discrete(cfg)
-        zero = torch.zeros(1, dtype=torch.float64)
-        if cfg.name == "vp":
-            alphabar = torch.cat([zero + 1, torch.cumprod(1 - table, 0)])
-            return DiscreteProcess("vp", alphabar.sqrt(), (1 - alphabar).sqrt())
-        sigmas = torch.cat([zero, table])
-        return DiscreteProcess("ve", torch.ones_like(sigmas), sigmas)
-    if cfg.name == "ve":
-        return ContinuousProcess("ve", torch.zeros_like, lambda t: continuous(t, cfg).log(), cfg.t_min)
-    log_alphabar = lambda t: continuous(t, cfg).log()  # noqa: E731
-    if cfg.name == "vp":
-        return ContinuousProcess("vp", lambda t: 0.5 * log_alphabar(t),
-                                 lambda t: 0.5 * torch.log(-torch.expm1(log_alphabar(t))), cfg.t_min)
-    return ContinuousProcess("subvp", lambda t: 0.5 * log_alphabar(t),
-                             lambda t: torch.log(-torch.expm1(log_alphabar(t))), cfg.t_min)
-
-
-LIMIT_TOLERANCE = 0.25  # largest |log-SNR difference| on the grid for a continuous limit to stand in
-
-
-def continuous_limit(cfg: ProcessConfig, process: GaussianProcess) -> tuple[GaussianProcess, float]:
-    """The continuous-time process of the same schedule, for a discrete ``process`` built from ``cfg``, and
-    the largest |lambda_continuous - lambda_discrete| over the grid times 1/T, ..., (T - 5)/T (the last steps
-    are left out: there cosine and sigmoid clip their betas at max_beta, at log-SNRs where the data is gone).
-
-    Returns ``(process, deviation)`` unchanged when the process is continuous already, and the limit only if
-    the deviation is below LIMIT_TOLERANCE (vp linear or ve geometric at T = 1000: 0.09 and 0.01); small T
-    (NCSN's 10 levels: 1.4) keep their own path, which is interpolated between grid times. A learned schedule's
-    limit is the same log-SNR network in continuous time (deviation 0)."""
-    if process.T is None:
-        return process, 0.0
-    if process.learned:
-        return LearnedProcess(process.schedule, None, 1.0 / process.T), 0.0
-    limit = build_process(dataclasses.replace(cfg, T=CONTINUOUS, t_min=1.0 / process.T))
-    grid = torch.arange(1, max(process.T - 5, 1) + 1, dtype=torch.float64) / process.T
-    log_snr = lambda p: 2 * (p.log_alpha64(grid) - p.log_sigma64(grid))  # noqa: E731
-    deviation = (log_snr(limit) - log_snr(process)).abs().max().item()
-    return (limit if deviation < LIMIT_TOLERANCE else process), deviation
 
 
 def _derivative(value: Tensor, t: Tensor, create_graph: bool = False) -> Tensor:

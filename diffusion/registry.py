@@ -1,7 +1,8 @@
 """Name -> object registries, so every choice-valued option can list its valid names."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import inspect
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 from .errors import ConfigError
 
@@ -37,3 +38,19 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def options_for(function: Callable, section: Any, renames: Optional[dict[str, str]] = None, **available: Any) -> dict:
+    """The keyword arguments ``function`` declares, and only those: each from ``available`` where given (values
+    from outside the config, such as the times ``t`` or the model's reverse variance), else, for a parameter with
+    a default, from the config ``section``'s field of the same name (or of the name ``renames`` maps it to). This
+    is how a config turns into a call of a function that takes plain numbers (a schedule, a sampler, a weighting,
+    a data set); a parameter the section lacks keeps its default."""
+    options, renames = {}, renames or {}
+    for name, parameter in inspect.signature(function).parameters.items():
+        field = renames.get(name, name)
+        if name in available:
+            options[name] = available[name]
+        elif parameter.default is not inspect.Parameter.empty and hasattr(section, field):
+            options[name] = getattr(section, field)
+    return options

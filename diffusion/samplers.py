@@ -1,10 +1,14 @@
 """Samplers: short pure functions with one signature.
 
-    sampler(denoiser, x_T, timesteps, *, generator, options, variance, callback=None) -> (x_0, nfe)
+    sampler(denoiser, x_T, timesteps, *, generator, callback=None, **options) -> (x_0, nfe)
 
-``x_T`` is a draw from the prior, ``timesteps`` the noisy times to visit, largest first (float [K]),
-``options`` the SampleConfig, ``variance`` the model's reverse variance (ancestral only) and ``nfe``
-the number of network evaluations per sample. The callback, if given, is called as
+``x_T`` is a draw from the prior, ``timesteps`` the noisy times to visit, largest first (float [K]), and
+``nfe`` the number of network evaluations per sample. ``options`` are the sampler's own keyword options, plain
+numbers and names with its paper's defaults (``ancestral``'s ``variance``, ``ddim``'s ``eta``, ``ode_heun``'s
+``churn``, ...); a sampler without options takes none. So any sampler runs from plain numbers, e.g.
+``ddim(denoiser, x_T, uniform_spacing(process, 50), generator=g, eta=0.0)``; ``factory.make_timesteps`` and
+``factory.draw_samples`` are the entry points from a SampleConfig, passing each spacing and sampler exactly the
+options it declares (``diffusion.registry.options_for``), and :func:`in_batches` is the one sampling loop. The callback, if given, is called as
 ``callback(step, t, x)`` after every step. Every sampler ends at t = 0 with the denoiser's x0
 prediction at the last visited time (Tweedie's formula), which is also what the last step of
 ancestral sampling returns (Ho et al. 2020, Algorithm 2, t = 1).
@@ -12,13 +16,12 @@ ancestral sampling returns (Ho et al. 2020, Algorithm 2, t = 1).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .config import SampleConfig
 from .denoiser import Denoiser
 from .elbo import reverse_variance_like
 from .processes import GaussianProcess, expand
@@ -28,6 +31,8 @@ Callback = Optional[Callable[[int, float, Tensor], None]]
 
 
 class Sampler(Protocol):
+    """The one signature: the sampler's own keyword options, each with its default, follow ``callback``."""
+
     def __call__(
         self,
         denoiser: Denoiser,
@@ -35,9 +40,8 @@ class Sampler(Protocol):
         timesteps: Tensor,
         *,
         generator: torch.Generator,
-        options: SampleConfig,
-        variance: str = "beta_tilde",
         callback: Callback = None,
+        **options: Any,
     ) -> tuple[Tensor, int]: ...
 
 
@@ -76,12 +80,13 @@ def _value(v: Tensor, device=None):
 # --- discrete-step samplers -----------------------------------------------------------------------
 @SAMPLERS.register("ancestral")
 @torch.no_grad()
-def ancestral(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def ancestral(denoiser, x_T, timesteps, *, generator, callback=None, variance="beta_tilde"):
     """Ho et al. 2020, Algorithm 2, written with alpha and sigma: from each t to the next time s < t,
-    x_s ~ N(mu(x_t, x0_hat), v), mu the posterior mean of q(x_s | x_t, x0) at x0 = x0_hat and v
-    beta-tilde (the posterior variance), beta (sigma^2_{t|s}, the forward variance) or the network's
-    learned_range interpolation between them (``diffusion.elbo.reverse_variance``). On a subset of
-    the grid this is improved-diffusion's respacing (Nichol & Dhariwal 2021, sec. 4)."""
+    x_s ~ N(mu(x_t, x0_hat), v), mu the posterior mean of q(x_s | x_t, x0) at x0 = x0_hat and v, by ``variance``:
+    beta_tilde (the posterior variance; the default), beta (sigma^2_{t|s}, the forward variance; Ho et al. 2020,
+    sec. 3.2, found the two alike) or learned_range, the network's interpolation between them (Nichol & Dhariwal
+    2021; ``diffusion.elbo.reverse_variance``). On a subset of the grid this is improved-diffusion's respacing
+    (Nichol & Dhariwal 2021, sec. 4)."""
     process, x = denoiser.process, x_T
     for k, t, s in _pairs(timesteps):
         tt = _full(t, x)
@@ -101,9 +106,10 @@ def ancestral(denoiser, x_T, timesteps, *, generator, options, variance="beta_ti
 
 @SAMPLERS.register("ddim")
 @torch.no_grad()
-def ddim(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def ddim(denoiser, x_T, timesteps, *, generator, callback=None, eta=0.0):
     """Song, Meng & Ermon 2021, eq. 12 with eq. 16: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z,
-    c = eta * sqrt(posterior variance). eta = 0 is deterministic; eta = 1 is ancestral with beta-tilde."""
+    c = eta * sqrt(posterior variance). eta = 0 (the default) is their deterministic DDIM; eta = 1 is ancestral
+    with beta-tilde."""
     process, x = denoiser.process, x_T
     for k, t, s in _pairs(timesteps):
         eps_hat = denoiser.eps(x, _full(t, x))
@@ -113,7 +119,7 @@ def ddim(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde",
             x = x0_hat
         else:
             alpha_s, sigma_s = _coef(process, s, x.device)
-            c = options.eta * _value(process.posterior_variance(torch.tensor([s]), torch.tensor([t])), x.device) ** 0.5
+            c = eta * _value(process.posterior_variance(torch.tensor([s]), torch.tensor([t])), x.device) ** 0.5
             rest = (sigma_s**2 - c**2).clamp(min=0) ** 0.5 if process.per_dimension else max(sigma_s**2 - c**2, 0.0) ** 0.5
             x = alpha_s * x0_hat + rest * eps_hat + c * _noise(x, generator, process)
         if callback:
@@ -123,23 +129,25 @@ def ddim(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde",
 
 @SAMPLERS.register("annealed_langevin")
 @torch.no_grad()
-def annealed_langevin(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def annealed_langevin(denoiser, x_T, timesteps, *, generator, callback=None, steps_per_level=100, step_size=2e-5,
+                      denoise=True):
     """Song & Ermon 2019, Algorithm 1: at each noise level sigma_i, largest first, run
-    ``options.steps_per_level`` Langevin steps x <- x + a_i / 2 * score + sqrt(a_i) z with step size
-    a_i = eps * sigma_i^2 / sigma_min^2 (eps = ``options.step_size``). With ``options.denoise``, one
-    last Tweedie step returns E[x0 | x] = (x + sigma_min^2 score) / alpha (Jolicoeur-Martineau et al. 2021)."""
+    ``steps_per_level`` Langevin steps x <- x + a_i / 2 * score + sqrt(a_i) z with step size
+    a_i = eps * sigma_i^2 / sigma_min^2 (eps = ``step_size``; the defaults T = 100 and eps = 2e-5 are theirs,
+    sec. 5). With ``denoise``, one last Tweedie step returns E[x0 | x] = (x + sigma_min^2 score) / alpha
+    (Jolicoeur-Martineau et al. 2021)."""
     process = denoiser.process
     sigma_min = _coef(process, timesteps[-1].item())[1]
     x = x_T
     for k, t_level in enumerate(timesteps.tolist()):
         t = _full(t_level, x)
-        step = options.step_size * (_coef(process, t_level)[1] / sigma_min) ** 2
-        for _ in range(options.steps_per_level):
+        step = step_size * (_coef(process, t_level)[1] / sigma_min) ** 2
+        for _ in range(steps_per_level):
             x = x + 0.5 * step * denoiser.score(x, t) + step**0.5 * _noise(x, generator)
         if callback:
             callback(k, t_level, x)
-    nfe = len(timesteps) * options.steps_per_level
-    if options.denoise:
+    nfe = len(timesteps) * steps_per_level
+    if denoise:
         x = denoiser.x0(x, _full(timesteps[-1], x))
         nfe += 1
     return x, nfe
@@ -148,7 +156,7 @@ def annealed_langevin(denoiser, x_T, timesteps, *, generator, options, variance=
 # --- SDE samplers (Song et al. 2021) ---------------------------------------------------------------
 @SAMPLERS.register("euler_maruyama")
 @torch.no_grad()
-def euler_maruyama(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def euler_maruyama(denoiser, x_T, timesteps, *, generator, callback=None):
     """The reverse-time SDE dx = [f x - g^2 score] dt + g dw (Song et al. 2021, eq. 6; Anderson 1982)
     with Euler-Maruyama steps from t to s: x <- x - (f x - g^2 score)(t - s) + g sqrt(t - s) z."""
     process, x = denoiser.process, x_T
@@ -174,7 +182,7 @@ def _reverse_diffusion_step(denoiser, x, t, s, generator):
 
 @SAMPLERS.register("reverse_diffusion")
 @torch.no_grad()
-def reverse_diffusion(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def reverse_diffusion(denoiser, x_T, timesteps, *, generator, callback=None):
     """Song et al. 2021, appendix E: the reverse-diffusion predictor, discretizing the reverse SDE the
     same way as the forward process."""
     x = x_T
@@ -205,19 +213,20 @@ def langevin_corrector(denoiser, x, t: float, a: float, snr: float, steps: int, 
 
 @SAMPLERS.register("pc")
 @torch.no_grad()
-def predictor_corrector(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
-    """Song et al. 2021, Algorithms 2-3 (and 4-5): at each time t, ``options.corrector_steps`` Langevin
-    corrector steps (``langevin_corrector``, r = snr, a = alpha_{t|s}^2 for the next time s, alpha_{t|0}^2 on the
-    last step), then a reverse-diffusion predictor step to s (Tweedie's x0 on the last)."""
+def predictor_corrector(denoiser, x_T, timesteps, *, generator, callback=None, snr=0.16, corrector_steps=1):
+    """Song et al. 2021, Algorithms 2-3 (and 4-5): at each time t, ``corrector_steps`` Langevin
+    corrector steps (``langevin_corrector``, r = ``snr``, a = alpha_{t|s}^2 for the next time s, alpha_{t|0}^2 on the
+    last step), then a reverse-diffusion predictor step to s (Tweedie's x0 on the last). The defaults, one corrector
+    step per predictor step at r = 0.16, are those of Song et al.'s released CIFAR-10 configurations (score_sde)."""
     process, x = denoiser.process, x_T
     for k, t, s in _pairs(timesteps):
         tt = _full(t, x)
         a = float(process.transition(_full(s, x)[:1], tt[:1])[0]) ** 2
-        x = langevin_corrector(denoiser, x, t, a, options.snr, options.corrector_steps, generator)
+        x = langevin_corrector(denoiser, x, t, a, snr, corrector_steps, generator)
         x = denoiser.x0(x, tt) if s == 0 else _reverse_diffusion_step(denoiser, x, t, s, generator)
         if callback:
             callback(k, t, x)
-    return x, len(timesteps) * (1 + options.corrector_steps)
+    return x, len(timesteps) * (1 + corrector_steps)
 
 
 # --- probability-flow ODE samplers ------------------------------------------------------------------
@@ -230,24 +239,24 @@ def _scaled_sigma(process: GaussianProcess, t: float) -> float:
 
 @SAMPLERS.register("ode_euler")
 @torch.no_grad()
-def ode_euler(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def ode_euler(denoiser, x_T, timesteps, *, generator, callback=None):
     """Euler steps of the probability-flow ODE in Karras et al.'s coordinates: y_s = y_t + (sigma~_s - sigma~_t) eps_hat
     (the same update as DDIM with eta = 0; Karras et al. 2022, sec. 3)."""
-    return _karras_ode(denoiser, x_T, timesteps, generator, options, callback, second_order=False)
+    return _karras_ode(denoiser, x_T, timesteps, generator, 0.0, callback, second_order=False)
 
 
 @SAMPLERS.register("ode_heun")
 @torch.no_grad()
-def ode_heun(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
-    """Karras et al. 2022, Algorithm 1 (Heun's second-order method, Euler on the last step to sigma = 0)
-    and, with ``options.churn`` > 0, Algorithm 2: before each step the noise is raised from sigma~ to
-    sigma^ = sigma~ (1 + gamma), gamma = min(churn / K, sqrt(2) - 1), by adding fresh noise."""
-    return _karras_ode(denoiser, x_T, timesteps, generator, options, callback, second_order=True)
+def ode_heun(denoiser, x_T, timesteps, *, generator, callback=None, churn=0.0):
+    """Karras et al. 2022, Algorithm 1 (Heun's second-order method, Euler on the last step to sigma = 0; the
+    default churn = 0) and, with ``churn`` (their S_churn) > 0, Algorithm 2: before each step the noise is raised
+    from sigma~ to sigma^ = sigma~ (1 + gamma), gamma = min(churn / K, sqrt(2) - 1), by adding fresh noise."""
+    return _karras_ode(denoiser, x_T, timesteps, generator, churn, callback, second_order=True)
 
 
-def _karras_ode(denoiser, x, timesteps, generator, options, callback, second_order: bool):
+def _karras_ode(denoiser, x, timesteps, generator, churn: float, callback, second_order: bool):
     process, nfe = denoiser.process, 0
-    gamma = min(options.churn / len(timesteps), 2**0.5 - 1) if second_order else 0.0
+    gamma = min(churn / len(timesteps), 2**0.5 - 1) if second_order else 0.0
     for k, t, s in _pairs(timesteps):
         if gamma > 0:
             sigma_t = _scaled_sigma(process, t)
@@ -272,10 +281,11 @@ def _karras_ode(denoiser, x, timesteps, generator, options, callback, second_ord
 
 @SAMPLERS.register("ode_rk45")
 @torch.no_grad()
-def ode_rk45(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def ode_rk45(denoiser, x_T, timesteps, *, generator, callback=None, rtol=1e-5, atol=1e-5):
     """The probability-flow ODE dx/dt = f x - 1/2 g^2 score (Song et al. 2021, eq. 13) from t = 1 to the
-    last visited time with scipy's adaptive RK45 (rtol, atol from the options; the timesteps only give
-    the end points), then the Tweedie step to t = 0. NFE is the solver's count plus one."""
+    last visited time with scipy's adaptive RK45 at tolerances ``rtol``, ``atol`` (1e-5 both, as Song et al.,
+    appendix D.2; the timesteps only give the end points), then the Tweedie step to t = 0. NFE is the solver's
+    count plus one."""
     from scipy.integrate import solve_ivp
 
     process, shape, device = denoiser.process, x_T.shape, x_T.device
@@ -289,7 +299,7 @@ def ode_rk45(denoiser, x_T, timesteps, *, generator, options, variance="beta_til
         return dx.double().cpu().numpy().ravel()
 
     solution = solve_ivp(velocity, (t_start, t_end), x_T.double().cpu().numpy().ravel(),
-                         method="RK45", rtol=options.rtol, atol=options.atol)
+                         method="RK45", rtol=rtol, atol=atol)
     x = torch.from_numpy(solution.y[:, -1]).to(device, torch.float32).reshape(shape)
     x = denoiser.x0(x, _full(t_end, x))
     if callback:
@@ -299,7 +309,7 @@ def ode_rk45(denoiser, x_T, timesteps, *, generator, options, variance="beta_til
 
 @SAMPLERS.register("dpm_solver_2m")
 @torch.no_grad()
-def dpm_solver_2m(denoiser, x_T, timesteps, *, generator, options, variance="beta_tilde", callback=None):
+def dpm_solver_2m(denoiser, x_T, timesteps, *, generator, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep second order in
     lambda = log(alpha / sigma) with data prediction. With h = lambda_s - lambda_t and r = h_prev / h,
     D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev (D = x0_t on the first step) and
@@ -325,9 +335,9 @@ def dpm_solver_2m(denoiser, x_T, timesteps, *, generator, options, variance="bet
     return x, len(timesteps)
 
 
-# --- which times to visit ----------------------------------------------------------------------------
+# --- which times to visit: spacing(process, steps, **options) -> times (float64 [K]) -----------------
 @SPACINGS.register("uniform")
-def uniform_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+def uniform_spacing(process: GaussianProcess, steps: int) -> Tensor:
     """Evenly spaced from t = 1 to t_min (discrete: the rounded grid indices T ... 1)."""
     if process.T is not None:
         return torch.linspace(process.T, 1, steps, dtype=torch.float64).round() / process.T
@@ -335,7 +345,7 @@ def uniform_spacing(process: GaussianProcess, steps: int, options: SampleConfig)
 
 
 @SPACINGS.register("leading")
-def leading_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+def leading_spacing(process: GaussianProcess, steps: int) -> Tensor:
     """Indices 1, 1 + c, 1 + 2c, ... with c = T // steps (DDIM's and diffusers' "leading": the last step T
     may be skipped)."""
     stride = process.T // steps
@@ -343,13 +353,13 @@ def leading_spacing(process: GaussianProcess, steps: int, options: SampleConfig)
 
 
 @SPACINGS.register("trailing")
-def trailing_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+def trailing_spacing(process: GaussianProcess, steps: int) -> Tensor:
     """Indices T, T - T/steps, ... (Lin et al. 2024, "Common Diffusion Noise Schedules ...", Table 2)."""
     return (process.T - torch.arange(steps, dtype=torch.float64) * process.T / steps).round() / process.T
 
 
 @SPACINGS.register("quadratic")
-def quadratic_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
+def quadratic_spacing(process: GaussianProcess, steps: int) -> Tensor:
     """Times quadratic in the step index, dense near the data, sparse near the prior and ending at t = 1, where
     every sampler starts from the prior. For j = 0 .. K - 1 counted from the data:
 
@@ -368,15 +378,15 @@ def quadratic_spacing(process: GaussianProcess, steps: int, options: SampleConfi
 
 
 @SPACINGS.register("karras")
-def karras_spacing(process: GaussianProcess, steps: int, options: SampleConfig) -> Tensor:
-    """Karras et al. 2022, eq. 5: sigma~_i = (s_max^(1/rho) + i/(K-1) (s_min^(1/rho) - s_max^(1/rho)))^rho in
-    sigma~ = sigma / alpha, mapped back to times through the log-SNR (to the nearest grid step in
+def karras_spacing(process: GaussianProcess, steps: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5: sigma~_i = (s_max^(1/rho) + i/(K-1) (s_min^(1/rho) - s_max^(1/rho)))^rho
+    (their rho = 7) in sigma~ = sigma / alpha, mapped back to times through the log-SNR (to the nearest grid step in
     discrete time)."""
     ends = torch.tensor([1.0, process.t_min], dtype=torch.float64)
     log_snr = process.log_snr(ends).double()
     s_max, s_min = (-0.5 * log_snr).exp().tolist()
     i = torch.linspace(0, 1, steps, dtype=torch.float64)
-    sigma = (s_max ** (1 / options.rho) + i * (s_min ** (1 / options.rho) - s_max ** (1 / options.rho))) ** options.rho
+    sigma = (s_max ** (1 / rho) + i * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     target = -2 * sigma.log()
     if process.T is not None:
         grid = process.log_snr(torch.arange(1, process.T + 1, dtype=torch.float64) / process.T).double()
@@ -385,42 +395,11 @@ def karras_spacing(process: GaussianProcess, steps: int, options: SampleConfig) 
     return process.time_of_log_snr(target).double()
 
 
-def make_timesteps(process: GaussianProcess, options: SampleConfig, device="cpu") -> Tensor:
-    """The times a sampler visits, largest first, without repeats (float32 [K])."""
-    steps = options.steps or (process.T if process.T is not None else 100)
-    if process.T is not None:
-        steps = min(steps, process.T)
-    times = SPACINGS.get(options.spacing)(process, steps, options)
-    times = torch.unique(times.float()).flip(0)  # unique sorts ascending
-    return times.to(device)
-
-
-def draw_samples(
-    denoiser: Denoiser | Callable[[int, int], Denoiser],
-    options: SampleConfig,
-    shape: tuple[int, ...],
-    n: int,
-    generator: torch.Generator,
-    device: torch.device,
-    variance: str = "beta_tilde",
-    process: Optional[GaussianProcess] = None,
-) -> tuple[Tensor, int]:
-    """n samples of per-example ``shape`` in batches of ``options.batch_size`` with the configured
-    sampler. ``denoiser`` is one Denoiser, or a function ``(start, size) -> Denoiser`` for the batch of
-    samples start..start+size (a class-conditional model's labels follow the batch; then ``process`` names
-    the process). Returns (samples on CPU [n, *shape], NFE per sample: the sampler's count of
-    denoiser calls times the network evaluations per call, ``Denoiser.cost``, 2 with guidance). A per-dimension
-    process (blur) is sampled in its basis and the samples returned as data."""
-    sampler = SAMPLERS.get(options.sampler)
-    denoiser_for = (lambda start, size: denoiser) if isinstance(denoiser, Denoiser) else denoiser
-    process = process or denoiser.process
-    timesteps = make_timesteps(process, options, device)
+def in_batches(n: int, batch_size: int, draw: Callable[[int, int], tuple[Tensor, int]]) -> tuple[Tensor, int]:
+    """The one sampling loop: n samples drawn ``batch_size`` at a time, ``draw(start, size) -> (samples [size, ...],
+    NFE per sample)`` for the samples start..start+size; returns (every sample, on CPU, the NFE per sample)."""
     batches, nfe = [], 0
-    for start in range(0, n, options.batch_size):
-        size = min(options.batch_size, n - start)
-        x_T = process.prior_sample((size, *shape), generator, device)
-        model = denoiser_for(start, size)
-        x, calls = sampler(model, x_T, timesteps, generator=generator, options=options, variance=variance)
-        nfe = calls * model.cost
-        batches.append(process.from_basis(x.float()).cpu())
+    for start in range(0, n, batch_size):
+        x, nfe = draw(start, min(batch_size, n - start))
+        batches.append(x.cpu())
     return torch.cat(batches), nfe

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .fit import fit
 from .registry import Registry
 
 ScoreFn = Callable[[Tensor], Tensor]
@@ -243,24 +244,20 @@ def fit_score(
     so stochastic objectives (minibatches, sliced projections) settle at the minimiser. Each step
     uses ``batch_size`` examples drawn with replacement (all N, every step, when batch_size is None
     or >= N). ``objective_options`` go to the objective (e.g. ``n_projections``). Returns the
-    per-step mean losses.
+    per-step mean losses. The module's training or evaluation mode is left as it is (``fit.fit`` on its
+    parameters).
     """
     loss_fn = OBJECTIVES.get(objective) if isinstance(objective, str) else objective
-    optimizer = torch.optim.Adam(score_module.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     n = data.shape[0]
     full_batch = batch_size is None or batch_size >= n
-    losses = []
-    for _ in range(steps):
-        if full_batch:
-            batch = data
-        else:
-            index = torch.randint(0, n, (batch_size,), generator=generator, device=data.device)
-            batch = data[index]
-        loss = loss_fn(score_module, batch, generator=generator, **objective_options).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
+
+    def loss() -> Tensor:
+        batch = data
+        if not full_batch:
+            batch = data[torch.randint(0, n, (batch_size,), generator=generator, device=data.device)]
+        return loss_fn(score_module, batch, generator=generator, **objective_options).mean()
+
+    def cosine(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+
+    return fit(score_module.parameters(), loss, steps, lr, schedule=cosine)

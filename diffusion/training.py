@@ -1,7 +1,9 @@
 """Training: Adam, EMA of the weights, gradient clipping, exact resume from checkpoints.
 
-A :class:`Trainer` owns every piece of state that training touches, including its random
-generator, so that ``save`` then ``load`` into a fresh Trainer continues bit for bit.
+A :class:`Trainer` owns the network, its EMA, the optimizer and every piece of random state that training
+touches, so that ``save`` then ``load`` into a fresh Trainer continues bit for bit. What depends on the model
+family (the loss, sampling, the likelihood, the process or degradation) is its ``family``
+(``diffusion.families``): Gaussian, blur, latent, or naive and cold restoration.
 """
 from __future__ import annotations
 
@@ -15,15 +17,14 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from .config import TrialConfig, validate
+from .config import TrialConfig
 from .data import Dataset
-from .denoiser import Denoiser, network_denoiser
-from .losses import WEIGHTINGS, TimeSampler, diffusion_loss
+from .errors import ConfigError
+from .denoiser import Denoiser
+from .families import Family, build_family
 from .nets import build_network
-from .parameterizations import PARAMETERIZATIONS
-from .processes import build_process, continuous_limit
-from .samplers import draw_samples
 from .storage import save_atomic
+from .validation import validate
 
 CHECKPOINT_VERSION = 1
 
@@ -41,8 +42,6 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("resources.device", name, "auto or cpu (no CUDA device is visible)")
     return torch.device(name)
 
@@ -68,60 +67,78 @@ class StepRecord:
 
 
 class Trainer:
-    """Trains the network of one trial config on one data set."""
+    """Trains the network of one trial config on one data set (for latent diffusion: the VAE's codes, with
+    ``vae`` to decode samples); the model family is ``build_family``'s."""
 
-    likelihood_note: Optional[str] = None  # why the model has no bits/dim (None: it has them)
-
-    def __init__(self, cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None):
+    def __init__(self, cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None, amp: bool = True,
+                 vae: Optional[torch.nn.Module] = None):
         validate(cfg)  # the same checks as `orchestrator validate`, for configs built in code
-        self.cfg = cfg
         self.dataset = dataset
-        self.device = device or select_device(cfg.resources.device)
-        torch.manual_seed(cfg.seed)  # initial weights
-        self._build_process()
-        self.learned_schedule = self.process is not None and self.process.learned
-        self.num_classes = dataset.num_classes if cfg.model.class_conditional else None
+        self.device = device or select_device()
+        torch.manual_seed(cfg.seed)  # initial weights (a learned schedule's first, then the network's)
+        self.family: Family = build_family(cfg, dataset, self.device, vae)
+        self.num_classes = self.family.num_classes
         if cfg.model.class_conditional and (dataset.train_labels is None or not dataset.num_classes):
-            from .errors import ConfigError
-
             raise ConfigError("model.class_conditional", True, "false for a data set without labels",
                               detail=f"data set {dataset.name} has no labels")
         self.network = build_network(cfg.model, dataset.shape, self.num_classes).to(self.device)
         self.ema = AveragedModel(self.network, multi_avg_fn=ema_update(cfg.train.ema_decay, cfg.train.ema_warmup))
         groups = [{"params": list(self.network.parameters())}]
-        if self.learned_schedule:  # the VDM schedule trains with the same optimizer
-            self.process.schedule.to(self.device)
-            groups.append({"params": list(self.process.parameters())})
+        if self.family.parameters():  # a learned schedule trains with the same optimizer
+            groups.append({"params": self.family.parameters()})
         self.optimizer = torch.optim.Adam(groups, lr=cfg.train.lr)
-        self.learned_variance = cfg.model.variance == "learned_range"
         warmup = cfg.train.warmup
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.time_sampler = TimeSampler(self.process, cfg.loss) if self.process is not None else None
-        self.train_data = dataset.train.to(self.device)
+        self.train_data = self.family.train_data
         self.train_labels = dataset.train_labels.to(self.device) if self.num_classes else None
         self.step = 0
-        self.amp = cfg.resources.amp and self.device.type == "cuda"
+        self.amp = amp and self.device.type == "cuda"  # bfloat16/float16 autocast on CUDA only
 
-    def _build_process(self) -> None:
-        """The forward process and how the network and the loss read it: a Gaussian process x_t = alpha x0 +
-        sigma eps, a parameterization and a loss weighting (subclasses build other processes)."""
-        self.process = build_process(self.cfg.process, tuple(self.dataset.shape))
-        self.parameterization = PARAMETERIZATIONS.get(self.cfg.model.parameterization)
-        self.weighting = WEIGHTINGS.get(self.cfg.loss.weighting)
+    # --- the family's, under the names callers use -------------------------------------------
+    @property
+    def cfg(self) -> TrialConfig:
+        """The trial config (the family's: replacing it, e.g. its sample section, changes how the family samples)."""
+        return self.family.cfg
 
-    # --- denoisers ---------------------------------------------------------------------------
+    @cfg.setter
+    def cfg(self, cfg: TrialConfig) -> None:
+        self.family.cfg = cfg
+
+    likelihood_note = property(lambda self: self.family.likelihood_note, doc="why there are no bits/dim, or None")
+    learned_schedule = property(lambda self: self.family.learned_schedule)
+    process = property(lambda self: self.family.process, doc="a Gaussian family's process")
+    parameterization = property(lambda self: self.family.parameterization)
+    weighting = property(lambda self: self.family.weighting)
+    time_sampler = property(lambda self: self.family.time_sampler)
+    degradation = property(lambda self: self.family.degradation, doc="naive and cold diffusion's degradation")
+    prior_noise = property(lambda self: self.family.prior_noise, doc="naive and cold: std of x_T's perturbation")
+
+    def step_size(self) -> int:
+        """Naive and cold diffusion: the levels between two visited ones (``RestorationFamily.step_size``)."""
+        return self.family.step_size()
+
+    def restorer(self, network: torch.nn.Module):
+        """Naive and cold diffusion: ``R(x_s, s) -> x0_hat`` (``RestorationFamily.restorer``)."""
+        return self.family.restorer(network)
+
     def denoiser(self, labels: Optional[torch.Tensor] = None) -> Denoiser:
-        return network_denoiser(self.network, self.parameterization, self.process, self.learned_variance, labels)
+        """The training network as a Gaussian family's model of eps."""
+        return self.family.denoiser(self.network, labels)
 
     def ema_denoiser(self, labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> Denoiser:
         """The EMA model; for a class-conditional one, asked for ``labels`` (None: its unconditional
         model) with classifier-free guidance ``guidance_scale``."""
-        return network_denoiser(self.ema.module, self.parameterization, self.process, self.learned_variance, labels,
-                                guidance_scale)
+        return self.family.denoiser(self.ema.module, labels, guidance_scale)
 
+    def ode_denoiser(self) -> tuple[Denoiser, str]:
+        """The EMA model on the path its probability-flow ODE runs on, and a note of that path
+        (``GaussianFamily.ode_denoiser``)."""
+        return self.family.ode_denoiser(self.ema.module)
+
+    # --- training ----------------------------------------------------------------------------
     def training_labels(self, index: torch.Tensor) -> Optional[torch.Tensor]:
         """The labels of a training batch of a class-conditional model, each replaced by the null label
         with probability ``train.cond_dropout`` (Ho & Salimans 2022, Algorithm 1); None otherwise."""
@@ -133,15 +150,14 @@ class Trainer:
             labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
         return labels
 
-    # --- training ----------------------------------------------------------------------------
     def batch_losses(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """Per-example losses [B] of one batch (one network evaluation each): ``diffusion_loss``."""
-        return diffusion_loss(self.denoiser(labels), self.weighting, x0, self.generator, self.cfg.loss,
-                              levels=self.dataset.levels, variance=self.cfg.model.variance,
-                              time_sampler=self.time_sampler, reduction="none")
+        """Per-example losses [B] of one batch under the training network (the family's loss)."""
+        return self.family.batch_losses(self.network, x0, labels, self.generator)
 
     def train_step(self) -> float:
-        """One optimizer step on a random batch; returns the loss. Raises TrainingDiverged."""
+        """One optimizer step on a random batch; returns the loss. Raises TrainingDiverged. With the Gaussian
+        family this is the loop of Ho et al. 2020, Algorithm 1 (and Ho & Salimans 2022, Algorithm 1, with
+        label dropout), plus Adam's warm-up, clipping and the EMA."""
         self.network.train()
         index = torch.randint(
             len(self.train_data), (self.cfg.train.batch_size,), generator=self.generator, device=self.device
@@ -155,21 +171,11 @@ class Trainer:
         if not math.isfinite(value):
             raise TrainingDiverged(self.step + 1, value)
         self.optimizer.zero_grad(set_to_none=True)
-        schedule_grads = None
-        if self.learned_schedule and self.process.T is None:
-            # Continuous time: with fixed end points the expected bound does not depend on the schedule's
-            # shape, so the schedule minimizes the estimator's variance instead: its gradient is that of
-            # E[L^2] (Kingma et al. 2021, sec. 5.2), the network's that of E[L].
-            schedule_grads = torch.autograd.grad((losses**2).mean(), list(self.process.parameters()),
-                                                 retain_graph=True)
-        loss.backward()
-        if schedule_grads is not None:
-            for parameter, grad in zip(self.process.parameters(), schedule_grads):
-                parameter.grad = grad
+        self.family.backward(loss, losses)
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
-            if self.learned_schedule:
-                torch.nn.utils.clip_grad_norm_(self.process.parameters(), self.cfg.train.grad_clip)
+            if self.family.parameters():
+                torch.nn.utils.clip_grad_norm_(self.family.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update_parameters(self.network)
@@ -200,70 +206,30 @@ class Trainer:
                 on_checkpoint(self.step)
         return history
 
-    # --- sampling ----------------------------------------------------------------------------
+    # --- sampling and likelihood of the EMA model --------------------------------------------
     def sample_labels(self, n: int) -> Optional[torch.Tensor]:
-        """The classes n samples are asked for (every class in turn) when sampling is conditional: a
-        class-conditional model or classifier guidance; None otherwise."""
-        if self.num_classes is None and self.cfg.sample.classifier_scale == 0:
-            return None
-        from .guidance import round_robin_labels
-
-        return round_robin_labels(n, self.dataset.num_classes)
+        """The classes n samples are asked for when sampling is conditional; None otherwise."""
+        return self.family.sample_labels(n)
 
     def sample(self, n: int, seed: int, labels: Optional[torch.Tensor] = None,
                classifier: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
         """n samples from the EMA network; returns (samples on CPU, NFE per sample). ``labels [n]``: the
         class of each sample (default :meth:`sample_labels`); ``classifier``: the noise-conditional
-        classifier of classifier guidance (``sample.classifier_scale`` > 0)."""
+        classifier of classifier guidance (``sample.classifier_scale`` > 0). A latent model's samples are
+        codes: :meth:`decode` makes images of them."""
         self.ema.module.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        labels = self.sample_labels(n) if labels is None else labels
-        scale = self.cfg.sample.classifier_scale
-        if scale > 0 and classifier is None:
-            raise ValueError("sample.classifier_scale > 0 needs the noise-conditional classifier")
-
-        def denoiser_for(start: int, size: int) -> Denoiser:
-            batch = None if labels is None else labels[start:start + size].to(self.device)
-            model = self.ema_denoiser(batch if self.num_classes else None, self.cfg.sample.guidance_scale)
-            if scale > 0:
-                from .guidance import classifier_guided
-
-                model = classifier_guided(model, classifier.eval(), batch, scale)
-            return model
-
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return draw_samples(denoiser_for, self.cfg.sample, self.dataset.shape, n, generator, self.device,
-                                variance=self.cfg.model.variance, process=self.process)
+            return self.family.sample(self.ema.module, n, generator, labels, classifier)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples as data: a latent model's codes decoded by its VAE (given to the Trainer), others unchanged."""
+        return self.family.decode(samples)
 
     def heldout_likelihood(self):
         """Bits/dim of the first ``eval.bpd_n`` test examples under the EMA model
-        (``diffusion.likelihood.heldout_likelihood``), with a generator seeded from the trial seed."""
-        from .likelihood import heldout_likelihood
-
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
-        x = self.dataset.test[: self.cfg.eval.bpd_n].to(self.device)
-        ode, path_tag = self.ode_denoiser()
-        result = heldout_likelihood(self.ema_denoiser(), x, self.dataset.levels, self.cfg.eval, generator,
-                                    variance=self.cfg.model.variance, batch_size=self.cfg.sample.batch_size,
-                                    ode_denoiser=ode)
-        if path_tag:
-            result.tags["bpd_ode.path"] = path_tag
-        return result
-
-    def ode_denoiser(self) -> tuple[Denoiser, str]:
-        """The EMA model (in eval mode) on the path its probability-flow ODE runs on, with a note of that
-        path for discrete models ("" for continuous ones): a discrete model runs through the continuous limit
-        of its schedule (``processes.continuous_limit``) unless its parameterization reads the discrete step
-        (``mean``), which stays on the discrete process."""
-        self.ema.module.eval()
-        path, deviation = self.process, 0.0
-        if not self.parameterization.needs_step:
-            path, deviation = continuous_limit(self.cfg.process, self.process)
-        ode = network_denoiser(self.ema.module, self.parameterization, path, self.learned_variance)
-        if self.process.T is None:
-            return ode, ""
-        limit = "continuous limit of the schedule" if path is not self.process else "the discrete process"
-        return ode, f"{limit} (max |log-SNR difference| of the limit on the grid: {deviation:.3f})"
+        (``GaussianFamily.heldout_likelihood``); NotImplementedError(:attr:`likelihood_note`) without them."""
+        return self.family.heldout_likelihood(self.ema.module)
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -282,8 +248,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "time_sampler": self.time_sampler.state_dict() if self.time_sampler is not None else {},
-            "schedule": self.process.schedule.state_dict() if self.learned_schedule else {},
+            **self.family.state_dict(),  # time_sampler, schedule
             "rng": rng,
         }
 
@@ -295,10 +260,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.time_sampler is not None:
-            self.time_sampler.load_state_dict(state["time_sampler"])
-        if self.learned_schedule:
-            self.process.schedule.load_state_dict(state["schedule"])
+        self.family.load_state_dict(state)
         rng = state["rng"]
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
@@ -316,18 +278,14 @@ class Trainer:
 
     def save_ema(self, path: str) -> None:
         """The EMA weights alone (and a learned schedule): what a user needs to sample from the trained model."""
-        state = {"network": self.ema.module.state_dict(), "step": self.step}
-        if self.learned_schedule:
-            state["schedule"] = self.process.schedule.state_dict()
-        save_atomic(state, path)
+        save_atomic({"network": self.ema.module.state_dict(), "step": self.step, **self.family.model_state()}, path)
 
     def load_ema(self, path: str) -> None:
         """Load what :meth:`save_ema` wrote into the EMA network (and the learned schedule): a trained model
         to sample from and evaluate, without its optimizer state."""
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.ema.module.load_state_dict(state["network"])
-        if self.learned_schedule:
-            self.process.schedule.load_state_dict(state["schedule"])
+        self.family.load_model_state(state)
         self.step = int(state["step"])
 
 
@@ -340,110 +298,7 @@ def _numpy_state_from_tensors(d: dict):
     return ("MT19937", d["keys"].numpy().astype(np.uint32), int(d["pos"]), int(d["has_gauss"]), float(d["cached"]))
 
 
-# Processes that are not Gaussian: a network restores x0 from a degraded image (Bansal et al. 2022).
-RESTORATION_PROCESSES = ("naive", "cold")
-
-
-class RestorationTrainer(Trainer):
-    """Naive and cold diffusion (Bansal et al. 2022, "Cold Diffusion"): a degradation D(x0, s), s = 0..T
-    (``diffusion.degradations``), and a network R(x_s, s / T) that predicts x0, trained with the squared
-    error of its prediction (``restoration_loss``) and sampled by ``denoise_renoise`` or ``cold_improved``
-    from draws of the degradation's prior. ``sample.steps`` is the NFE budget, as for every sampler: the
-    step K between visited levels is round(T / steps). Such a model defines no likelihood
-    (:attr:`likelihood_note` says why), and has no class conditioning or guidance."""
-
-    likelihood_note = ("naive and cold diffusion define no likelihood: their degradations are not Gaussian "
-                       "(deterministic, or salt and pepper), so there is no variational bound or ODE to integrate")
-
-    def _build_process(self) -> None:
-        from .degradations import build_degradation
-
-        process = self.cfg.process
-        name = "naive" if process.name == "naive" else process.degradation
-        self.degradation = build_degradation(name, int(process.T), tuple(self.dataset.shape),
-                                             blur_sigma_max=process.blur_sigma_max, order_seed=self.cfg.seed)
-        self.process = self.parameterization = self.weighting = None
-
-    def restorer(self, network: torch.nn.Module):
-        """``R(x_s, s) -> x0_hat`` for integer levels s [B]: the network sees the time s / T in [0, 1]."""
-        T = self.degradation.T
-        return lambda x_s, s: network(x_s, s.to(x_s.dtype) / T)
-
-    def batch_losses(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        from .degradations import restoration_loss
-
-        return restoration_loss(self.restorer(self.network), self.degradation, x0, self.generator)
-
-    def step_size(self) -> int:
-        """K, the levels between two visited ones: round(T / sample.steps), at least 1 (every level without steps)."""
-        T, steps = self.degradation.T, self.cfg.sample.steps
-        return 1 if steps is None else max(1, round(T / steps))
-
-    @property
-    def prior_noise(self) -> float:
-        """The std of the perturbation of x_T: ``sample.prior_noise``, else the degradation's default."""
-        chosen = self.cfg.sample.prior_noise
-        return self.degradation.prior_noise if chosen is None else float(chosen)
-
-    def sample(self, n: int, seed: int, labels: Optional[torch.Tensor] = None,
-               classifier: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
-        from .degradations import COLD_SAMPLERS
-
-        self.ema.module.eval()
-        sampler = COLD_SAMPLERS.get(self.cfg.sample.sampler)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        restore = self.restorer(self.ema.module)
-        batches, nfe = [], 0
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            for start in range(0, n, self.cfg.sample.batch_size):
-                size = min(self.cfg.sample.batch_size, n - start)
-                x_T = self.degradation.prior(size, self.train_data, generator)
-                perturbation = None
-                if self.prior_noise > 0:
-                    perturbation = self.prior_noise * torch.randn(x_T.shape, generator=generator, device=x_T.device)
-                x, nfe = sampler(restore, self.degradation, x_T, generator=generator, step=self.step_size(),
-                                 perturbation=perturbation)
-                batches.append(x.float().cpu())
-        return torch.cat(batches), nfe
-
-    def sample_labels(self, n: int) -> Optional[torch.Tensor]:
-        return None
-
-    def heldout_likelihood(self):
-        raise NotImplementedError(self.likelihood_note)
-
-
-class BlurTrainer(Trainer):
-    """Blur diffusion (Lee et al. 2022, ``diffusion.blur``): a Gaussian process per DCT frequency. Training and
-    sampling are the Gaussian ones on the DCT coefficients u of the images (the loss's squared errors are the
-    same in either basis: the DCT is orthonormal); the network sees pixels (``blur.InBasis``)."""
-
-    likelihood_note = ("bits/dim are not computed for blur diffusion: its model is Gaussian per DCT frequency, "
-                       "but this tool's discretized decoder and probability-flow ODE solve are written for one "
-                       "alpha and sigma per example")
-
-    def denoiser(self, labels: Optional[torch.Tensor] = None) -> Denoiser:
-        from .blur import InBasis
-
-        return network_denoiser(InBasis(self.network, self.process), self.parameterization, self.process,
-                                self.learned_variance, labels)
-
-    def ema_denoiser(self, labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> Denoiser:
-        from .blur import InBasis
-
-        return network_denoiser(InBasis(self.ema.module, self.process), self.parameterization, self.process,
-                                self.learned_variance, labels, guidance_scale)
-
-    def batch_losses(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        return super().batch_losses(self.process.to_basis(x0), labels)
-
-    def heldout_likelihood(self):
-        raise NotImplementedError(self.likelihood_note)
-
-
-def build_trainer(cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None) -> Trainer:
-    """The trainer of a trial: :class:`RestorationTrainer` for naive and cold diffusion, :class:`BlurTrainer` for
-    blur diffusion, :class:`Trainer` otherwise."""
-    if cfg.process.name in RESTORATION_PROCESSES:
-        return RestorationTrainer(cfg, dataset, device)
-    return (BlurTrainer if cfg.process.name == "blur" else Trainer)(cfg, dataset, device)
+def build_trainer(cfg: TrialConfig, dataset: Dataset, device: Optional[torch.device] = None, amp: bool = True,
+                  vae: Optional[torch.nn.Module] = None) -> Trainer:
+    """The trainer of a trial (its family: ``families.build_family``); ``vae``: a latent model's, to decode samples."""
+    return Trainer(cfg, dataset, device, amp, vae)

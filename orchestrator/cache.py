@@ -1,6 +1,6 @@
 """The model cache: trained models kept by their training key, so that no training runs twice.
 
-One directory per key (``diffusion.config.training_key``) under ``<storage>/models``:
+One directory per key (``orchestrator.keys.training_key``) under ``<storage>/models``:
 
     spec.json            what was trained (``training_spec``), written when training starts
     run.json             the MLflow training run (id, experiment), written when it is created
@@ -10,7 +10,7 @@ One directory per key (``diffusion.config.training_key``) under ``<storage>/mode
     model.json           written last: the entry is complete (training run, steps, final loss, seconds, and
                          ``files``: the sha256 and size of ema.pt, verified by :meth:`ModelCache.model`)
     likelihood-<h>.json  bits/dim of the model under one set of likelihood settings (``eval`` section)
-    <name>.lock          an entry's locks (:meth:`ModelCache.lock`): ``train``, ``likelihood-<h>``
+    <name>.lock          an entry's locks (:meth:`ModelCache.lock`, from ``.locks``): ``train``, ``likelihood-<h>``
 
 ``<storage>`` is a directory (local, or a shared file system seen by every node) or an object-store URI
 that pyarrow understands (``s3://bucket/prefix``, ``gs://bucket/prefix``). Credentials never go in the
@@ -25,31 +25,24 @@ are written to and read from a local staging copy (:meth:`ModelCache.local`, :me
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
-import threading
 import time
-import uuid
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from diffusion.config import TrialConfig
 from diffusion.errors import ConfigError
 from diffusion.storage import file_digest, write_atomic, write_json_atomic
 
+from .locks import EntryLocks
+
 MODEL_FILE = "model.json"
 CHECKPOINT, CHECKPOINT_SUM = "checkpoint.pt", "checkpoint.json"
-# How long a process waits for an entry's lock (another sweep training the same model, say) before giving up
-# (``LockTimeout``), and after how long without a heartbeat an object-store lock counts as abandoned; seconds.
-LOCK_TIMEOUT_ENV, LOCK_STALE_ENV = "ORCHESTRATOR_CACHE_LOCK_TIMEOUT", "ORCHESTRATOR_CACHE_LOCK_STALE"
-DEFAULT_LOCK_TIMEOUT, DEFAULT_LOCK_STALE = 6 * 3600.0, 300.0
-LOCK_POLL, LOCK_SETTLE = 1.0, 0.5  # seconds: at most between attempts; before an object-store lock is read back
 # The eval options the held-out likelihood depends on (with the training key and the sampling batch size).
 LIKELIHOOD_OPTIONS = ("bpd_n", "ode_rtol", "ode_atol", "ode_max_nfe", "divergence", "hutchinson_probes", "probe",
                       "dequant_draws")
@@ -66,36 +59,9 @@ def read_json(path: str) -> Optional[dict]:
         return None
 
 
-class LockTimeout(RuntimeError):
-    """An entry's lock stayed with a live holder for longer than the timeout."""
-
-
-def lock_setting(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
-
-
 def warn_damaged(key: str, name: str, problem: str, action: str) -> None:
     """The one warning about a damaged cache file (on stderr, which Ray forwards from its workers)."""
     print(f"warning: model cache entry {key}: {name} is damaged ({problem}); {action}", file=sys.stderr, flush=True)
-
-
-def _holder_text(holder: Optional[dict]) -> str:
-    if not holder:
-        return "an unknown holder"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-    note = f", {holder['note']}" if holder.get("note") else ""
-    return f"{holder.get('host', '?')}:{holder.get('pid', '?')} (since {since}{note})"
-
-
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError):
-        return True
-    return True
 
 
 # Checksums verified in this process: (file identity, expected sha256) -> problem or None.
@@ -147,7 +113,7 @@ def filesystem(uri: str):
     return pafs.FileSystem.from_uri(uri)
 
 
-class ModelCache:
+class ModelCache(EntryLocks):
     """Trained models by training key under ``root``: a directory, or an object-store URI (pyarrow)."""
 
     def __init__(self, root: str, staging: Optional[str] = None):
@@ -369,140 +335,3 @@ class ModelCache:
         stale = [n for n in self.names(key) if n.startswith("likelihood-") and n.endswith(".json")]
         for name in (MODEL_FILE, "run.json", CHECKPOINT, CHECKPOINT_SUM, *stale):
             self.remove(key, name)
-
-    # -- locks -------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def lock(self, key: str, name: str, timeout: Optional[float] = None, stale: Optional[float] = None,
-             note: str = "") -> Iterator[None]:
-        """An exclusive lock ``<name>.lock`` on the entry ``key``, across processes and nodes: one training of
-        a model at a time (``train``), concurrent evaluators of one model taking turns (the second finds what
-        the first computed), one fit of a cached VAE or classifier.
-
-        In a directory it is an ``flock`` on ``<entry>/<name>.lock``, which the kernel releases when its holder
-        dies. In an object store it is the object ``<entry>/<name>.lock`` (holder host, pid, ``note``, and a
-        heartbeat rewritten every ``stale / 4`` seconds, at most 30), taken after the flock of the local
-        staging copy (processes of one node queue there). An object-store lock is taken over when abandoned:
-        its holder is a dead process of this host, or its heartbeat is older than ``stale`` seconds
-        ($ORCHESTRATOR_CACHE_LOCK_STALE, default 300; the nodes' clocks must agree to well within it). Taking
-        it is write, wait ``LOCK_SETTLE``, read back (object stores have no compare-and-swap here): two
-        takers would both need to stall that long between reading and writing it to both get it.
-
-        A waiter gives up after ``timeout`` seconds ($ORCHESTRATOR_CACHE_LOCK_TIMEOUT, default 6 hours):
-        ``LockTimeout``, naming the entry and the holder."""
-        timeout = lock_setting(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT) if timeout is None else timeout
-        stale = lock_setting(LOCK_STALE_ENV, DEFAULT_LOCK_STALE) if stale is None else stale
-        deadline = time.monotonic() + timeout
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "note": note,
-                  "token": uuid.uuid4().hex}
-        with self._file_lock(key, name, deadline, timeout, holder):
-            if not self.remote:
-                yield
-                return
-            with self._object_lock(key, name, deadline, timeout, stale, holder):
-                yield
-
-    def _timeout(self, key: str, name: str, holder: Optional[dict], timeout: float) -> LockTimeout:
-        return LockTimeout(f"model cache entry {key}: {name}.lock is held by {_holder_text(holder)} and was not "
-                           f"released within {timeout:.0f} s ({LOCK_TIMEOUT_ENV}); another sweep may still be "
-                           "training this model: run this sweep again once it is done (it then takes the model "
-                           "from the cache)")
-
-    @contextlib.contextmanager
-    def _file_lock(self, key: str, name: str, deadline: float, timeout: float, holder: dict) -> Iterator[None]:
-        path = self.local(key, f"{name}.lock")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a+") as handle:
-            delay = 0.05
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        try:
-                            with open(path) as current:
-                                found = json.loads(current.read() or "null")
-                        except ValueError:
-                            found = None
-                        raise self._timeout(key, name, found, timeout) from None
-                    time.sleep(delay)
-                    delay = min(2 * delay, LOCK_POLL)
-            try:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(json.dumps(holder))  # for the message of a waiter that gives up
-                handle.flush()
-                yield
-            finally:
-                handle.truncate(0)
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _lock_object(self, key: str, name: str) -> Optional[dict]:
-        try:
-            with self.fs[0].open_input_stream(self._remote(key, f"{name}.lock")) as stream:
-                found = json.loads(stream.read().decode("utf-8"))
-        except FileNotFoundError:
-            return None
-        except ValueError:  # damaged: nobody can be told apart from it
-            return {}
-        return found if isinstance(found, dict) else {}
-
-    def _write_lock_object(self, key: str, name: str, holder: dict) -> None:
-        with self.fs[0].open_output_stream(self._remote(key, f"{name}.lock")) as target:
-            target.write(json.dumps({**holder, "heartbeat": time.time()}).encode("utf-8"))
-
-    @staticmethod
-    def _abandoned(found: dict, stale: float) -> bool:
-        if found.get("host") == socket.gethostname() and not _pid_alive(found.get("pid")):
-            return True
-        try:
-            return time.time() - float(found.get("heartbeat", 0)) > stale
-        except (TypeError, ValueError):
-            return True
-
-    @contextlib.contextmanager
-    def _object_lock(self, key: str, name: str, deadline: float, timeout: float, stale: float,
-                     holder: dict) -> Iterator[None]:
-        delay = 0.05
-        while True:
-            found = self._lock_object(key, name)
-            if found is None or self._abandoned(found, stale):
-                if found is not None:
-                    print(f"warning: model cache entry {key}: taking over {name}.lock, abandoned by "
-                          f"{_holder_text(found)}", file=sys.stderr, flush=True)
-                self._write_lock_object(key, name, holder)
-                time.sleep(LOCK_SETTLE)
-                found = self._lock_object(key, name)
-                if found is not None and found.get("token") == holder["token"]:
-                    break
-            if time.monotonic() >= deadline:
-                raise self._timeout(key, name, found, timeout)
-            time.sleep(delay)
-            delay = min(2 * delay, LOCK_POLL)
-        stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(key, name, holder, min(30.0, stale / 4), stop),
-                                name=f"lock-heartbeat-{key}-{name}", daemon=True)
-        beat.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            beat.join()
-            found = self._lock_object(key, name)
-            if found is not None and found.get("token") == holder["token"]:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs[0].delete_file(self._remote(key, f"{name}.lock"))
-
-    def _heartbeat(self, key: str, name: str, holder: dict, interval: float, stop: threading.Event) -> None:
-        while not stop.wait(interval):
-            try:
-                found = self._lock_object(key, name)
-                if found is None or found.get("token") != holder["token"]:
-                    print(f"warning: model cache entry {key}: {name}.lock was taken over by "
-                          f"{_holder_text(found)} while held here", file=sys.stderr, flush=True)
-                    return
-                self._write_lock_object(key, name, holder)
-            except OSError as error:  # the store is unreachable for a moment: try again at the next beat
-                print(f"warning: model cache entry {key}: cannot renew {name}.lock ({error})", file=sys.stderr,
-                      flush=True)

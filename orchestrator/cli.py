@@ -96,7 +96,8 @@ def _add_cluster_commands(commands) -> None:
 
 
 def _cluster_command(args) -> int:
-    from .submit import job_logs, job_status, submit_job, submit_slurm
+    from .jobs import job_logs, job_status, submit_job
+    from .slurm import submit_slurm
 
     if args.command == "submit":
         slurm_only = {"--nodes": args.nodes, "--gpus-per-node": args.gpus_per_node,
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"orchestrator: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    from .runner import check_data, check_resources, describe, local_resources, model_cache, plan, run_sweep, start_ray
+    from .preflight import check_data, check_resources, local_resources, start_ray
+    from .runner import describe, model_cache, plan, run_sweep
 
     use_cache = not getattr(args, "no_cache", False)
     try:

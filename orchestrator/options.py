@@ -1,6 +1,6 @@
 """The option table (every trial-config key, its default and meaning), read from the schemas.
 
-The comments on the fields of ``diffusion.config`` are the documentation; this module turns them
+The comments on the fields of ``diffusion.config`` (and ``orchestrator.schema``'s resources) are the documentation; this module turns them
 into the table that ``orchestrator options`` prints and that the README embeds (a test keeps the
 two equal).
 """
@@ -13,6 +13,8 @@ import typing
 
 from diffusion import config
 
+from . import schema
+
 FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=]+=\s*.*?#\s*(.+)$")
 
 
@@ -23,9 +25,11 @@ def _comments(cls) -> dict[str, str]:
 def option_rows() -> list[tuple[str, str, str]]:
     """(dotted key, default, meaning) for every leaf of TrialConfig, in schema order."""
     rows = []
-    hints = typing.get_type_hints(config.TrialConfig)
-    top = config.TrialConfig()
-    for section in dataclasses.fields(config.TrialConfig):
+    hints = typing.get_type_hints(schema.SweepTrialConfig)
+    top = schema.SweepTrialConfig()
+    # the sections in schema order (the library's, then the orchestrator's resources), then top-level keys (seed)
+    fields = dataclasses.fields(schema.SweepTrialConfig)
+    for section in sorted(fields, key=lambda f: not dataclasses.is_dataclass(hints[f.name])):
         cls = hints[section.name]
         if not dataclasses.is_dataclass(cls):
             rows.append((section.name, _show(getattr(top, section.name)), _comments(config.TrialConfig)[section.name]))
@@ -38,9 +42,10 @@ def option_rows() -> list[tuple[str, str, str]]:
 
 def _bounds(key: str) -> str:
     """The range validate enforces on an integer option (config.INT_BOUNDS), as the table states it."""
-    if key not in config.INT_BOUNDS:
+    bounds = {**config.INT_BOUNDS, **schema.INT_BOUNDS}
+    if key not in bounds:
         return ""
-    low, high = map(config.show_bound, config.INT_BOUNDS[key])
+    low, high = map(config.show_bound, bounds[key])
     return f" (range: {'each ' if key == 'model.channel_mult' else ''}{low} to {high})"
 
 

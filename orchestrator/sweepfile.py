@@ -7,8 +7,8 @@ Command-line overrides (``key=value``, OmegaConf dotlist) apply to the sweep fil
 
 Sweep files are plain data: ``${...}`` interpolation (OmegaConf resolvers such as ``oc.env``, or references
 to other keys) is refused, so nothing from the environment reaches MLflow, Tune's state or the model cache.
-The YAML reader refuses duplicate keys, nesting deeper than MAX_DEPTH and documents whose aliases expand
-to more than MAX_NODES values (a "billion laughs"), before any of it is expanded.
+The YAML reader (``orchestrator.yamlfile``) refuses duplicate keys, nesting deeper than MAX_DEPTH and documents
+whose aliases expand to more than MAX_NODES values (a "billion laughs"), before any of it is expanded.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -27,14 +26,14 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from diffusion import config as trial_config
-from diffusion.config import TrialConfig
 from diffusion.errors import ConfigError
+
+from . import schema
+from .schema import SweepTrialConfig
+from .yamlfile import OverrideLoader, Refused, dotted_path, load_yaml, read_yaml
 
 SWEEP_KEYS = ("name", "base", "variants", "grid", "storage", "max_concurrent")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-MAX_DEPTH = 32  # YAML nesting (of a sweep file or an override's value), aliases expanded
-MAX_NODES = 100_000  # YAML values (keys, scalars, lists, mappings) of a document, each alias expansion counted
 RESOLVER = re.compile(r"\$\{\s*([^:}\s]*)\s*:")  # ${name:...} calls the resolver `name`
 
 
@@ -45,7 +44,7 @@ class Trial:
     name: str  # e.g. "ddpm-seed=1"
     variant: str
     axes: dict[str, Any]  # the grid values of this trial
-    config: TrialConfig
+    config: SweepTrialConfig
 
     def as_dict(self) -> dict:
         return {
@@ -73,7 +72,7 @@ class Sweep:
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
     """Read, override, validate and expand a sweep file. Raises ConfigError on any bad input."""
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if overrides:
         raw = _apply_overrides(raw, overrides)
     _check_plain(raw, "")  # before anything reads a value: no ${...}, no inf or nan
@@ -104,7 +103,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
     if is_uri(storage):
         check_uri("storage", storage)
 
-    base_cfg = _merge(OmegaConf.structured(TrialConfig), base, "base")
+    base_cfg = _merge(OmegaConf.structured(SweepTrialConfig), base, "base")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}", values, "a non-empty list of values")
@@ -112,6 +111,15 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
     has_variants = bool(variants)
     if not has_variants:
         variants = {"base": {}}
+    trials = _expand(base_cfg, base, variants, grid, has_variants)
+    varying = (["variant"] if len(variants) > 1 else []) + [k for k, v in grid.items() if len(v) > 1]
+    return Sweep(name=sweep_name, trials=trials, varying=varying, storage=storage, max_concurrent=max_concurrent, source=raw)
+
+
+def _expand(base_cfg: DictConfig, base: dict, variants: dict, grid: dict, has_variants: bool) -> list[Trial]:
+    """The trials, variants x grid: each variant's overrides merged onto ``base_cfg``, then each point of the grid,
+    converted to the schema's dataclasses and validated; an error names where in the sweep file the value came
+    from (``key_origin``)."""
     trials = []
     for variant, overrides_of_variant in variants.items():
         if not isinstance(variant, str) or not NAME_PATTERN.match(variant):
@@ -135,14 +143,13 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
                                   detail=str(error).splitlines()[0]) from None
             _validate_values(obj, origin)
             trials.append(Trial(name=name, variant=variant, axes=axes, config=obj))
-    varying = (["variant"] if len(variants) > 1 else []) + [k for k, v in grid.items() if len(v) > 1]
-    return Sweep(name=sweep_name, trials=trials, varying=varying, storage=storage, max_concurrent=max_concurrent, source=raw)
+    return trials
 
 
-def _validate_values(cfg: TrialConfig, origin) -> None:
+def _validate_values(cfg: SweepTrialConfig, origin) -> None:
     """Registry and range checks; the key path names where in the sweep file the bad value came from."""
     try:
-        trial_config.validate(cfg)
+        schema.validate(cfg)
     except ConfigError as error:
         raise ConfigError(origin(error.key), error.value, error.accepted, detail=error.detail) from None
 
@@ -169,139 +176,6 @@ def _is_set(data: Any, dotted: str) -> bool:
     return True
 
 
-class _Refused(yaml.YAMLError):
-    """A YAML document the reader refuses: ``path`` (keys and [indices]) and 1-based ``lines`` say where."""
-
-    def __init__(self, problem: str, accepted: str, path: list[str], lines: tuple[int, ...], value: Any = None):
-        super().__init__(problem)
-        self.problem, self.accepted, self.path, self.lines, self.value = problem, accepted, path, lines, value
-
-
-class _DuplicateKey(_Refused):
-    pass
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys, nesting deeper than MAX_DEPTH and more than MAX_NODES values
-    with every alias expanded (and recursive aliases). It checks while composing, so an alias bomb is refused
-    from its small node graph, before anything is constructed or copied."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._path: list[str] = []
-        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), aliases expanded
-        self._keys: dict[int, dict] = {}  # id(mapping node) -> {key: its key node}
-        self._composed = 0  # distinct nodes so far: a long flat list is refused before it is all read
-
-    def compose_node(self, parent, index):
-        part = None if parent is None else f"[{index}]" if isinstance(index, int) else (
-            str(index.value)[:40] if isinstance(index, yaml.ScalarNode) else "?" if index is not None else None)
-        if part is not None:
-            self._path.append(part)
-        try:
-            if isinstance(index, yaml.Node) and isinstance(parent, yaml.MappingNode):
-                self._check_duplicate(parent, index)
-            if len(self._path) > MAX_DEPTH:
-                raise self._refuse(f"nested deeper than {MAX_DEPTH} levels", f"YAML nested at most {MAX_DEPTH} levels deep")
-            alias = self.check_event(yaml.AliasEvent)
-            node = super().compose_node(parent, index)
-            if id(node) not in self._sizes:
-                if alias:
-                    raise self._refuse("a recursive alias (a node containing itself)", "YAML without recursive aliases",
-                                       node.start_mark)
-                self._sizes[id(node)] = self._measure(node)
-                self._composed += 1
-            values, depth = self._sizes[id(node)]
-            if values > MAX_NODES or self._composed > MAX_NODES:
-                problem = f"{values:_} values once aliases are expanded" if values > MAX_NODES else "too many values"
-                raise self._refuse(problem, f"at most {MAX_NODES:_} values in a YAML document, each alias expansion "
-                                            "counted", node.start_mark)
-            if depth + len(self._path) > MAX_DEPTH:
-                raise self._refuse(f"nested deeper than {MAX_DEPTH} levels once aliases are expanded",
-                                   f"YAML nested at most {MAX_DEPTH} levels deep", node.start_mark)
-            return node
-        finally:
-            if part is not None:
-                self._path.pop()
-
-    def _measure(self, node) -> tuple[int, int]:
-        if isinstance(node, yaml.MappingNode):
-            children = [child for pair in node.value for child in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = node.value
-        else:
-            return 1, 0
-        sizes = [self._sizes[id(child)] for child in children]
-        return 1 + sum(values for values, _ in sizes), 1 + max((depth for _, depth in sizes), default=0)
-
-    def _check_duplicate(self, parent, key_node) -> None:
-        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-            return
-        try:
-            key = self.construct_object(key_node)
-            hash(key)
-        except Exception:  # noqa: BLE001 - a key that does not construct compares by its text
-            self.recursive_objects.pop(key_node, None)  # constructing the document reports the error again
-            key = (key_node.tag, key_node.value)
-        seen = self._keys.setdefault(id(parent), {})
-        if key in seen:
-            lines = (seen[key].start_mark.line + 1, key_node.start_mark.line + 1)
-            raise _DuplicateKey(f"a duplicate key at lines {lines[0]} and {lines[1]}; YAML would silently keep the "
-                                "later one", "each key once in a mapping", list(self._path), lines, key)
-        seen[key] = key_node
-
-    def _refuse(self, problem: str, accepted: str, mark=None) -> _Refused:
-        if mark is None and self.check_event():
-            mark = self.peek_event().start_mark
-        return _Refused(problem, accepted, list(self._path), (mark.line + 1,) if mark else ())
-
-
-class _OverrideLoader(_BoundedLoader):
-    """The same limits, and OmegaConf's dotlist value rules (1e-3 is a float, no timestamps), as before."""
-
-
-try:  # OmegaConf's dotlist loader: its module moved between releases
-    from omegaconf._yaml import get_yaml_loader
-except ImportError:  # pragma: no cover
-    from omegaconf._utils import get_yaml_loader
-_OverrideLoader.yaml_implicit_resolvers = get_yaml_loader().yaml_implicit_resolvers
-
-
-def _dotted(path: list[str]) -> str:
-    text = ".".join(path).replace(".[", "[")
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _load(text, loader: type) -> Any:
-    reader = loader(text)
-    try:
-        return reader.get_single_data()
-    finally:
-        reader.dispose()
-
-
-def _read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError("FILE", path, "the path of an existing sweep file (YAML)")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            raw = _load(handle, _BoundedLoader)
-    except _Refused as error:
-        where = _dotted(error.path) or "the document"
-        lines = " and ".join(map(str, error.lines))
-        if isinstance(error, _DuplicateKey):
-            variant = len(error.path) == 2 and error.path[0] == "variants"
-            raise ConfigError(where, error.value, "each variant name once" if variant else error.accepted,
-                              detail=("two variants of this name" if variant else "a duplicate key") +
-                              f" at lines {lines} of {path}; YAML would silently keep the later one") from None
-        raise ConfigError("FILE", path, error.accepted, detail=f"{where} (line {lines}): {error.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        detail = str(error).replace("\n", " ").split("; use sys.")[0]  # an integer of more than 4300 digits
-        raise ConfigError("FILE", path, "a YAML mapping with name, base, variants, grid", detail=detail) from None
-    if not isinstance(raw, dict):
-        raise ConfigError("FILE", path, "a YAML mapping with name, base, variants, grid")
-    return raw
-
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` items to the sweep file's data, as OmegaConf's dotlist merge would (a mapping value is
@@ -315,9 +189,9 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError("override", item, "a key=value item with a non-empty key of dot-separated names, "
                                                 "e.g. base.train.steps=100")
         try:
-            value = _load(text, _OverrideLoader)
-        except _Refused as error:
-            where = _dotted([key, *error.path])
+            value = load_yaml(text, OverrideLoader)
+        except Refused as error:
+            where = dotted_path([key, *error.path])
             raise ConfigError(where, text, error.accepted, detail=f"override {item[:40]!r}: {error.problem}") from None
         except (yaml.YAMLError, ValueError, RecursionError) as error:
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
@@ -436,7 +310,7 @@ def _lookup(data: Any, dotted: str) -> Any:
 
 
 def _check_dotted_key(key: str) -> None:
-    node: Any = OmegaConf.structured(TrialConfig)
+    node: Any = OmegaConf.structured(SweepTrialConfig)
     path = []
     for part in key.split("."):
         if not isinstance(node, DictConfig) or part not in node:

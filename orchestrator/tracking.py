@@ -21,6 +21,8 @@ from typing import Iterator, Optional
 
 from mlflow.tracking import MlflowClient
 
+from diffusion.errors import ConfigError
+
 PARENT_TAG = "mlflow.parentRunId"
 # Environment variables a worker needs to reach the tracking server (secrets included: they are
 # passed to workers' environments, never logged).
@@ -61,8 +63,6 @@ def check_tracking_uri_credentials(uri: Optional[str], key: str = "MLFLOW_TRACKI
     """ConfigError when a tracking URI carries credentials (user:password@host): the URI is printed, recorded
     in Tune's state and handed to every trial, while MLflow's credential variables are not."""
     from urllib.parse import urlsplit
-
-    from diffusion.errors import ConfigError
 
     if not uri or "://" not in uri:
         return

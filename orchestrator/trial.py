@@ -1,6 +1,6 @@
 """The work of a sweep on a Ray worker: train a model once into the model cache, evaluate trials on it.
 
-A sweep's trials are grouped by training key (``diffusion.config.training_key``: everything that affects
+A sweep's trials are grouped by training key (``orchestrator.keys.training_key``: everything that affects
 training, never the sampler or the evaluation settings). A *task* is what one Ray Tune trial does:
 
 - ``train``: train the group's model in its own MLflow run (tag ``stage=train``: the training curve, the
@@ -15,10 +15,7 @@ without Ray (one process).
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import math
+import contextlib
 import os
 import socket
 import time
@@ -31,13 +28,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from diffusion.config import TrialConfig, training_spec
-from diffusion.data import load_dataset
-from diffusion.metrics import compute_fid, conditional_metrics
-from diffusion.storage import save_atomic
+from diffusion.evaluation import SAMPLES_IMAGE, Report, evaluate
 from diffusion.training import Trainer, TrainingDiverged, build_trainer, select_device
 
-from .cache import CHECKPOINT, CHECKPOINT_SUM, MODEL_FILE, ModelCache, likelihood_key, warn_damaged
+from . import stages
+from .keys import training_spec
+from .cache import CHECKPOINT, CHECKPOINT_SUM, MODEL_FILE, ModelCache
+from .schema import SweepTrialConfig
 from .sweepfile import flatten
 from .tracking import PARENT_TAG
 
@@ -119,8 +116,8 @@ def _transient(error: BaseException) -> bool:
         word in str(error) for word in ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out"))
 
 
-def _config(trial: dict) -> TrialConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrialConfig), trial["config"]))
+def _config(trial: dict) -> SweepTrialConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepTrialConfig), trial["config"]))
 
 
 def _reason(error: BaseException) -> str:
@@ -184,7 +181,7 @@ def _reopen(client: MlflowClient, run) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
+def train_model(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
                 cache: ModelCache, report: Callable[[dict], None], entered: Optional[float] = None) -> str:
     """Train the model of ``key`` in a training run and publish it in the cache; returns the run id.
 
@@ -197,7 +194,7 @@ def train_model(cfg: TrialConfig, key: str, group: list[str], context: TrialCont
     the same model waits for it, then finds the model complete and does not train it; its trials are
     evaluated on that model, linked to the training run that made it, as for a model taken from the cache
     (the id returned is that run's). A waiter gives up after ``$ORCHESTRATOR_CACHE_LOCK_TIMEOUT`` seconds
-    (``cache.LockTimeout``, naming the entry and the holder): the task's trials are recorded FAILED with it."""
+    (``locks.LockTimeout``, naming the entry and the holder): the task's trials are recorded FAILED with it."""
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     previous = find_run(client, context, TRAIN, **{TRAINING_HASH_TAG: key})
     if previous is not None and previous.info.status == "FINISHED" and cache.has(key):
@@ -227,13 +224,13 @@ def _trained_meanwhile(client: MlflowClient, key: str, model: dict, previous) ->
     return trained_by
 
 
-def resume_trainer(cfg: TrialConfig, key: str, cache: ModelCache, model_data, device,
+def resume_trainer(cfg: SweepTrialConfig, key: str, cache: ModelCache, model_data, device,
                    resume: bool) -> tuple[Trainer, bool, Optional[str]]:
     """A trainer for the model of ``key``: restored from the cache's checkpoint when ``resume`` and there is a
     whole one, else fresh. A damaged checkpoint (not matching its checksum, ``ModelCache.checkpoint``, or
     failing to load with ``weights_only``) is reported, removed and not used: training starts from step 0, on
     the same trajectory (every random state is seeded). Returns (trainer, restored, what was wrong or None)."""
-    trainer = build_trainer(cfg, model_data, device)
+    trainer = build_trainer(cfg, model_data, device, cfg.resources.amp)
     if not resume:
         return trainer, False, None
     path, problem = cache.checkpoint(key)
@@ -244,11 +241,11 @@ def resume_trainer(cfg: TrialConfig, key: str, cache: ModelCache, model_data, de
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file: the trainer may be half loaded
         problem = f"cannot be loaded: {type(error).__name__}: {str(error)[:200]}"
         cache.discard_checkpoint(key, problem)
-        return build_trainer(cfg, model_data, device), False, problem
+        return build_trainer(cfg, model_data, device, cfg.resources.amp), False, problem
     return trainer, True, None
 
 
-def _train(cfg: TrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
+def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
            cache: ModelCache, report: Callable[[dict], None], entered: Optional[float], previous) -> str:
     """:func:`train_model`'s training, under the entry's lock, with this sweep run's earlier training run or None."""
     spec = training_spec(cfg)
@@ -269,7 +266,7 @@ def _train(cfg: TrialConfig, key: str, group: list[str], context: TrialContext, 
             client.log_text(run_id, OmegaConf.to_yaml(spec), "config.yaml")
         device = select_device(cfg.resources.device)
         _where(client, run_id, device)
-        model_data, _, _ = _model_data(cfg, cache, client, run_id, device)
+        model_data, _, _ = stages.model_data(cfg, cache, client, run_id, device)
         trainer, restored, damaged = resume_trainer(cfg, key, cache, model_data, device, previous is not None)
         if restored:
             client.set_tag(run_id, "resumed_from_step", str(trainer.step))
@@ -369,224 +366,48 @@ def evaluate_trial(trial: dict, key: str, context: TrialContext, client: MlflowC
     return outcome
 
 
-def _evaluate(cfg: TrialConfig, key: str, model: dict, client: MlflowClient, run_id: str, cache: ModelCache,
+def _evaluate(cfg: SweepTrialConfig, key: str, model: dict, client: MlflowClient, run_id: str, cache: ModelCache,
               outcome: TrialOutcome) -> None:
+    """The model of ``key`` loaded from the cache with what its evaluation keeps there (``orchestrator.stages``: the
+    VAE, the guidance classifier, the held-out likelihood), measured by ``diffusion.evaluation.evaluate``, and its
+    report recorded on the run with the model's training summary. When the evaluation fails, what it measured
+    before (tags, images, files; no metrics) is recorded all the same."""
     device = select_device(cfg.resources.device)
     _where(client, run_id, device)
-    model_data, dataset, vae = _model_data(cfg, cache, client, run_id, device)
-    trainer = build_trainer(cfg, model_data, device)
+    model_data, dataset, vae = stages.model_data(cfg, cache, client, run_id, device)
+    trainer = build_trainer(cfg, model_data, device, cfg.resources.amp)
     trainer.load_ema(cache.fetch(key, "ema.pt"))
-
-    labels = trainer.sample_labels(cfg.sample.n)
-    classifier = _guidance_classifier(cfg, dataset, trainer, cache, client, run_id) if cfg.sample.classifier_scale else None
-    started = time.perf_counter()
-    samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1, labels=labels, classifier=classifier)
-    if vae is not None:  # latent diffusion: the codes decoded to images, measured in pixel space
-        with torch.no_grad():
-            samples = torch.cat([vae.decode_codes(z.to(device)).cpu() for z in samples.split(cfg.sample.batch_size)])
-    metrics = {
-        "sample_seconds": time.perf_counter() - started,
-        "sample_nfe": float(nfe),
-        # the model's training summary, next to what was measured on it (the curve is in the training run)
-        "train_loss": model["train_loss"],
-        "train_seconds": model["train_seconds"],
-    }
-    finite = torch.isfinite(samples).all().item()
-    client.set_tag(run_id, "samples_finite", str(bool(finite)))
-    if cfg.sample.grid:
-        shown = samples[: cfg.sample.grid] if dataset.is_image else samples  # 2-D: every point
-        _log_sample_grid(client, run_id, shown, dataset.is_image, trainer.step)
-    if cfg.eval.fid:
-        if not finite:
-            raise RuntimeError("samples contain NaN or infinite values: FID cannot be computed")
-        result = compute_fid(samples, dataset, cfg.eval, device)
-        metrics.update({"fid": result.fid, "fid_reference": result.fid_reference})
-        if result.kid is not None:
-            metrics.update({"kid": result.kid, "kid_reference": result.kid_reference})
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in result.tags.items()])
-        if labels is not None and dataset.is_image:
-            class_metrics, tags = conditional_metrics(samples, labels, dataset, cfg.eval, device)
-            metrics.update(class_metrics)
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    if cfg.eval.bpd and trainer.likelihood_note:
-        client.set_tag(run_id, "bpd.skipped", trainer.likelihood_note)
-    elif cfg.eval.bpd and vae is not None:
-        from diffusion.latent import LIKELIHOOD_NOTE
-
-        client.set_tag(run_id, "bpd.skipped", LIKELIHOOD_NOTE)
-    elif cfg.eval.bpd and cfg.model.class_conditional and cfg.train.cond_dropout == 0:
-        client.set_tag(run_id, "bpd.skipped", "class-conditional model without an unconditional half "
-                       "(train.cond_dropout 0): its bits/dim of unlabelled data is not defined")
-    elif cfg.eval.bpd:
-        likelihood = _heldout_likelihood(trainer, cfg, key, cache, run_id)
-        metrics.update(likelihood["metrics"])
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in likelihood["tags"].items()])
-        if likelihood["elbo_curve"] is not None:
-            client.log_dict(run_id, likelihood["elbo_curve"], "elbo_terms.json")
-    if cfg.eval.inverse:
-        metrics.update(_inverse_problems(trainer, dataset, cfg, client, run_id))
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
-    outcome.metrics, outcome.step = metrics, trainer.step
+    # obtained before evaluate: neither drawing the labels nor the classifier's training consume shared random state
+    classifier = None
+    if cfg.sample.classifier_scale:
+        classifier = stages.guidance_classifier(cfg, dataset, trainer, cache, client, run_id)
+    report = Report()
+    try:
+        evaluate(trainer, dataset, cfg, vae=vae, classifier=classifier,
+                 likelihood=stages.likelihood_memo(cfg, key, cache, run_id), report=report)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the evaluation's own error is the one to record
+            record_report(client, run_id, report, metrics=False)
+        raise
+    # the model's training summary, next to what was measured on it (the curve is in the training run)
+    report.metrics.update({"train_loss": model["train_loss"], "train_seconds": model["train_seconds"]})
+    record_report(client, run_id, report)
+    outcome.metrics, outcome.step = report.metrics, report.step
 
 
-def _model_data(cfg: TrialConfig, cache: ModelCache, client: MlflowClient, run_id: str, device):
-    """(the data the diffusion model sees, the data set, the VAE or None): for ``model.latent`` the VAE's codes
-    (``diffusion.latent.latent_dataset``), else the data set itself."""
-    dataset = load_dataset(cfg.data)
-    if not cfg.model.latent:
-        return dataset, dataset, None
-    from diffusion.latent import latent_dataset
-
-    vae = _vae_stage(cfg, dataset, cache, client, run_id, device)
-    return latent_dataset(dataset, vae), dataset, vae
-
-
-def _cached_stage(cache: ModelCache, prefix: str, spec: dict, run_id: str, fit: Callable[[], tuple],
-                  build: Callable[[dict], torch.nn.Module], device, seconds_key: str) -> tuple:
-    """A small network trained once per ``spec`` and kept in the model cache as ``<prefix>-<hash>``: the first
-    caller trains it (``fit() -> (module, record)``) under the entry's lock and stores ``<prefix>.pt`` and
-    ``<prefix>.json`` (the record, its training time under ``seconds_key``, the run that computed it and the spec);
-    later callers load it into ``build(record)``. The record holds the checksum of ``<prefix>.pt`` (``files``); a
-    weights file that does not match it, or does not load, is reported and the network trained again. Returns
-    (module in eval mode, record, entry)."""
-    entry = f"{prefix}-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    weights = f"{prefix}.pt"
-    with cache.lock(entry, prefix, note=f"run {run_id}"):
-        record = cache.read(entry, f"{prefix}.json")
-        module = None
-        if record is not None:
-            problem = cache.verify(entry, weights, (record.get("files") or {}).get(weights))
-            if problem is None:
-                try:
-                    module = build(record).to(device)
-                    state = torch.load(cache.fetch(entry, weights), map_location=device, weights_only=True)
-                    module.load_state_dict(state)
-                except Exception as error:  # noqa: BLE001 - damaged in a way its record cannot tell (no checksum)
-                    module, problem = None, f"cannot be loaded: {type(error).__name__}: {str(error)[:200]}"
-            if problem is not None:
-                warn_damaged(entry, weights, problem, "training it again")
-        if module is None:
-            started = time.perf_counter()
-            module, record = fit()
-            record = {**record, seconds_key: time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
-            save_atomic({k: v.detach().cpu() for k, v in module.state_dict().items()}, cache.local(entry, weights))
-            record["files"] = {weights: cache.publish_file(entry, weights)}
-            cache.write(entry, f"{prefix}.json", record)
-    return module.eval(), record, entry
-
-
-def _vae_stage(cfg: TrialConfig, dataset, cache: ModelCache, client: MlflowClient, run_id: str, device):
-    """The VAE of latent diffusion, trained once per data set, latent options, batch size and seed and kept in the
-    model cache (``vae-<hash>``, :func:`_cached_stage`): the first training that needs it trains it, later
-    trainings and evaluations load it. Its reconstruction and KL on the test split are logged to the run as
-    metrics, with tags naming the entry and the run that trained it."""
-    from diffusion.latent import build_vae, fit_vae, vae_spec
-
-    vae, record, entry = _cached_stage(cache, "vae", vae_spec(cfg), run_id, lambda: fit_vae(cfg, dataset, device),
-                                       lambda record: build_vae(cfg, dataset.shape), device, "vae_train_seconds")
-    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in record.items()
-                                      if k.startswith("vae_")],
-                     tags=[RunTag("vae.entry", entry), RunTag("vae.computed_by_run", record["computed_by_run"]),
-                           RunTag("vae.latent_shape", "x".join(map(str, record["latent_shape"]))),
-                           RunTag("vae.scale", f"{record['scale']:.4f}")])
-    return vae
-
-
-def _guidance_classifier(cfg: TrialConfig, dataset, trainer: Trainer, cache: ModelCache, client: MlflowClient,
-                         run_id: str) -> torch.nn.Module:
-    """The noise-conditional classifier of classifier guidance, trained once per data set, process, step count
-    and seed and kept in the model cache (``classifier-<hash>``, :func:`_cached_stage`): the first evaluation that
-    needs it trains it, later ones load it. Its test accuracy at three noise levels is tagged."""
-    from diffusion.guidance import build_noisy_classifier, classifier_spec, fit_noisy_classifier
-
-    classifier, record, entry = _cached_stage(
-        cache, "classifier", classifier_spec(cfg), run_id,
-        lambda: fit_noisy_classifier(cfg, dataset, trainer.process, trainer.device),
-        lambda record: build_noisy_classifier(record["shape"], record["num_classes"]), trainer.device, "train_seconds")
-    tags = {"guidance.classifier": entry, "guidance.classifier_computed_by_run": record["computed_by_run"]}
-    tags.update({f"guidance.classifier_{k}": f"{v:.4f}" for k, v in record.items() if k.startswith("accuracy_")})
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    return classifier
-
-
-def _inverse_problems(trainer: Trainer, dataset, cfg: TrialConfig, client: MlflowClient, run_id: str) -> dict:
-    """The ``eval.inverse`` stages on the first ``eval.inverse_n`` test images with the EMA model: per stage its
-    metrics (``diffusion.inverse.solve_heldout``, plus ``<stage>_seconds``), a grid ``<stage>.png`` of observed /
-    restored / true images, and tags naming the solver and the measurement."""
-    from diffusion.inverse import restoration_grid, solve_heldout
-    from diffusion.samplers import make_timesteps
-
-    device = trainer.device
-    images = dataset.test[: cfg.eval.inverse_n].to(device)
-    timesteps = make_timesteps(trainer.process, cfg.sample, device)
-    metrics, tags = {}, {}
-    for index, stage in enumerate(cfg.eval.inverse):
-        generator = torch.Generator(device=device).manual_seed(cfg.seed + 10 + index)
-        started = time.perf_counter()
-        result = solve_heldout(stage, trainer.ema_denoiser(), images, timesteps, cfg.eval, generator)
-        metrics.update({**result["metrics"], f"{stage}_seconds": time.perf_counter() - started})
-        measurement = f"mask {cfg.eval.inverse_mask}" if stage == "inpaint" else f"sigma_y {cfg.eval.inverse_sigma_y}"
-        tags[f"{stage}.solver"], tags[f"{stage}.measurement"] = cfg.eval.inverse_solver, measurement
-        tags[f"{stage}.images"] = str(len(images))
-        grid = restoration_grid(result["observed"], result["restored"], images, nrow=min(16, len(images)))
-        client.log_image(run_id, _png(grid), artifact_file=f"{stage}.png")
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    return metrics
-
-
-def _png(grid: torch.Tensor):
-    """An image grid [3, H, W] in [0, 1] as a PIL image, enlarged 4x (8x8 digits are otherwise too small to see)."""
-    from PIL import Image
-
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4), Image.NEAREST)
-
-
-def _heldout_likelihood(trainer: Trainer, cfg: TrialConfig, key: str, cache: ModelCache, run_id: str) -> dict:
-    """Bits/dim of held-out data under the model, computed once per model and likelihood settings: the
-    first evaluation computes it (the others wait on the lock) and later ones read it from the cache.
-    The tag ``bpd.computed_by_run`` names the run that computed it; ``bpd_seconds`` is its time there."""
-    name = f"likelihood-{likelihood_key(cfg)}"
-    with cache.lock(key, name):
-        stored = cache.read(key, f"{name}.json")
-        if stored is None:
-            started = time.perf_counter()
-            result = trainer.heldout_likelihood()
-            metrics = {**result.metrics, "bpd_seconds": time.perf_counter() - started}
-            stored = {"metrics": metrics, "tags": {**result.tags, "bpd.computed_by_run": run_id},
-                      "elbo_curve": result.elbo_curve}
-            cache.write(key, f"{name}.json", stored)
-    return stored
-
-
-def _log_sample_grid(client: MlflowClient, run_id: str, samples: torch.Tensor, is_image: bool, step: int) -> None:
-    """A PNG grid of samples: ``samples.png`` in the artifacts, and under the ``samples`` image key
-    (the UI's image view) at the training step."""
-    if is_image:
-        from torchvision.utils import make_grid
-
-        nrow = max(1, int(math.sqrt(len(samples))))
-        grid = make_grid(samples.clamp(-1, 1), nrow=nrow, padding=1, normalize=True, value_range=(-1, 1), pad_value=0.5)
-        image = _png(grid)
-    else:
-        image = _scatter_image(samples)
-    client.log_image(run_id, image, artifact_file="samples.png")
-    client.log_image(run_id, image, key="samples", step=step)
-
-
-def _scatter_image(points: torch.Tensor):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    figure, axes = plt.subplots(figsize=(4, 4), dpi=100)
-    axes.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2)
-    axes.set_aspect("equal")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+def record_report(client: MlflowClient, run_id: str, report: Report, metrics: bool = True) -> None:
+    """An evaluation's report on its run: the tags, each image as an artifact (``samples.png`` also under the image
+    key ``samples`` at the training step: the UI's image view), each file as a JSON artifact, and (``metrics``)
+    the metrics at the training step."""
+    tags = [RunTag(k, v) for k, v in report.tags.items()]
+    for start in range(0, len(tags), 100):  # MLflow takes at most 100 tags per batch
+        client.log_batch(run_id, tags=tags[start : start + 100])
+    for name, image in report.images.items():
+        client.log_image(run_id, image, artifact_file=name)
+        if name == SAMPLES_IMAGE:
+            client.log_image(run_id, image, key="samples", step=report.step)
+    for name, content in report.files.items():
+        client.log_dict(run_id, content, name)
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, report.step) for k, v in report.metrics.items()])

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from diffusion.blur import BLUR_SCHEDULES, BlurProcess, blur_exponents
-from diffusion.config import DataConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig, validate
+from diffusion.config import DataConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig
+from diffusion.validation import validate
 from diffusion.data import load_dataset
 from diffusion.degradations import blur, dct_matrix
 from diffusion.denoiser import Denoiser
 from diffusion.errors import ConfigError
-from diffusion.processes import build_process
-from diffusion.samplers import draw_samples, make_timesteps
-from diffusion.training import BlurTrainer, build_trainer
+from diffusion.factory import build_process
+from diffusion.factory import draw_samples, make_timesteps
+from diffusion.families import BlurFamily
+from diffusion.training import build_trainer
 
 SHAPE = (1, 8, 8)
 
@@ -178,7 +180,7 @@ def test_trains_and_samples_digits():
     cfg = trial()
     dataset = load_dataset(cfg.data)
     trainer = build_trainer(cfg, dataset)
-    assert isinstance(trainer, BlurTrainer)
+    assert isinstance(trainer.family, BlurFamily)
     history = trainer.train()
     assert all(math.isfinite(r.loss) for r in history) and history[-1].loss < history[0].loss
     samples, nfe = trainer.sample(8, seed=1)

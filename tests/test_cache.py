@@ -12,11 +12,13 @@ import urllib.request
 import pytest
 import torch
 
-from diffusion.config import TRAINING_SECTIONS, TrialConfig, training_key, training_spec
+from diffusion.config import TrialConfig
 from diffusion.errors import ConfigError
 from orchestrator.cache import ModelCache, likelihood_key
 from orchestrator.cli import main
+from orchestrator.keys import TRAINING_SECTIONS, training_key, training_spec
 from orchestrator.runner import plan
+from orchestrator.schema import SweepTrialConfig
 from orchestrator.sweepfile import load_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +31,7 @@ def changed(cfg: TrialConfig, section: str, name: str, value) -> TrialConfig:
 
 
 def test_training_key_ignores_sampling_and_evaluation():
-    cfg = TrialConfig()
+    cfg = SweepTrialConfig()  # the sweep's config: the library's sections and the orchestrator's resources
     key = training_key(cfg)
     assert len(key) == 16 and training_key(TrialConfig()) == key
     for section, name, value in [("sample", "sampler", "ddim"), ("sample", "steps", 10), ("sample", "eta", 1.0),
@@ -313,7 +315,7 @@ def test_damaged_checkpoint_is_reported_and_training_starts_from_step_zero(tmp_p
 
 def test_damaged_cached_network_is_trained_again(tmp_path, capsys):
     """A VAE or guidance classifier entry (trial._cached_stage) records its weights' checksum too."""
-    from orchestrator.trial import _cached_stage
+    from orchestrator.stages import cached_stage as _cached_stage
 
     cache, fits = ModelCache(str(tmp_path)), []
 
@@ -350,7 +352,7 @@ with ModelCache(sys.argv[1]).lock("k", "train", note="the other sweep"):
 def test_entry_lock_times_out_naming_a_live_holder_and_is_freed_by_its_death(tmp_path, monkeypatch):
     """The directory lock (flock): a waiter gives up after $ORCHESTRATOR_CACHE_LOCK_TIMEOUT with the entry and the
     holder in the message; a holder that dies (SIGKILL: no cleanup) frees it at once."""
-    from orchestrator.cache import LOCK_TIMEOUT_ENV, LockTimeout
+    from orchestrator.locks import LOCK_TIMEOUT_ENV, LockTimeout
 
     cache = ModelCache(str(tmp_path))
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
@@ -405,7 +407,7 @@ def test_object_store_lock_is_taken_over_when_abandoned(s3, tmp_path, capsys):
     """On an object store the lock is an object with its holder and a heartbeat: a live holder's lock times the
     waiter out (naming the holder), while one whose heartbeat is older than ``stale`` seconds, or whose holder
     is a dead process of this host, is taken over; the holder's heartbeat keeps a long holding alive."""
-    from orchestrator.cache import LockTimeout
+    from orchestrator.locks import LockTimeout
 
     root = f"s3://{s3}/models"
     cache = ModelCache(root, staging=str(tmp_path / "here"))

@@ -163,7 +163,8 @@ def test_a_trainer_that_waits_too_long_fails_naming_the_entry_and_its_holder(tmp
     the waiting task trains nothing and its trial ends FAILED, saying which entry and who holds it."""
     from test_cache import HOLD, tiny_sweep
 
-    from orchestrator.cache import LOCK_TIMEOUT_ENV, ModelCache
+    from orchestrator.cache import ModelCache
+    from orchestrator.locks import LOCK_TIMEOUT_ENV
     from orchestrator.runner import plan
     from orchestrator.trial import execute_task
 

@@ -1,6 +1,7 @@
 """Tests of diffusion.data: shapes, ranges, fixed splits, exact densities and user-facing errors."""
 from __future__ import annotations
 
+import inspect
 import math
 import pickle
 
@@ -52,8 +53,7 @@ def test_digits_split_is_a_partition_of_the_whole_set(digits):
     assert _rows(torch.cat([digits.train, digits.test])) == _rows(raw)
 
     labels = torch.from_numpy(load_digits().target)
-    cfg = DataConfig(name="digits")
-    train_idx, test_idx = data._stratified_split(labels, cfg)
+    train_idx, test_idx = data._stratified_split(labels, test_fraction=0.2, split_seed=0)
     assert len(set(train_idx.tolist()) & set(test_idx.tolist())) == 0
     assert sorted(train_idx.tolist() + test_idx.tolist()) == list(range(DIGITS_TOTAL))
 
@@ -251,6 +251,41 @@ def test_registry_has_every_data_set():
     assert DATASETS.names() == sorted(
         ["digits", "swiss_roll", "moons", "gaussian_mixture", "mnist", "fashion_mnist", "cifar10", "image_folder"]
     )
+
+
+def _fields(dataset: Dataset) -> dict:
+    return {field: getattr(dataset, field) for field in Dataset.__dataclass_fields__}
+
+
+@pytest.mark.parametrize("name, loader, options", [
+    ("digits", data.load_digits, dict(test_fraction=0.25, split_seed=2)),
+    ("moons", data.load_moons, dict(n_points=500, test_fraction=0.3, split_seed=7)),
+    ("swiss_roll", data.load_swiss_roll, dict(n_points=300, split_seed=1)),
+    ("gaussian_mixture", data.load_gaussian_mixture, {}),  # every option at its default
+])
+def test_loaders_take_plain_keywords(name, loader, options):
+    """A loader called with keywords alone gives, tensor for tensor, what load_dataset gives for a DataConfig
+    holding the same values."""
+    from_keywords = _fields(loader(**options))
+    from_config = _fields(load_dataset(DataConfig(name=name, **options)))
+    assert from_keywords.keys() == from_config.keys()
+    for field, value in from_keywords.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, from_config[field]), field
+        else:
+            assert value == from_config[field], field
+
+
+def test_loader_keywords_are_data_config_fields_with_its_defaults():
+    """load_dataset passes a loader its keywords by name, so each must be a DataConfig field; the defaults
+    agree, so a loader called bare loads what the default config loads."""
+    defaults = DataConfig()
+    for name in DATASETS.names():
+        parameters = inspect.signature(DATASETS.get(name)).parameters.values()
+        assert parameters, name
+        for parameter in parameters:
+            assert parameter.kind is parameter.KEYWORD_ONLY, (name, parameter.name)
+            assert parameter.default == getattr(defaults, parameter.name), (name, parameter.name)
 
 
 def test_unknown_name_lists_valid_names():

@@ -8,11 +8,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from diffusion.config import DataConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig, validate
+from diffusion.config import DataConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig
+from diffusion.validation import validate
 from diffusion.data import load_dataset
 from diffusion.degradations import COLD_SAMPLERS, DEGRADATIONS, MASK_VALUE, blur, build_degradation
 from diffusion.errors import ConfigError
-from diffusion.training import RestorationTrainer, build_trainer
+from diffusion.families import RestorationFamily
+from diffusion.training import build_trainer
 
 SHAPE = (1, 8, 8)
 P = 64
@@ -161,7 +163,7 @@ def test_a_small_restorer_trains_and_samples(name):
                       sample=SampleConfig(sampler="denoise_renoise", n=8, batch_size=8, steps=4))
     dataset = load_dataset(cfg.data)
     trainer = build_trainer(cfg, dataset, torch.device("cpu"))
-    assert isinstance(trainer, RestorationTrainer) and trainer.likelihood_note
+    assert isinstance(trainer.family, RestorationFamily) and trainer.likelihood_note
     history = trainer.train()
     assert history[-1].loss < 0.8 * history[0].loss
     for sampler in COLD_SAMPLERS.names():

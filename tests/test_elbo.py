@@ -33,7 +33,7 @@ from diffusion.elbo import (
     transition_term,
 )
 from diffusion.errors import ConfigError
-from diffusion.processes import build_process
+from diffusion.factory import build_process
 
 torch.set_num_threads(1)
 

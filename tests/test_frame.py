@@ -7,7 +7,8 @@ from diffusion.config import ProcessConfig
 from diffusion.denoiser import Denoiser
 from diffusion.losses import WEIGHTINGS, diffusion_loss
 from diffusion.parameterizations import PARAMETERIZATIONS, eps_to_score, eps_to_x0
-from diffusion.processes import build_process, expand
+from diffusion.factory import build_process
+from diffusion.processes import expand
 
 
 def _frame(seed=0):
@@ -147,9 +148,8 @@ def test_new_weightings_against_their_papers():
     x0, eps, alpha, sigma, x_t = _frame(3)
     eps_hat = eps + 0.2 * torch.randn_like(eps)
     err = ((eps_hat - eps) ** 2).mean(1)
-    from diffusion.config import LossConfig
     snr = (alpha / sigma) ** 2
-    got = WEIGHTINGS.get("min_snr")(eps_hat, eps, alpha, sigma, options=LossConfig(min_snr_gamma=5.0))
+    got = WEIGHTINGS.get("min_snr")(eps_hat, eps, alpha, sigma, gamma=5.0)
     x0_err = (((x_t - sigma * eps_hat) / alpha - x0) ** 2).mean(1)
     assert torch.allclose(got, snr.clamp(max=5).squeeze(1) * x0_err, rtol=1e-4)
     edm = WEIGHTINGS.get("edm")(eps_hat, eps, alpha, sigma)

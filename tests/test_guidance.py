@@ -6,15 +6,16 @@ import math
 import pytest
 import torch
 
-from diffusion.config import DataConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig, validate
+from diffusion.config import DataConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig
+from diffusion.validation import validate
 from diffusion.data import load_dataset
 from diffusion.denoiser import Denoiser, network_denoiser
 from diffusion.errors import ConfigError
 from diffusion.guidance import classifier_guided, classifier_log_prob_grad, round_robin_labels
 from diffusion.nets import UNet
 from diffusion.parameterizations import PARAMETERIZATIONS
-from diffusion.processes import build_process
-from diffusion.samplers import draw_samples
+from diffusion.factory import build_process
+from diffusion.factory import draw_samples
 from diffusion.training import Trainer
 
 DIM = 16

@@ -24,8 +24,9 @@ from diffusion.denoiser import Denoiser
 from diffusion.errors import ConfigError
 from diffusion.inverse import (INVERSE_SOLVERS, Denoising, Inpainting, conjugate_gradients, make_mask, psnr,
                                restoration_grid, ssim)
-from diffusion.processes import build_process, expand
-from diffusion.samplers import make_timesteps
+from diffusion.factory import build_process
+from diffusion.processes import expand
+from diffusion.factory import make_timesteps
 
 DIM, N = 8, 4000
 PROCESS = build_process(ProcessConfig(name="vp", T=1000))
@@ -323,7 +324,8 @@ def test_restoration_grid_rows():
 def test_config_checks_of_the_inverse_stages():
     import dataclasses
 
-    from diffusion.config import DataConfig, EvalConfig, ModelConfig, TrialConfig, validate
+    from diffusion.config import DataConfig, EvalConfig, ModelConfig, TrialConfig
+    from diffusion.validation import validate
 
     def trial(**changes):
         cfg = TrialConfig(eval=EvalConfig(inverse=["inpaint", "denoise"]))

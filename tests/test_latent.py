@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from diffusion.config import DataConfig, EvalConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig, validate
+from diffusion.config import DataConfig, EvalConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig
+from diffusion.validation import validate
 from diffusion.data import load_dataset
 from diffusion.errors import ConfigError
 from diffusion.latent import build_vae, evaluate_vae, fit_vae, latent_dataset

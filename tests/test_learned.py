@@ -10,7 +10,7 @@ from diffusion.config import LossConfig, ProcessConfig
 from diffusion.denoiser import Denoiser
 from diffusion.elbo import reverse_variance
 from diffusion.losses import WEIGHTINGS, TimeSampler, diffusion_loss
-from diffusion.processes import build_process
+from diffusion.factory import build_process
 
 DATA = GaussianData.random(4, seed=11)
 

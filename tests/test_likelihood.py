@@ -31,7 +31,7 @@ from diffusion.likelihood import (
     ode_log_likelihood,
     to_levels,
 )
-from diffusion.processes import build_process
+from diffusion.factory import build_process
 
 torch.set_num_threads(1)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from diffusion import metrics
+from diffusion.metrics import common, extractors, fid, reference
 from diffusion.config import DataConfig, EvalConfig
 from diffusion.data import Dataset, load_dataset
 from diffusion.errors import ConfigError
@@ -354,7 +355,7 @@ def _counting_extractors(monkeypatch) -> list[int]:
 
         return resolved, counted, info
 
-    monkeypatch.setattr(metrics, "get_extractor", get_extractor)
+    monkeypatch.setattr(fid, "get_extractor", get_extractor)
     return calls
 
 
@@ -364,14 +365,14 @@ def _reference_files(directory) -> list[str]:
 
 def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_cfg, trained, monkeypatch):
     directory = os.path.expanduser(classifier_cfg.cache_dir)
-    metrics._REFERENCE_STATS.clear()
+    reference._REFERENCE_STATS.clear()
     for name in _reference_files(directory):
         os.remove(os.path.join(directory, name))
     calls = _counting_extractors(monkeypatch)
 
     first = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
     assert calls == [len(digits.train), 50, 50]  # reference, samples, held-out
-    [computed] = metrics._REFERENCE_STATS.values()
+    [computed] = reference._REFERENCE_STATS.values()
     assert computed.source == "computed" and computed.features.shape == (len(digits.train), 128)
     [name] = _reference_files(directory)
     path = os.path.join(directory, name)
@@ -386,18 +387,18 @@ def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_
         np.testing.assert_array_equal(saved["sigma"], computed.sigma)
         spec = json.loads(str(saved["spec"]))
     assert spec == metrics.reference_key(digits, "train", spec["extractor"], len(digits.train))[1]
-    assert spec["extractor"] == metrics._extractor_identity("classifier", trained[0][2])
+    assert spec["extractor"] == reference._extractor_identity("classifier", trained[0][2])
     mtime = os.stat(path).st_mtime_ns
 
     calls.clear()  # the same process: the split is not extracted again
     metrics.compute_fid(digits.test[:60], digits, classifier_cfg, CPU)
     assert calls == [60, 60]
 
-    metrics._REFERENCE_STATS.clear()  # as in a fresh process: the file is read instead
+    reference._REFERENCE_STATS.clear()  # as in a fresh process: the file is read instead
     calls.clear()
     second = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
     assert calls == [50, 50]
-    loaded = metrics._REFERENCE_STATS[computed.key]
+    loaded = reference._REFERENCE_STATS[computed.key]
     assert loaded.source == "disk" and os.stat(path).st_mtime_ns == mtime
     for attribute in ("features", "mu", "sigma"):
         np.testing.assert_array_equal(getattr(loaded, attribute), getattr(computed, attribute))
@@ -406,7 +407,7 @@ def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_
 
     with open(path, "wb") as handle:  # a damaged file is recomputed and replaced
         handle.write(b"not an npz file")
-    metrics._REFERENCE_STATS.clear()
+    reference._REFERENCE_STATS.clear()
     calls.clear()
     third = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
     assert calls == [len(digits.train), 50, 50] and third.fid == first.fid and third.kid == first.kid
@@ -416,13 +417,13 @@ def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_
 
 def test_reference_keys_differ_by_split_extractor_count_and_data(digits, trained, tmp_path):
     _, extract, info = trained[0]
-    classifier = metrics._extractor_identity("classifier", info)
+    classifier = reference._extractor_identity("classifier", info)
     count = len(digits.train)
     key, spec = metrics.reference_key(digits, "train", classifier, count)
     assert metrics.reference_key(digits, "train", classifier, count) == (key, spec)  # stable
     changed = dataclasses.replace(digits, train=digits.train.clone())
     changed.train[0, 0, 0, 0] += 0.5
-    retrained = metrics._extractor_identity("classifier", {**info, "weights": "0" * 64})  # same key, other weights
+    retrained = reference._extractor_identity("classifier", {**info, "weights": "0" * 64})  # same key, other weights
     others = [
         metrics.reference_key(digits, "test", classifier, count)[0],
         metrics.reference_key(digits, "train", "raw", count)[0],
@@ -434,7 +435,7 @@ def test_reference_keys_differ_by_split_extractor_count_and_data(digits, trained
     assert len({key, *others}) == 1 + len(others)
     assert len({metrics.reference_path(str(tmp_path), digits, "train", k) for k in (key, *others)}) == 1 + len(others)
     # one file per split and extractor in a shared cache directory
-    metrics._REFERENCE_STATS.clear()
+    reference._REFERENCE_STATS.clear()
     _, raw, raw_info = metrics.get_extractor("raw", digits, EvalConfig(), CPU)
     references = [
         metrics.reference_features(digits, "train", "raw", raw, raw_info, str(tmp_path)),
@@ -444,7 +445,7 @@ def test_reference_keys_differ_by_split_extractor_count_and_data(digits, trained
     assert [r.features.shape for r in references] == [(count, 64), (len(digits.test), 64), (count, 128)]
     assert len(_reference_files(tmp_path)) == 3
     # without a cache directory: kept in this process only
-    metrics._REFERENCE_STATS.clear()
+    reference._REFERENCE_STATS.clear()
     assert metrics.reference_features(digits, "test", "raw", raw, raw_info, None).source == "computed"
     assert len(_reference_files(tmp_path)) == 3
 
@@ -490,7 +491,7 @@ def test_auto_resolution(digits, classifier_cfg, trained, tmp_path, monkeypatch)
     points = load_dataset(DataConfig(name="gaussian_mixture", n_points=200))  # labelled, but points
     assert metrics.get_extractor("auto", points, classifier_cfg, CPU)[0] == "raw"
     assert metrics.get_extractor("auto", digits, classifier_cfg, CPU)[0] == "classifier"
-    monkeypatch.setattr(metrics, "INCEPTION_DIR", str(tmp_path))
+    monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
     with pytest.raises(ConfigError) as error:
         metrics.get_extractor("auto", unlabelled, classifier_cfg, CPU)
@@ -503,7 +504,7 @@ def test_unknown_extractor_lists_names(digits):
 
 
 def test_inception_without_weights_names_the_path(digits, tmp_path, monkeypatch):
-    monkeypatch.setattr(metrics, "INCEPTION_DIR", str(tmp_path))
+    monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
     expected = os.path.join(str(tmp_path), "inception-2015-12-05.pt")
     with pytest.raises(ConfigError, match="Inception weights not found at " + expected) as error:
         metrics.get_extractor("inception", digits, EvalConfig(), CPU)
@@ -545,14 +546,14 @@ def test_inception_pipeline_with_stand_in_weights(digits, tmp_path, monkeypatch)
     """The offline path end to end with a torchscript stand-in for the weights file: grey images
     repeated to 3 channels, resized to 299x299, handed over in [0, 255] (clean-fid normalizes)."""
     torch.jit.save(torch.jit.script(_FakeInception()), str(tmp_path / metrics.INCEPTION_FILE))
-    monkeypatch.setattr(metrics, "INCEPTION_DIR", str(tmp_path))
-    monkeypatch.setattr(metrics, "INCEPTION_BATCH", 4)  # three batches, the last one short
+    monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
+    monkeypatch.setattr(extractors, "INCEPTION_BATCH", 4)  # three batches, the last one short
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
     name, extract, info = metrics.get_extractor("auto", unlabelled, EvalConfig(), CPU)
     assert name == "inception" and info["path"] == str(tmp_path / metrics.INCEPTION_FILE)
     # the reference cache is keyed by the weights' content, not their location
     assert info["weights"] == hashlib.sha256((tmp_path / metrics.INCEPTION_FILE).read_bytes()).hexdigest()
-    assert metrics._extractor_identity(name, info) == "inception-" + info["weights"][:16]
+    assert reference._extractor_identity(name, info) == "inception-" + info["weights"][:16]
     images = digits.test[:10]
     features = extract(images)
     assert features.shape == (10, 2048)
@@ -565,15 +566,15 @@ def test_inception_pipeline_with_stand_in_weights(digits, tmp_path, monkeypatch)
 
 def test_cleanfid_input_of_a_constant_image():
     x = torch.full((2, 1, 8, 8), 0.5)
-    converted = metrics._to_cleanfid_input(x)
+    converted = extractors._to_cleanfid_input(x)
     assert converted.shape == (2, 3, 299, 299) and converted.dtype == torch.float32
     torch.testing.assert_close(converted, torch.full_like(converted, 1.5 * 127.5))
 
 
 def test_tensor_digest_follows_in_place_changes():
     x = torch.zeros(10)
-    before = metrics._tensor_digest(x)
-    assert metrics._tensor_digest(x) == before
+    before = common._tensor_digest(x)
+    assert common._tensor_digest(x) == before
     x[0] = 1.0
-    assert metrics._tensor_digest(x) != before
-    assert metrics._tensor_digest(torch.zeros(10)) == before
+    assert common._tensor_digest(x) != before
+    assert common._tensor_digest(torch.zeros(10)) == before

@@ -66,6 +66,32 @@ def test_mlp_output_shape_and_auto_arch():
     assert out.shape == (5, 2) and out.abs().mean() > 0
 
 
+@pytest.mark.parametrize("keywords_net, cfg, data_shape, num_classes", [
+    (lambda: UNet(1), ModelConfig(), DIGITS, None),  # the constructor's defaults are ModelConfig's
+    (lambda: MLP(2), ModelConfig(), (2,), None),
+    (lambda: UNet(1, channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention=False, groups=4, dropout=0.1,
+                  out_channels=2, num_classes=10),
+     ModelConfig(channels=16, channel_mult=[1, 2, 2], num_res_blocks=2, attention=False, groups=4, dropout=0.1,
+                 variance="learned_range"), DIGITS, 10),
+    (lambda: MLP(2, hidden=32, depth=2, num_classes=8), ModelConfig(hidden=32, depth=2), (2,), 8),
+])
+def test_networks_built_from_keywords_equal_build_network(keywords_net, cfg, data_shape, num_classes):
+    torch.manual_seed(0)
+    net = keywords_net()
+    torch.manual_seed(0)
+    reference = build_network(cfg, data_shape, num_classes)
+    assert type(net) is type(reference)
+    state, reference_state = net.state_dict(), reference.state_dict()
+    assert list(state) == list(reference_state)
+    assert all(torch.equal(state[name], reference_state[name]) for name in state)
+
+    x = torch.randn(3, *data_shape)
+    labels = None if num_classes is None else torch.arange(3)
+    out = _randomise_output_layer(net)(x, torch.rand(3), labels)
+    outputs = 2 if cfg.variance == "learned_range" else 1
+    assert out.shape == (3, data_shape[0] * outputs, *data_shape[1:]) and torch.isfinite(out).all()
+
+
 def test_explicit_arch_and_wrong_pairing():
     assert isinstance(build_network(ModelConfig(arch="unet"), DIGITS), UNet)
     assert isinstance(build_network(ModelConfig(arch="mlp"), (2,)), MLP)

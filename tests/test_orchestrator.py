@@ -174,7 +174,7 @@ def test_ctrl_c_ends_every_run_killed(tmp_path, server, cache_dir):
     proc.send_signal(signal.SIGINT)
     try:
         # In two full-suite runs one Ctrl-C did not stop the driver (not reproduced alone): the driver's watcher
-        # (runner.InterruptWatch) then marks the runs KILLED and exits, ORCHESTRATOR_STOP_GRACE = 30 s after it
+        # (progress.InterruptWatch) then marks the runs KILLED and exits, ORCHESTRATOR_STOP_GRACE = 30 s after it
         output, _ = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -189,7 +189,7 @@ def test_ctrl_c_ends_every_run_killed(tmp_path, server, cache_dir):
 
 WATCHED = """
 import sys, time
-from orchestrator.runner import InterruptWatch
+from orchestrator.progress import InterruptWatch
 watch = InterruptWatch(lambda: print("stop called", flush=True), grace=float(sys.argv[1]))
 try:  # "ready" inside: a Ctrl-C that arrives while it is being printed is still the graceful stop's
     print("ready", flush=True)
@@ -202,7 +202,7 @@ except KeyboardInterrupt:
 
 @pytest.mark.parametrize("presses, grace", [(1, 2.0), (2, 600.0)])
 def test_interrupt_watch_ends_a_stuck_stop(tmp_path, presses, grace):
-    """runner.InterruptWatch: the first Ctrl-C starts the graceful stop (KeyboardInterrupt in the main thread); if
+    """progress.InterruptWatch: the first Ctrl-C starts the graceful stop (KeyboardInterrupt in the main thread); if
     that hangs, the watcher calls stop and exits 130 after the grace period, or at once at a second Ctrl-C."""
     proc = subprocess.Popen([sys.executable, "-c", WATCHED, str(grace)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": ROOT})

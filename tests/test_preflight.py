@@ -9,7 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from diffusion.errors import ConfigError
-from orchestrator.runner import check_resources, trial_dirname
+from orchestrator.preflight import check_resources
+from orchestrator.runner import trial_dirname
 from orchestrator.sweepfile import load_sweep
 from orchestrator.tracking import LocalServer
 from smallsweep import small_sweep

@@ -6,7 +6,8 @@ import torch
 
 from diffusion.config import ProcessConfig
 from diffusion.errors import ConfigError
-from diffusion.processes import build_process, cosine_alphabar, linear_betas
+from diffusion.factory import build_process
+from diffusion.schedules import cosine_alphabar, linear_betas
 
 
 def test_linear_schedule_constants():
@@ -36,7 +37,7 @@ def test_cosine_schedule_constants():
 
 
 def test_linear_schedule_scales_with_T():
-    betas = linear_betas(ProcessConfig(T=100))
+    betas = linear_betas(100)  # plain numbers: Ho et al.'s 1e-4 to 0.02 (scaled to T = 100)
     assert betas[0].item() == pytest.approx(1e-3) and betas[-1].item() == pytest.approx(0.2)
 
 
@@ -143,7 +144,7 @@ def test_sigmoid_schedule_docstring_states_the_code():
     defines), is the continuous sigmoid process's alphabar at every t, 1 at t = 0, for non-default start, end, tau."""
     import re
 
-    from diffusion.processes import sigmoid_alphabar
+    from diffusion.schedules import sigmoid_alphabar
 
     doc = sigmoid_alphabar.__doc__
     formula = re.search(r"^\s*alphabar\(t\) = (.+)$", doc, re.MULTILINE)
@@ -188,7 +189,7 @@ def test_continuous_limit_stands_in_only_where_it_matches_the_grid():
     interpolated discrete path where they do not (NCSN's 10 levels)."""
     import dataclasses
 
-    from diffusion.processes import LIMIT_TOLERANCE, continuous_limit
+    from diffusion.factory import LIMIT_TOLERANCE, continuous_limit
 
     ddpm_cfg = ProcessConfig(name="vp", schedule="linear", T=1000)
     ddpm = build_process(ddpm_cfg)

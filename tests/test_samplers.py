@@ -1,14 +1,18 @@
 """Samplers driven by the exact score of a Gaussian data set reproduce its mean and covariance, with
 an error that shrinks as the step budget grows; closed-form checks of single steps and spacings."""
+import dataclasses
+import functools
+import inspect
 import math
 
 import pytest
 import torch
 
 from diffusion.analytic import GaussianData
-from diffusion.config import ProcessConfig, SampleConfig
-from diffusion.processes import build_process
-from diffusion.samplers import SAMPLERS, SPACINGS, draw_samples, make_timesteps
+from diffusion.config import ModelConfig, ProcessConfig, SampleConfig
+from diffusion.factory import build_process
+from diffusion.samplers import SAMPLERS, SPACINGS
+from diffusion.factory import draw_samples, make_timesteps
 
 DIM, N = 16, 4_000
 DATA = GaussianData.random(DIM, seed=0)
@@ -68,6 +72,58 @@ def test_samplers_on_discrete_and_subvp_processes(sampler):
         assert mean_err < 3 * FLOOR_MEAN + 0.02 and cov_err < 2 * FLOOR_COV + 0.02, process_name
 
 
+def test_samplers_run_from_plain_numbers():
+    """No config anywhere, as from a notebook: processes from their schedules' numbers, times from a spacing, and
+    three samplers called with their keyword options (pc with its paper's defaults) reproduce the Gaussian as
+    through draw_samples above."""
+    from diffusion.processes import continuous_process, vp_process
+    from diffusion.schedules import geometric_sigma, linear_betas
+    from diffusion.samplers import ddim, karras_spacing, ode_heun, predictor_corrector, uniform_spacing
+
+    discrete = vp_process(linear_betas(1000))
+    ve = continuous_process("ve", functools.partial(geometric_sigma, sigma_min=0.01, sigma_max=20.0))
+    generator = torch.Generator().manual_seed(1)
+    runs = [(ddim, discrete, uniform_spacing(discrete, 100), {"eta": 0.5}, 100),
+            (ode_heun, ve, karras_spacing(ve, 100, rho=7.0), {"churn": 1.0}, 199),
+            (predictor_corrector, ve, uniform_spacing(ve, 100), {}, 200)]
+    for sampler, process, times, options, expected_nfe in runs:
+        x_T = process.prior_sample((N, DIM), generator, "cpu")
+        x, nfe = sampler(DATA.denoiser(process), x_T, times.float(), generator=generator, **options)
+        mean_err, cov_err = moment_errors(x)
+        assert nfe == expected_nfe, sampler.__name__
+        assert mean_err < 3 * FLOOR_MEAN + 0.02, (sampler.__name__, mean_err)
+        assert cov_err < 2 * FLOOR_COV + 0.02, (sampler.__name__, cov_err)
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_has_the_one_signature(name):
+    """sampler(denoiser, x_T, timesteps, *, generator, callback=None, <its own options>): every own option keyword-only
+    with a default, the default SampleConfig's value of the key of the same name (draw_samples reads it from there),
+    or for ancestral's variance ModelConfig's (draw_samples gets model.variance)."""
+    P = inspect.Parameter
+    parameters = list(inspect.signature(SAMPLERS.get(name)).parameters.values())
+    head = [(p.name, p.kind, p.default) for p in parameters[:5]]
+    assert head == [("denoiser", P.POSITIONAL_OR_KEYWORD, P.empty), ("x_T", P.POSITIONAL_OR_KEYWORD, P.empty),
+                    ("timesteps", P.POSITIONAL_OR_KEYWORD, P.empty), ("generator", P.KEYWORD_ONLY, P.empty),
+                    ("callback", P.KEYWORD_ONLY, None)]
+    defaults = {field.name: field.default for field in dataclasses.fields(SampleConfig)}
+    for option in parameters[5:]:
+        assert option.kind is P.KEYWORD_ONLY and option.default is not P.empty, option
+        if (name, option.name) == ("ancestral", "variance"):
+            assert option.default == ModelConfig().variance
+        else:
+            assert option.name in defaults and option.default == defaults[option.name], option
+
+
+@pytest.mark.parametrize("name", SPACINGS.names())
+def test_every_spacing_takes_numbers(name):
+    """spacing(process, steps, <its own options>): each option with the default SampleConfig's value of its key."""
+    parameters = list(inspect.signature(SPACINGS.get(name)).parameters.values())
+    assert [p.name for p in parameters[:2]] == ["process", "steps"]
+    defaults = {field.name: field.default for field in dataclasses.fields(SampleConfig)}
+    assert all(p.default is not inspect.Parameter.empty and p.default == defaults.get(p.name) for p in parameters[2:])
+
+
 def test_ddim_with_eta_one_is_ancestral_with_beta_tilde():
     """DDIM eq. 16 at eta = 1 has the posterior variance and the posterior mean, and draws noise at
     the same steps: with the same generator the two samplers agree draw for draw."""
@@ -86,8 +142,8 @@ def test_one_ddim_step_is_the_closed_form_update():
     eps = denoiser.eps(x_t, torch.full((8,), t))
     expected = alpha_s * (x_t - sigma_t * eps) / alpha_t + sigma_s * eps  # Song et al. 2021 (DDIM), eq. 12
     captured = []
-    SAMPLERS.get("ddim")(denoiser, x_t, torch.tensor([t, s]), generator=torch.Generator(),
-                         options=SampleConfig(eta=0.0), callback=lambda k, tt, x: captured.append(x))
+    SAMPLERS.get("ddim")(denoiser, x_t, torch.tensor([t, s]), generator=torch.Generator(), eta=0.0,
+                         callback=lambda k, tt, x: captured.append(x))
     assert torch.allclose(captured[0], expected, atol=1e-5)
 
 
@@ -197,8 +253,8 @@ def _corrected(snr: float, n: int, t: float = 0.01, steps: int = 100):
         seen.update(calls=seen["calls"] + 1, last=x)
         return exact.eps_fn(x, time)
 
-    SAMPLERS.get("pc")(Denoiser(spy, process), x_t, torch.tensor([t]), generator=generator,
-                       options=SampleConfig(snr=snr, corrector_steps=steps))
+    SAMPLERS.get("pc")(Denoiser(spy, process), x_t, torch.tensor([t]), generator=generator, snr=snr,
+                       corrector_steps=steps)
     assert seen["calls"] == steps + 1
     x = seen["last"]
     std = ((x.double() - alpha * DATA.mean) @ DATA.eigvecs).std(0)
@@ -285,6 +341,5 @@ def test_one_ddim_step_per_parameterization(name):
     expected = a_s * (x_t - s_t * eps) / a_t + s_s * eps
     captured = []
     SAMPLERS.get("ddim")(network_denoiser(oracle, p, process), x_t, torch.tensor([t, s]),
-                         generator=torch.Generator(), options=SampleConfig(eta=0.0),
-                         callback=lambda k, tt, x: captured.append(x))
+                         generator=torch.Generator(), eta=0.0, callback=lambda k, tt, x: captured.append(x))
     assert torch.allclose(captured[0], expected, atol=1e-4)

@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from diffusion.errors import ConfigError
-from orchestrator import submit
+from orchestrator import jobs, slurm, submit
 from orchestrator.sweepfile import load_sweep
 from orchestrator.tracking import LocalServer, free_port
 
@@ -96,6 +96,75 @@ def test_sbatch_script_lines_and_quoting(tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".smoke.sbatch")]  # no temporary left
 
 
+def representative_script(tmp_path, directory="it's \"a\" dir $HOME", **options):
+    """A sweep's batch script with every option, from a directory, a file and overrides that need quoting."""
+    workdir = tmp_path / directory
+    workdir.mkdir(parents=True)
+    shutil.copy(SMOKE, workdir / "my sweep.yaml")
+    overrides = ["base.train.steps=5", "grid.seed=[0, 1]", "base.data.root=/tmp/it's here"]
+    sweep = load_sweep(str(workdir / "my sweep.yaml"), overrides)
+    options = options or dict(nodes=3, gpus_per_node=2, cpus_per_node=8, partition="gpu,debug", time="1-02:00:00")
+    text = slurm.slurm_script(sweep, str(workdir / "my sweep.yaml"), overrides, slurm.check_slurm_options(**options),
+                              str(workdir), "smoke.sbatch", bindir="/opt/my env/bin")
+    return workdir, sweep, text
+
+
+def test_sbatch_script_is_its_template_with_each_value_quoted(tmp_path):
+    """The script is templates/sbatch.sh with each @@NAME@@ replaced, the values from the user shell-quoted."""
+    workdir, sweep, text = representative_script(tmp_path)
+    quoted_workdir = "'" + os.path.realpath(workdir).replace("'", "'\"'\"'") + "'"
+    # no --chdir: #SBATCH lines are not shell, and this directory is not a plain path
+    sbatch = ["#SBATCH --job-name=smoke", "#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1",
+              "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu,debug",
+              "#SBATCH --time=1-02:00:00", "#SBATCH --output=smoke-%j.out"]
+    values = {"SBATCH": "\n".join(sbatch), "NAME": "smoke", "DIGEST": sweep.digest(), "SCRIPT": "smoke.sbatch",
+              "WORKDIR": quoted_workdir, "BINDIR": "'/opt/my env/bin'", "FILE": "'my sweep.yaml'", "GPUS": "2",
+              "CPUS": "8", "OVERRIDES": "base.train.steps=5 'grid.seed=[0, 1]' 'base.data.root=/tmp/it'\"'\"'s here' "}
+    expected = slurm.template()
+    for name, value in values.items():
+        assert f"@@{name}@@" in expected, name
+        expected = expected.replace(f"@@{name}@@", value)
+    assert text == expected and "@@" not in text
+    lines = text.splitlines()
+    assert lines[:len(sbatch) + 1] == ["#!/bin/bash", *sbatch]
+    for line in (f"# Written by `orchestrator submit --slurm` for sweep smoke (digest {sweep.digest()}); edit freely.",
+                 "# Submit it with:  sbatch smoke.sbatch", f"cd {quoted_workdir}",
+                 """if [ -x '/opt/my env/bin'/ray ]; then PATH='/opt/my env/bin':"$PATH"; export PATH; fi""",
+                 "SWEEP_FILE='my sweep.yaml'", "GPUS_PER_NODE=2", 'NUM_CPUS="${SLURM_CPUS_ON_NODE:-8}"',
+                 """python -m orchestrator sweep "$SWEEP_FILE" base.train.steps=5 'grid.seed=[0, 1]' """
+                 """'base.data.root=/tmp/it'"'"'s here' --address "$RAY_HEAD\""""):
+        assert line in lines, line
+    # the defaults: one node, no GPU line, the node's CPUs; a plain directory is also the job's --chdir
+    sweep = load_sweep(SMOKE)
+    text = slurm.slurm_script(sweep, SMOKE, [], slurm.check_slurm_options(), ROOT, "smoke.sbatch", bindir="/b")
+    assert text.splitlines()[:6] == ["#!/bin/bash", "#SBATCH --job-name=smoke", "#SBATCH --nodes=1",
+                                     "#SBATCH --ntasks-per-node=1", f"#SBATCH --chdir={os.path.realpath(ROOT)}",
+                                     "#SBATCH --output=smoke-%j.out"]
+    assert 'NUM_CPUS="${SLURM_CPUS_ON_NODE:-$(nproc)}"' in text and "GPUS_PER_NODE=0\n" in text
+    assert """python -m orchestrator sweep "$SWEEP_FILE" --address "$RAY_HEAD"\n""" in text
+
+
+def test_template_placeholders_are_filled_exactly_once():
+    assert slurm.render("a @@X@@ b @@Y@@", {"X": "@@Y@@", "Y": "$1"}) == "a @@Y@@ b $1"  # no second pass
+    for text, values in (("@@X@@ @@Y@@", {"X": "1"}), ("@@X@@", {"X": "1", "Y": "2"}), ("@@X@@ @@x@@", {"X": "1"})):
+        with pytest.raises(ValueError):
+            slurm.render(text, values)
+
+
+def test_sbatch_script_and_its_template_pass_shellcheck(tmp_path):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed; install it (Debian: apt-get install shellcheck, as .ci/run does)")
+    # no '$' in the directory: shellcheck's SC2016 (info) asks whether a '$' in single quotes should have
+    # expanded, and in a quoted path it should not
+    _, _, several = representative_script(tmp_path / "several", directory="it's \"a\" [dir]")
+    _, _, one = representative_script(tmp_path / "one", directory="it's \"a\" [dir]", nodes=1)
+    for name, text in (("several.sbatch", several), ("one.sbatch", one), ("template.sh", slurm.template())):
+        (tmp_path / name).write_text(text)
+        result = subprocess.run([shellcheck, "--norc", str(tmp_path / name)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}:\n{result.stdout}{result.stderr}"
+
+
 def test_sbatch_script_runs_the_sweep_with_exact_arguments_and_stops_its_ray(tmp_path):
     """The script with stand-ins for `ray` and `python`: the sweep gets exactly the user's arguments
     (a file name with a space, an override with a quote), and the `ray start` it began is stopped."""
@@ -112,9 +181,9 @@ def test_sbatch_script_runs_the_sweep_with_exact_arguments_and_stops_its_ray(tmp
     shutil.copy(SMOKE, tmp_path / "my sweep.yaml")
     overrides = ["base.train.steps=5", "grid.seed=[0, 1]", "base.data.root=/tmp/it's here"]
     sweep = load_sweep(str(tmp_path / "my sweep.yaml"), overrides)
-    options = submit.check_slurm_options(nodes=1, gpus_per_node=0)
-    text = submit.slurm_script(sweep, str(tmp_path / "my sweep.yaml"), overrides, options, str(tmp_path),
-                               "smoke.sbatch", bindir=str(stubs))
+    options = slurm.check_slurm_options(nodes=1, gpus_per_node=0)
+    text = slurm.slurm_script(sweep, str(tmp_path / "my sweep.yaml"), overrides, options, str(tmp_path),
+                              "smoke.sbatch", bindir=str(stubs))
     (tmp_path / "smoke.sbatch").write_text(text)
     log = tmp_path / "stub.log"
     env = clean_env({"PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(log),
@@ -206,7 +275,7 @@ def test_credentials_are_never_sent_with_a_job(project, monkeypatch, capsys):
         monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://alice:{SECRET}@mlflow.example.org")
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI.*without user:password") as refused:
-        submit.submit_job("sweeps/smoke.yaml", [], address="http://ray.example.org:8265", client=FakeJobs())
+        jobs.submit_job("sweeps/smoke.yaml", [], address="http://ray.example.org:8265", client=FakeJobs())
     assert SECRET not in str(refused.value)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
@@ -214,10 +283,10 @@ def test_credentials_are_never_sent_with_a_job(project, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET + "-aws")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
     fake = FakeJobs()
-    assert submit.submit_job("sweeps/smoke.yaml", ["base.train.steps=5"], address="http://ray.example.org:8265",
-                             client=fake) == 0
-    assert submit.submit_job("sweeps/smoke.yaml", ["base.train.steps=5"], address="http://ray.example.org:8265",
-                             dry_run=True) == 0
+    assert jobs.submit_job("sweeps/smoke.yaml", ["base.train.steps=5"], address="http://ray.example.org:8265",
+                           client=fake) == 0
+    assert jobs.submit_job("sweeps/smoke.yaml", ["base.train.steps=5"], address="http://ray.example.org:8265",
+                           dry_run=True) == 0
     (job,) = fake.submitted
     assert SECRET not in json.dumps(job)
     assert "alice" not in json.dumps(job)
@@ -227,9 +296,9 @@ def test_credentials_are_never_sent_with_a_job(project, monkeypatch, capsys):
     assert job["runtime_env"]["working_dir"] == os.path.realpath(project)
     assert {"/.venv", "/mlartifacts", "/mlflow.db", "/ray_results", "/data", ".env", "*.pt"} <= \
         set(job["runtime_env"]["excludes"])
-    assert SECRET not in submit.slurm_script(load_sweep("sweeps/smoke.yaml"), "sweeps/smoke.yaml", [],
-                                             submit.check_slurm_options(), str(project), "smoke.sbatch")
-    assert submit.submit_slurm("sweeps/smoke.yaml", [], dry_run=True, workdir=str(project)) == 0
+    assert SECRET not in slurm.slurm_script(load_sweep("sweeps/smoke.yaml"), "sweeps/smoke.yaml", [],
+                                            slurm.check_slurm_options(), str(project), "smoke.sbatch")
+    assert slurm.submit_slurm("sweeps/smoke.yaml", [], dry_run=True, workdir=str(project)) == 0
     assert SECRET not in (project / "smoke.sbatch").read_text()
     printed = capsys.readouterr()
     assert SECRET not in printed.out + printed.err
@@ -243,27 +312,27 @@ def test_resubmission_is_idempotent_and_resubmit_numbers_attempts(project, monke
     fake = FakeJobs()
     address = "http://ray.example.org:8265"
     base = submit.submission_id(load_sweep("sweeps/smoke.yaml"))
-    assert submit.submit_job("sweeps/smoke.yaml", [], address=address, client=fake) == 0
-    assert submit.submit_job("sweeps/smoke.yaml", [], address=address, client=fake) == 0
+    assert jobs.submit_job("sweeps/smoke.yaml", [], address=address, client=fake) == 0
+    assert jobs.submit_job("sweeps/smoke.yaml", [], address=address, client=fake) == 0
     assert [j["submission_id"] for j in fake.submitted] == [base]
     assert f"already submitted as Ray job {base}: PENDING" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--resubmit"):  # the latest attempt has not ended
-        submit.submit_job("sweeps/smoke.yaml", [], address=address, client=fake, resubmit=True)
+        jobs.submit_job("sweeps/smoke.yaml", [], address=address, client=fake, resubmit=True)
     fake.jobs[-1].status = "FAILED"
-    assert submit.submit_job("sweeps/smoke.yaml", [], address=address, client=fake) == 0
+    assert jobs.submit_job("sweeps/smoke.yaml", [], address=address, client=fake) == 0
     assert "--resubmit" in capsys.readouterr().out and len(fake.submitted) == 1
-    monkeypatch.setattr(submit, "_unfinished_run", lambda sweep, uris: True)
-    assert submit.submit_job("sweeps/smoke.yaml", [], address=address, client=fake, resubmit=True) == 0
+    monkeypatch.setattr(jobs, "_unfinished_run", lambda sweep, uris: True)
+    assert jobs.submit_job("sweeps/smoke.yaml", [], address=address, client=fake, resubmit=True) == 0
     assert fake.submitted[-1]["submission_id"] == f"{base}-2"
     assert fake.submitted[-1]["entrypoint"].endswith("--address auto --resume")
     fake.jobs[-1].status = "STOPPED"
-    monkeypatch.setattr(submit, "_unfinished_run", lambda sweep, uris: False)
-    assert submit.submit_job("sweeps/smoke.yaml", [], address=address, client=fake, resubmit=True) == 0
+    monkeypatch.setattr(jobs, "_unfinished_run", lambda sweep, uris: False)
+    assert jobs.submit_job("sweeps/smoke.yaml", [], address=address, client=fake, resubmit=True) == 0
     assert fake.submitted[-1]["submission_id"] == f"{base}-3"
     assert fake.submitted[-1]["entrypoint"].endswith("--address auto")
     # MLflow out of reach from here: "cannot tell" (the new attempt then runs the sweep again)
     monkeypatch.undo()
-    assert submit._unfinished_run(load_sweep(SMOKE), ["http://127.0.0.1:1", None]) is None
+    assert jobs._unfinished_run(load_sweep(SMOKE), ["http://127.0.0.1:1", None]) is None
 
 
 def test_default_job_server_address(monkeypatch):
@@ -476,7 +545,7 @@ def test_ray_job_runs_the_sweep_once(project, server, cache_dir):
         assert sorted(r.data.tags["variant"] for r in runs) == ["ddpm", "ncsn"]
         assert all(r.info.status == "FINISHED" for r in runs)
         # what --resubmit checks: the sweep's MLflow run finished, so there is nothing to resume
-        assert submit._unfinished_run(load_sweep(str(project / "sweeps/smoke.yaml"), args[1:]), [server.uri]) is False
+        assert jobs._unfinished_run(load_sweep(str(project / "sweeps/smoke.yaml"), args[1:]), [server.uri]) is False
 
         again = cli(["submit", *args, "--address", url], cwd=project, env_extra=tracking)
         assert again.returncode == 0, again.stderr

@@ -113,13 +113,13 @@ def test_readme_option_table_is_current():
 
 def test_zoo_smoke_covers_every_accepted_value():
     """Every value of every model axis the registries accept appears in at least one trial of zoo_smoke."""
-    from diffusion import elbo, losses, parameterizations, processes, samplers, score_matching
+    from diffusion import elbo, losses, parameterizations, process_families, samplers, schedules, score_matching
 
     trials = [t.config for t in load_sweep(os.path.join(ROOT, "sweeps", "zoo_smoke.yaml")).trials]
-    schedules = set(processes.VP_SCHEDULES.names()) | set(processes.VE_SCHEDULES.names()) | {"learned"}
+    schedules = set(schedules.VP_SCHEDULES.names()) | set(schedules.VE_SCHEDULES.names()) | {"learned"}
     axes = {
         # blur diffusion (per-frequency, images only) is covered by beyond_smoke.yaml with the non-Gaussian models
-        "process.name": (lambda c: c.process.name, set(processes.PROCESS_FAMILIES) - {"blur"}),
+        "process.name": (lambda c: c.process.name, set(process_families.PROCESS_FAMILIES) - {"blur"}),
         "process.T": (lambda c: "continuous" if c.process.T == "continuous" else "integer", {"continuous", "integer"}),
         "process.schedule": (lambda c: c.process.schedule, schedules),
         "model.parameterization": (lambda c: c.model.parameterization, set(parameterizations.PARAMETERIZATIONS.names())),

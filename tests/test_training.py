@@ -1,8 +1,11 @@
-"""Training: exact resume from a checkpoint, EMA, divergence detection, a short real run learns."""
+"""Training: exact resume from a checkpoint, EMA, divergence detection, a short real run learns; every model
+family supplies its loss, samples and likelihood; the auxiliary networks' fit loop is a plain Adam loop."""
+import dataclasses
+
 import pytest
 import torch
 
-from diffusion.config import DataConfig, ModelConfig, TrainConfig, TrialConfig, ProcessConfig
+from diffusion.config import DataConfig, EvalConfig, ModelConfig, SampleConfig, TrainConfig, TrialConfig, ProcessConfig
 from diffusion.data import load_dataset
 from diffusion.losses import diffusion_loss
 from diffusion.training import Trainer, TrainingDiverged
@@ -191,3 +194,104 @@ def test_discrete_time_learned_parts_train(process, model, weighting):
     assert held_out_loss() < before
     samples, nfe = trainer.sample(64, seed=0)
     assert nfe == 25 and torch.isfinite(samples).all()
+
+
+def test_fit_is_a_hand_written_adam_loop():
+    """``fit.fit`` on a tiny regression equals the loop it replaces, bit for bit: the same batch draws, Adam,
+    ``zero_grad(set_to_none=True)``, the schedule stepped after the optimizer; a module is trained in training
+    mode and left in evaluation mode, bare parameters leave the modes alone."""
+    from diffusion.fit import fit
+
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1
+
+    def run(by_fit: bool, module_target: bool):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        generator = torch.Generator().manual_seed(2)
+
+        def loss():
+            index = torch.randint(64, (16,), generator=generator)
+            return (model(x[index]).squeeze(1) - y[index]).pow(2).mean()
+
+        def cosine(optimizer):
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+
+        if by_fit:
+            seen = []
+            target = model if module_target else model.parameters()
+            losses = fit(target, loss, 20, 1e-2, schedule=cosine, on_step=lambda step, value: seen.append(step))
+            assert seen == list(range(1, 21))
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+            schedule = cosine(optimizer)
+            losses = []
+            for _ in range(20):
+                value = loss()
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(value.item())
+        return model, losses
+
+    by_hand, hand_losses = run(False, False)
+    for module_target in (True, False):
+        fitted, losses = run(True, module_target)
+        assert losses == hand_losses and losses[-1] < losses[0]
+        for a, b in zip(by_hand.state_dict().values(), fitted.state_dict().values()):
+            assert torch.equal(a, b)
+        assert fitted.training is not module_target  # a module ends in evaluation mode
+
+
+def _family_configs():
+    sample = SampleConfig(n=6, batch_size=4, steps=4)
+    unet = ModelConfig(channels=8, channel_mult=[1, 2], groups=4, attention=False)
+    train = TrainConfig(steps=2, batch_size=8, warmup=0, log_every=1)
+    digits = DataConfig(name="digits")
+    return {
+        "gaussian": TrialConfig(data=DataConfig(name="moons", n_points=200), process=ProcessConfig(T=10),
+                                model=ModelConfig(hidden=16, depth=2), train=train, sample=sample,
+                                eval=EvalConfig(bpd_n=4, ode_rtol=1e-2, ode_atol=1e-2)),
+        "blur": TrialConfig(data=digits, process=ProcessConfig(name="blur", T=10), model=unet, train=train,
+                            sample=sample),
+        "latent": TrialConfig(data=digits, process=ProcessConfig(T=10),
+                              model=dataclasses.replace(unet, latent=True, vae_steps=2, vae_channels=8), train=train,
+                              sample=sample),
+        "naive": TrialConfig(data=digits, process=ProcessConfig(name="naive", T=8), model=unet, train=train,
+                             sample=dataclasses.replace(sample, sampler="denoise_renoise")),
+        "cold": TrialConfig(data=digits, process=ProcessConfig(name="cold", degradation="mask", T=8), model=unet,
+                            train=train, sample=dataclasses.replace(sample, sampler="cold_improved")),
+    }
+
+
+@pytest.mark.parametrize("name", ["gaussian", "blur", "latent", "naive", "cold"])
+def test_each_family_supplies_loss_samples_and_likelihood_or_its_note(digits, name):
+    """build_trainer picks the family; each gives per-example losses, samples in batches (data-shaped after
+    ``decode``: a latent model's codes decoded by its VAE), and bits/dim or the note saying why there are none.
+    A restoration family has no Gaussian process at all."""
+    from diffusion.families import BlurFamily, GaussianFamily, LatentFamily, RestorationFamily
+    from diffusion.latent import LIKELIHOOD_NOTE, fit_vae, latent_dataset
+    from diffusion.training import build_trainer
+
+    cfg = _family_configs()[name]
+    data = load_dataset(cfg.data) if cfg.data.name != "digits" else digits
+    vae = fit_vae(cfg, data, torch.device("cpu"))[0] if name == "latent" else None
+    model_data = latent_dataset(data, vae) if vae is not None else data
+    trainer = build_trainer(cfg, model_data, torch.device("cpu"), vae=vae)
+    kind = {"gaussian": GaussianFamily, "blur": BlurFamily, "latent": LatentFamily}.get(name, RestorationFamily)
+    assert type(trainer.family) is kind
+    losses = trainer.batch_losses(trainer.train_data[:5], None)
+    assert losses.shape == (5,) and torch.isfinite(losses).all()
+    assert len(trainer.train()) == 2
+    samples, nfe = trainer.sample(6, seed=0)
+    assert samples.shape == (6, *model_data.shape) and torch.isfinite(samples).all() and nfe == 4
+    assert trainer.decode(samples).shape == (6, *data.shape)
+    if kind is RestorationFamily:
+        assert not hasattr(trainer.family, "process") and trainer.step_size() == 2
+    if trainer.likelihood_note is None:
+        assert {"bpd_ode", "bpd_elbo"} <= set(trainer.heldout_likelihood().metrics)
+    else:
+        assert trainer.likelihood_note == LIKELIHOOD_NOTE or kind is not LatentFamily
+        with pytest.raises(NotImplementedError, match="bits/dim|likelihood"):
+            trainer.heldout_likelihood()

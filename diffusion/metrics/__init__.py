@@ -1,0 +1,97 @@
+"""Frechet and kernel distances between sample features and data-set statistics (FID and KID).
+
+FID (Heusel et al. 2017, eq. 6) fits a Gaussian to the features of each image set and measures their
+Frechet distance; KID (Binkowski et al. 2018) is the unbiased squared MMD with a cubic polynomial
+kernel on the same features. Both use clean-fid's numerics. The package's modules:
+
+- :mod:`~diffusion.metrics.distances`: ``feature_stats``, ``frechet_from_stats``, ``frechet_distance``,
+  ``kernel_distance`` (clean-fid's, with KID's subsets drawn from a fixed seed).
+- :mod:`~diffusion.metrics.extractors`: the ``eval.extractor`` registry ``EXTRACTORS`` (``inception``,
+  ``classifier``, ``raw``, ``auto``) and ``get_extractor``.
+- :mod:`~diffusion.metrics.classifier`: the ``classifier`` extractor's CNN, its training and its
+  cache file under ``eval.cache_dir``.
+- :mod:`~diffusion.metrics.reference`: the features, mean and covariance of a whole split, kept in
+  this process and on disk under ``eval.cache_dir`` (``reference-<data set>-<split>-<key>.npz``).
+- :mod:`~diffusion.metrics.fid`: ``compute_fid`` (FID and KID with their ``fid_reference`` and
+  ``kid_reference`` floors) and ``conditional_metrics`` (per-class accuracy and FID).
+- :mod:`~diffusion.metrics.common`: batched feature extraction and tensor digests they share.
+
+The names below are re-exported; module-level settings that functions read at call time
+(``INCEPTION_DIR``, ``INCEPTION_BATCH``) take effect only when changed in the module that defines them.
+"""
+from __future__ import annotations
+
+from .classifier import (
+    CLASSIFIER_SEED,
+    CLASSIFIER_VERSION,
+    FeatureClassifier,
+    classifier_accuracy,
+    classifier_path,
+    load_or_train_classifier,
+    train_classifier,
+)
+from .common import FEATURE_BATCH, Extract
+from .distances import (
+    KID_SEED,
+    KID_SUBSET_SIZE,
+    KID_SUBSETS,
+    feature_stats,
+    frechet_distance,
+    frechet_from_stats,
+    kernel_distance,
+)
+from .extractors import (
+    EXTRACTORS,
+    INCEPTION_BATCH,
+    INCEPTION_DIR,
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    ExtractorBuilder,
+    build_auto,
+    build_classifier,
+    build_inception,
+    build_raw,
+    get_extractor,
+    inception_weights_path,
+)
+from .fid import FIDResult, compute_fid, conditional_metrics
+from .reference import REFERENCE_CACHE_VERSION, Reference, reference_features, reference_key, reference_path
+
+__all__ = [
+    "CLASSIFIER_SEED",
+    "CLASSIFIER_VERSION",
+    "EXTRACTORS",
+    "Extract",
+    "ExtractorBuilder",
+    "FEATURE_BATCH",
+    "FIDResult",
+    "FeatureClassifier",
+    "INCEPTION_BATCH",
+    "INCEPTION_DIR",
+    "INCEPTION_FILE",
+    "INCEPTION_URL",
+    "KID_SEED",
+    "KID_SUBSETS",
+    "KID_SUBSET_SIZE",
+    "REFERENCE_CACHE_VERSION",
+    "Reference",
+    "build_auto",
+    "build_classifier",
+    "build_inception",
+    "build_raw",
+    "classifier_accuracy",
+    "classifier_path",
+    "compute_fid",
+    "conditional_metrics",
+    "feature_stats",
+    "frechet_distance",
+    "frechet_from_stats",
+    "get_extractor",
+    "inception_weights_path",
+    "kernel_distance",
+    "load_or_train_classifier",
+    "reference_features",
+    "reference_key",
+    "reference_path",
+    "train_classifier",
+]

@@ -1,0 +1,133 @@
+"""FID and KID of a sample set against a split's reference statistics, with their floors, and the
+per-class metrics of conditional samples.
+
+Every FID is reported next to ``fid_reference``: the FID of as many held-out real examples against
+the same reference statistics. A sample set of size n cannot be expected to beat it, since FID is
+biased upwards at finite n (Binkowski et al. 2018, "Demystifying MMD GANs"; Chong & Forsyth 2020,
+"Effectively Unbiased FID and Inception Score and Where to Find Them").
+
+KID (``eval.kid``) needs the reference features themselves, not only their mean and covariance. It
+is reported next to ``kid_reference``, the KID of the same held-out real examples as ``fid_reference``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import EvalConfig
+from ..errors import ConfigError
+from .classifier import load_or_train_classifier
+from .common import _batched_features, _is_image, _num_classes
+from .distances import KID_SUBSET_SIZE, KID_SUBSETS, feature_stats, frechet_from_stats, kernel_distance
+from .extractors import get_extractor
+from .reference import reference_features
+
+if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
+    from ..data import Dataset
+
+
+@dataclass
+class FIDResult:
+    fid: float  # FID of the first n samples against the reference split's statistics
+    fid_reference: float  # FID of n held-out real examples against the same statistics (the floor)
+    n: int  # examples on each side of both distances
+    tags: dict[str, str] = field(default_factory=dict)  # fid.extractor, fid.reference_split, fid.n, ...
+    kid: float | None = None  # KID of the same n samples against the reference split's features (eval.kid)
+    kid_reference: float | None = None  # KID of the same n held-out real examples (the floor)
+
+
+def compute_fid(samples: Tensor, dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> FIDResult:
+    """FID (and, if ``cfg.kid``, KID) of `samples` (shaped like the data set's examples, images in
+    [-1, 1]) and their floors.
+
+    n = cfg.fid_n, or min(len(samples), len(test split)). ``fid``: the first n samples against the
+    statistics of the full ``cfg.reference_split``. ``fid_reference``: n held-out real examples
+    against the same statistics: the first n test examples when the reference is the train split;
+    a fixed seeded choice of n train examples when it is the test split. ``kid`` and
+    ``kid_reference``: the same two sets against the reference split's features (:func:`kernel_distance`).
+    The reference features are cached under ``cfg.cache_dir`` (:func:`reference_features`).
+    """
+    if cfg.reference_split not in ("train", "test"):
+        raise ConfigError("eval.reference_split", cfg.reference_split, "train or test")
+    if tuple(samples.shape[1:]) != tuple(dataset.shape):
+        raise ValueError(f"samples of shape {tuple(samples.shape[1:])} do not match the data set's {tuple(dataset.shape)}")
+    held_out = dataset.test if cfg.reference_split == "train" else dataset.train
+    available = min(len(samples), len(dataset.test), len(held_out))
+    n = cfg.fid_n if cfg.fid_n is not None else available
+    if n > available or n < 2:
+        raise ConfigError(
+            "eval.fid_n", cfg.fid_n, f"an integer in [2, {available}] or null",
+            detail=f"{len(samples)} samples, {len(dataset.test)} test and {len(dataset.train)} train examples",
+        )
+    name, extract, info = get_extractor(cfg.extractor, dataset, cfg, device)
+    reference = reference_features(dataset, cfg.reference_split, name, extract, info, cfg.cache_dir)
+
+    if cfg.reference_split == "train":
+        held_out = held_out[:n]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        held_out = held_out[torch.randperm(len(held_out), generator=generator)[:n]]
+    sample_features, held_out_features = extract(samples[:n]), extract(held_out)
+    fid = frechet_from_stats(*feature_stats(sample_features), reference.mu, reference.sigma)
+    fid_reference = frechet_from_stats(*feature_stats(held_out_features), reference.mu, reference.sigma)
+
+    tags = {"fid.extractor": name, "fid.reference_split": cfg.reference_split, "fid.n": str(n)}
+    if name == "classifier":
+        tags["fid.classifier_accuracy"] = f"{info['accuracy']:.4f}"
+    kid = kid_reference = None
+    if cfg.kid:
+        # clean-fid's argument order (reference first); the same seed for both, so the reference
+        # side of every subset pair is the same in kid and kid_reference
+        kid = kernel_distance(reference.features, sample_features)
+        kid_reference = kernel_distance(reference.features, held_out_features)
+        tags["kid.subsets"] = str(KID_SUBSETS)
+        tags["kid.subset_size"] = str(min(n, len(reference.features), KID_SUBSET_SIZE))
+    return FIDResult(fid=fid, fid_reference=fid_reference, n=n, tags=tags, kid=kid, kid_reference=kid_reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditional sampling
+
+
+def conditional_metrics(samples: Tensor, labels: Tensor, dataset: "Dataset", cfg: EvalConfig,
+                        device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+    """How well samples asked for classes ``labels [n]`` match them, on a labelled image data set.
+
+    ``class_accuracy``: the share of samples that the data set's classifier (the network of the
+    ``classifier`` FID extractor, :func:`load_or_train_classifier`) assigns to their requested class;
+    ``class_accuracy_reference`` is its accuracy on the test split (the ceiling). ``fid_class_mean``: the
+    mean over classes of the FID of the samples of class c against the class-c train examples (classifier
+    features), with ``fid_class_reference_mean``, the same for the class-c test examples (the floor), and
+    ``fid_class_<c>`` per class. Returns (metrics, tags)."""
+    if not _is_image(dataset) or dataset.train_labels is None:
+        raise ConfigError("data.name", dataset.name, "a labelled image data set for per-class metrics")
+    model, info = load_or_train_classifier(dataset, cfg, device)
+    samples = samples.clamp(-1, 1)
+    predicted = torch.from_numpy(_batched_features(model, samples, device).argmax(axis=1))
+    metrics = {"class_accuracy": float((predicted == labels.cpu()).float().mean()),
+               "class_accuracy_reference": float(info["accuracy"])}
+
+    def features(x: Tensor) -> np.ndarray:
+        return _batched_features(lambda batch: model.features(batch.clamp(-1, 1)), x, device)
+
+    sample_features, train_features, test_features = features(samples), features(dataset.train), features(dataset.test)
+    fids, floors = [], []
+    for c in range(_num_classes(dataset)):
+        mine, train_c = sample_features[labels.cpu().numpy() == c], train_features[dataset.train_labels.numpy() == c]
+        test_c = test_features[dataset.test_labels.numpy() == c]
+        count = min(len(mine), len(test_c))
+        if count < 2:
+            continue
+        reference = feature_stats(train_c)
+        fids.append(frechet_from_stats(*feature_stats(mine[:count]), *reference))
+        floors.append(frechet_from_stats(*feature_stats(test_c[:count]), *reference))
+        metrics[f"fid_class_{c}"] = fids[-1]
+    if fids:
+        metrics["fid_class_mean"] = float(np.mean(fids))
+        metrics["fid_class_reference_mean"] = float(np.mean(floors))
+    tags = {"class_metrics.classifier": f"classifier-{info['key'][:16]}", "class_metrics.classes": str(len(fids))}
+    return metrics, tags

@@ -1,0 +1,135 @@
+"""A sweep's preflight: what would fail later fails here, before MLflow starts or anything is written (tracking
+credentials, data sets, Ray started or joined with a node for every trial), and Ray set up safely."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator, Optional
+
+from diffusion.errors import ConfigError
+
+from .sweepfile import Sweep, Trial, key_origin
+from .tracking import SECRET_ENV, check_tracking_uri_credentials
+
+
+@contextlib.contextmanager
+def preflight(sweep: Sweep, workdir: str, resume: bool, address: Optional[str]) -> Iterator[bool]:
+    """Check the sweep (``--resume`` has something to resume, the tracking URI holds no credentials, the data
+    sets load), then start or join Ray (``start_ray``, which checks the resources); yields whether the workers
+    are on a joined cluster. Ray is shut down when the body ends, however it ends."""
+    import ray
+
+    if resume and not os.environ.get("MLFLOW_TRACKING_URI") and not os.path.exists(os.path.join(workdir, "mlflow.db")):
+        raise ConfigError("--resume", sweep.name, "a sweep run earlier from this directory (or with this "
+                          "MLFLOW_TRACKING_URI)", detail=f"there is no mlflow.db in {workdir}")
+    check_tracking_uri_credentials(os.environ.get("MLFLOW_TRACKING_URI"))
+    check_data(sweep)
+    remote = start_ray(sweep, address)
+    try:
+        yield remote
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def start_ray(sweep: Sweep, address: Optional[str]) -> bool:
+    """Start a local Ray instance, or join the cluster at ``address``, and check that some node can give every
+    trial its resources (ConfigError otherwise, with Ray shut down again). Returns whether the workers are on a
+    cluster joined here (they need the driver's credentials handed to them) rather than a local instance
+    started here (they inherit the driver's environment)."""
+    import ray
+
+    remote = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C raises KeyboardInterrupt here
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Ray's notice that it turned token authentication on for a local instance (docs/SECURITY.md) is not news
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=True,
+             logging_level="WARNING")
+    if not remote:
+        private_token_file()
+    try:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        check_resources(sweep, nodes, f"the Ray cluster at {address}" if remote else "this machine")
+    except BaseException:
+        ray.shutdown()
+        raise
+    return remote
+
+
+def private_token_file() -> None:
+    """Ray starts a local instance with token authentication (its ports listen on every interface), keeping the
+    token in ``~/.ray/auth_token`` (or ``$RAY_AUTH_TOKEN_PATH``), created readable by everyone. Make it readable
+    by its owner only, so that other users of the machine cannot join the instance and run code."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser(os.path.join("~", ".ray", "auth_token"))
+    try:
+        info = os.stat(path)
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:  # no token file (RAY_AUTH_TOKEN given, or authentication off): nothing to protect
+        pass
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Ray Tune copies AWS credentials from the driver's environment into the runtime_env of every trial actor
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and Ray's runtime_env agent logs runtime_envs
+    in plain text. Take them off that list: a local instance's workers inherit them anyway, and a joined
+    cluster's get them through ``tune.with_parameters`` (``runner._fit``)."""
+    from ray.tune.execution import class_cache
+
+    for name in SECRET_ENV:
+        class_cache.ENV_VARS_TO_PROPAGATE.discard(name)
+
+
+def check_data(sweep: Sweep) -> None:
+    """Load each data set the sweep uses once (ConfigError naming the trial's key when its files are missing)."""
+    from diffusion.data import load_dataset
+
+    seen = set()
+    for trial in sweep.trials:
+        if repr(trial.config.data) in seen:
+            continue
+        seen.add(repr(trial.config.data))
+        try:
+            load_dataset(trial.config.data)
+        except ConfigError as error:
+            raise ConfigError(_origin(sweep, trial, error.key), error.value, error.accepted,
+                              detail=error.detail) from None
+
+
+def local_resources() -> list[dict]:
+    """This machine as one Ray node would see it: its CPUs and GPUs."""
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+RESOURCE_KEYS = {"CPU": "cpu", "GPU": "gpu"}
+
+
+def check_resources(sweep: Sweep, nodes: list[dict], where: str) -> None:
+    """ConfigError for the first trial whose resources no single node of ``nodes`` (Ray's resource dicts) has:
+    Ray would keep it pending forever."""
+    for trial in sweep.trials:
+        res = trial.config.resources
+        wanted = {"CPU": res.cpu, "GPU": res.gpu, **{name: float(amount) for name, amount in res.custom.items()}}
+        wanted = {name: amount for name, amount in wanted.items() if amount > 0}
+        if any(all(node.get(name, 0.0) >= amount for name, amount in wanted.items()) for node in nodes):
+            continue
+        for name, amount in wanted.items():
+            most = max((node.get(name, 0.0) for node in nodes), default=0.0)
+            key = f"resources.{RESOURCE_KEYS[name]}" if name in RESOURCE_KEYS else f"resources.custom.{name}"
+            if amount > most:
+                have = f"at most {most:g} (the most any node of {where} has)" if most else f"nothing: no node of {where} has {name}"
+                raise ConfigError(_origin(sweep, trial, key), amount, have,
+                                  detail=f"trial {trial.name} would wait for ever")
+        raise ConfigError(_origin(sweep, trial, "resources"), dict(wanted), f"resources one node of {where} has",
+                          detail=f"no single node has all of them; trial {trial.name} would wait for ever")
+
+
+def _origin(sweep: Sweep, trial: Trial, key: str) -> str:
+    """The sweep-file path of a trial's config key (grid.<key>, variants.<name>.<key> or base.<key>)."""
+    variants = sweep.source.get("variants") or {}
+    return key_origin(key, sweep.source.get("base") or {}, trial.variant if variants else None,
+                      variants.get(trial.variant) or {}, trial.axes)

@@ -1,0 +1,60 @@
+"""The sweep's trial config: the library's ``TrialConfig`` plus what only the orchestrator uses, the
+``resources`` a trial asks Ray for. Field comments are the option documentation, as in ``diffusion.config``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+from diffusion import validation
+from diffusion.config import TrialConfig, show_bound
+from diffusion.errors import ConfigError
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = 1.0  # CPUs reserved per trial
+    gpu: float = 0.0  # GPUs reserved per trial (fractions share a GPU)
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
+    amp: bool = True  # bfloat16/float16 autocast on CUDA (ignored on CPU)
+    custom: Dict[str, float] = field(default_factory=dict)  # Ray custom resources per trial, e.g. {node_a: 1} to pin trials to nodes started with --resources
+    max_failures: int = 2  # retries of a trial whose worker failed (killed, out of memory, node lost); training resumes from its last checkpoint
+
+
+@dataclass
+class SweepTrialConfig(TrialConfig):
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+# The bounds of the orchestrator's integer options (diffusion.config.INT_BOUNDS holds the library's).
+INT_BOUNDS: Dict[str, tuple[int, int]] = {"resources.max_failures": (0, 1000)}
+
+
+def _check(cond: bool, key: str, value, accepted: str) -> None:
+    if not cond:
+        raise ConfigError(key, value, accepted)
+
+
+def validate_resources(resources: ResourcesConfig) -> None:
+    """What a trial asks Ray for: positive CPUs, GPUs (fractions share one), custom resources by name, retries."""
+    res = resources
+    _check(res.cpu > 0, "resources.cpu", res.cpu, "a positive number")
+    _check(res.gpu >= 0, "resources.gpu", res.gpu, "a number >= 0 (fractions allowed)")
+    _check(res.device in ("auto", "cpu", "cuda"), "resources.device", res.device, "auto, cpu or cuda")
+    for name, amount in res.custom.items():
+        _check(isinstance(amount, (int, float)) and not isinstance(amount, bool), f"resources.custom.{name}", amount,
+               "a number >= 0 (an amount of the custom resource per trial)")
+        _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"resources.custom.{name}", name,
+               "a custom resource name (CPU and GPU are resources.cpu and resources.gpu)")
+        _check(amount >= 0, f"resources.custom.{name}", amount, "a number >= 0")
+    for key, (low, high) in INT_BOUNDS.items():
+        value = getattr(res, key.split(".")[1])
+        if not low <= value <= high:
+            raise ConfigError(key, value, f"an integer >= {show_bound(low)} and <= {show_bound(high)}",
+                              detail="the bounds of the option table")
+
+
+def validate(cfg: SweepTrialConfig) -> SweepTrialConfig:
+    """The library's checks of every section (``diffusion.validation.validate``), then the resources."""
+    validation.validate(cfg)
+    validate_resources(cfg.resources)
+    return cfg

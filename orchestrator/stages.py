@@ -1,0 +1,118 @@
+"""What an evaluation keeps in the model cache besides the model: the VAE of latent diffusion, the noise-conditional
+classifier of classifier guidance (each a small network trained once, :func:`cached_stage`) and the held-out
+likelihood of a model (:func:`likelihood_memo`). ``orchestrator.trial`` hands them to
+``diffusion.evaluation.evaluate``; their records are logged on the run that uses them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Callable
+
+import torch
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+
+from diffusion.data import load_dataset
+from diffusion.guidance import build_noisy_classifier, fit_noisy_classifier
+from diffusion.latent import build_vae, fit_vae, latent_dataset
+from diffusion.storage import save_atomic
+
+from .cache import ModelCache, likelihood_key, warn_damaged
+from .keys import classifier_spec, vae_spec
+from .schema import SweepTrialConfig
+
+
+def model_data(cfg: SweepTrialConfig, cache: ModelCache, client: MlflowClient, run_id: str, device):
+    """(the data the diffusion model sees, the data set, the VAE or None): for ``model.latent`` the VAE's codes
+    (``diffusion.latent.latent_dataset``), else the data set itself."""
+    dataset = load_dataset(cfg.data)
+    if not cfg.model.latent:
+        return dataset, dataset, None
+    vae = vae_stage(cfg, dataset, cache, client, run_id, device)
+    return latent_dataset(dataset, vae), dataset, vae
+
+
+def cached_stage(cache: ModelCache, prefix: str, spec: dict, run_id: str, fit: Callable[[], tuple],
+                 build: Callable[[dict], torch.nn.Module], device, seconds_key: str) -> tuple:
+    """A small network trained once per ``spec`` and kept in the model cache as ``<prefix>-<hash>``: the first
+    caller trains it (``fit() -> (module, record)``) under the entry's lock and stores ``<prefix>.pt`` and
+    ``<prefix>.json`` (the record, its training time under ``seconds_key``, the run that computed it and the spec);
+    later callers load it into ``build(record)``. The record holds the checksum of ``<prefix>.pt`` (``files``); a
+    weights file that does not match it, or does not load, is reported and the network trained again. Returns
+    (module in eval mode, record, entry)."""
+    entry = f"{prefix}-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    weights = f"{prefix}.pt"
+    with cache.lock(entry, prefix, note=f"run {run_id}"):
+        record = cache.read(entry, f"{prefix}.json")
+        module = None
+        if record is not None:
+            problem = cache.verify(entry, weights, (record.get("files") or {}).get(weights))
+            if problem is None:
+                try:
+                    module = build(record).to(device)
+                    state = torch.load(cache.fetch(entry, weights), map_location=device, weights_only=True)
+                    module.load_state_dict(state)
+                except Exception as error:  # noqa: BLE001 - damaged in a way its record cannot tell (no checksum)
+                    module, problem = None, f"cannot be loaded: {type(error).__name__}: {str(error)[:200]}"
+            if problem is not None:
+                warn_damaged(entry, weights, problem, "training it again")
+        if module is None:
+            started = time.perf_counter()
+            module, record = fit()
+            record = {**record, seconds_key: time.perf_counter() - started, "computed_by_run": run_id, "spec": spec}
+            save_atomic({k: v.detach().cpu() for k, v in module.state_dict().items()}, cache.local(entry, weights))
+            record["files"] = {weights: cache.publish_file(entry, weights)}
+            cache.write(entry, f"{prefix}.json", record)
+    return module.eval(), record, entry
+
+
+def vae_stage(cfg: SweepTrialConfig, dataset, cache: ModelCache, client: MlflowClient, run_id: str, device):
+    """The VAE of latent diffusion, trained once per data set, latent options, batch size and seed and kept in the
+    model cache (``vae-<hash>``, :func:`cached_stage`): the first training that needs it trains it, later
+    trainings and evaluations load it. Its reconstruction and KL on the test split are logged to the run as
+    metrics, with tags naming the entry and the run that trained it."""
+    vae, record, entry = cached_stage(cache, "vae", vae_spec(cfg), run_id, lambda: fit_vae(cfg, dataset, device),
+                                      lambda record: build_vae(cfg, dataset.shape), device, "vae_train_seconds")
+    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in record.items()
+                                      if k.startswith("vae_")],
+                     tags=[RunTag("vae.entry", entry), RunTag("vae.computed_by_run", record["computed_by_run"]),
+                           RunTag("vae.latent_shape", "x".join(map(str, record["latent_shape"]))),
+                           RunTag("vae.scale", f"{record['scale']:.4f}")])
+    return vae
+
+
+def guidance_classifier(cfg: SweepTrialConfig, dataset, trainer, cache: ModelCache, client: MlflowClient,
+                        run_id: str) -> torch.nn.Module:
+    """The noise-conditional classifier of classifier guidance, trained once per data set, process, step count
+    and seed and kept in the model cache (``classifier-<hash>``, :func:`cached_stage`): the first evaluation that
+    needs it trains it, later ones load it. Its test accuracy at three noise levels is tagged. (Training it draws
+    from its own seeded generator, building it under a forked global RNG: the evaluation's draws do not depend on
+    whether it was trained or loaded, nor on when.)"""
+    classifier, record, entry = cached_stage(
+        cache, "classifier", classifier_spec(cfg), run_id,
+        lambda: fit_noisy_classifier(cfg, dataset, trainer.process, trainer.device),
+        lambda record: build_noisy_classifier(record["shape"], record["num_classes"]), trainer.device, "train_seconds")
+    tags = {"guidance.classifier": entry, "guidance.classifier_computed_by_run": record["computed_by_run"]}
+    tags.update({f"guidance.classifier_{k}": f"{v:.4f}" for k, v in record.items() if k.startswith("accuracy_")})
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return classifier
+
+
+def likelihood_memo(cfg: SweepTrialConfig, key: str, cache: ModelCache, run_id: str) -> Callable[[Callable[[], dict]], dict]:
+    """The ``likelihood`` memo of ``diffusion.evaluation.evaluate``: bits/dim of held-out data under the model of
+    ``key`` computed once per model and likelihood settings. The first evaluation computes it (the others wait on
+    the lock) and later ones read it from the cache. The tag ``bpd.computed_by_run`` names the run that computed
+    it; ``bpd_seconds`` is its time there."""
+
+    def memo(compute: Callable[[], dict]) -> dict:
+        name = f"likelihood-{likelihood_key(cfg)}"
+        with cache.lock(key, name):
+            stored = cache.read(key, f"{name}.json")
+            if stored is None:
+                stored = compute()
+                stored = {**stored, "tags": {**stored["tags"], "bpd.computed_by_run": run_id}}
+                cache.write(key, f"{name}.json", stored)
+        return stored
+
+    return memo

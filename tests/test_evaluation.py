@@ -1,0 +1,209 @@
+"""diffusion.evaluation: what ``evaluate`` reports on real, tiny trained models (the moons with an MLP, the digits
+with a class-conditional U-Net), that its numbers are the library's own computed directly, and that it is
+deterministic."""
+import pytest
+import torch
+
+from diffusion.config import (DataConfig, EvalConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig,
+                              TrialConfig)
+from diffusion.data import load_dataset
+from diffusion.evaluation import CONDITIONAL_NO_DROPOUT, ELBO_FILE, SAMPLES_IMAGE, Report, evaluate
+from diffusion.training import build_trainer
+
+CPU = torch.device("cpu")
+TIMES = ("sample_seconds", "bpd_seconds", "inpaint_seconds", "denoise_seconds")  # wall-clock times differ per run
+
+
+def moons_config(cache_dir: str, **sample) -> TrialConfig:
+    return TrialConfig(
+        data=DataConfig(name="moons", n_points=400),
+        process=ProcessConfig(name="vp", schedule="linear", T=10),
+        model=ModelConfig(arch="mlp", hidden=16, depth=2),
+        train=TrainConfig(steps=20, batch_size=32, warmup=0, log_every=10),
+        sample=SampleConfig(n=64, batch_size=64, grid=64, **sample),
+        eval=EvalConfig(bpd_n=16, ode_rtol=1e-2, ode_atol=1e-2, cache_dir=cache_dir),
+    )
+
+
+def trained(cfg: TrialConfig):
+    dataset = load_dataset(cfg.data)
+    trainer = build_trainer(cfg, dataset, CPU)
+    trainer.train()
+    return trainer, dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch and one BLAS thread (as tests/test_metrics.py): tiny networks and 128 x 128 matrix square roots
+    gain nothing from two, and lose 10x when other processes share the cores. The counts are restored after."""
+    import scipy.linalg  # noqa: F401  scipy's own OpenBLAS (sqrtm): threadpool_limits only limits loaded libraries
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def moons(tmp_path_factory):
+    cfg = moons_config(str(tmp_path_factory.mktemp("points")))
+    trainer, dataset = trained(cfg)
+    return cfg, trainer, dataset
+
+
+def digits_config(cache_dir: str, **model) -> TrialConfig:
+    return TrialConfig(
+        data=DataConfig(name="digits"),
+        process=ProcessConfig(T=10),
+        model=ModelConfig(channels=8, channel_mult=[1, 2], groups=4, attention=False, **model),
+        train=TrainConfig(steps=5, batch_size=16, warmup=0, log_every=5),
+        sample=SampleConfig(n=40, batch_size=40, grid=16),
+        eval=EvalConfig(extractor="classifier", classifier_steps=20, kid=False, bpd=False, cache_dir=cache_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("features"))
+
+
+def measured(report: Report) -> dict:
+    return {k: v for k, v in report.metrics.items() if k not in TIMES}
+
+
+def test_points_report_fid_kid_bits_per_dim_and_the_scatter(moons):
+    cfg, trainer, dataset = moons
+    report = evaluate(trainer, dataset, cfg)
+    assert report.step == trainer.step == 20
+    assert {"sample_seconds", "sample_nfe", "fid", "fid_reference", "kid", "kid_reference", "bpd_ode", "bpd_elbo",
+            "bpd_seconds"} <= set(report.metrics)
+    assert "train_loss" not in report.metrics  # the training summary is the orchestrator's, from its cache
+    assert report.metrics["sample_nfe"] == 10.0
+    assert report.tags["samples_finite"] == "True"
+    assert report.tags["fid.extractor"] == "raw" and report.tags["fid.n"] == "64"
+    assert "bpd.skipped" not in report.tags and all(isinstance(v, str) for v in report.tags.values())
+    assert set(report.images) == {SAMPLES_IMAGE} and report.images[SAMPLES_IMAGE].size == (400, 400)
+    assert set(report.files) == {ELBO_FILE}  # a discrete process: the bound's terms per step
+
+
+def test_evaluate_is_deterministic_and_reports_the_library_numbers(moons):
+    from diffusion.metrics import compute_fid
+
+    cfg, trainer, dataset = moons
+    first, second = evaluate(trainer, dataset, cfg), evaluate(trainer, dataset, cfg)
+    assert measured(first) == measured(second) and first.tags == second.tags and first.files == second.files
+    assert list(first.images[SAMPLES_IMAGE].getdata()) == list(second.images[SAMPLES_IMAGE].getdata())
+    samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1)  # the seed evaluate samples with
+    direct = compute_fid(samples, dataset, cfg.eval, CPU)
+    assert (first.metrics["fid"], first.metrics["kid"], first.metrics["sample_nfe"]) == (direct.fid, direct.kid, nfe)
+    likelihood = trainer.heldout_likelihood()
+    assert {k: first.metrics[k] for k in likelihood.metrics} == likelihood.metrics
+    assert first.files[ELBO_FILE] == likelihood.elbo_curve
+
+
+def test_likelihood_memo_is_asked_once_per_evaluation_and_its_value_reported(moons):
+    """The orchestrator keeps the held-out likelihood in its model cache: evaluate hands it the computation and
+    reports whatever it returns (computed, or stored by an earlier evaluation)."""
+    cfg, trainer, dataset = moons
+    cfg = moons_config(cfg.eval.cache_dir)
+    cfg.eval.fid = False
+    stored, calls = {}, []
+
+    def memo(compute):
+        calls.append(1)
+        if not stored:
+            stored.update(compute())
+            stored["tags"] = {**stored["tags"], "bpd.computed_by_run": "run-1"}
+        return stored
+
+    first = evaluate(trainer, dataset, cfg, likelihood=memo)
+    assert len(calls) == 1 and first.metrics["bpd_ode"] == stored["metrics"]["bpd_ode"]
+    assert first.tags["bpd.computed_by_run"] == "run-1" and "fid" not in first.metrics
+    stored["metrics"] = {**stored["metrics"], "bpd_ode": 123.0}  # the next evaluation reads the stored value
+    second = evaluate(trainer, dataset, cfg, likelihood=lambda compute: stored)
+    assert second.metrics["bpd_ode"] == 123.0 and second.files[ELBO_FILE] == stored["elbo_curve"]
+
+
+def test_guidance_classifier_trained_by_evaluate_or_handed_in_gives_the_same_report(moons):
+    """Without a classifier, evaluate trains the noise-conditional one itself at the point the orchestrator
+    obtains it from its cache: the samples are the same either way (its training draws from its own generator)."""
+    from diffusion.guidance import fit_noisy_classifier
+
+    cfg, trainer, dataset = moons
+    cfg = moons_config(cfg.eval.cache_dir, classifier_scale=1.0, classifier_steps=5)
+    cfg.eval.bpd = False
+    guided = build_trainer(cfg, dataset, CPU)
+    guided.load_state_dict(trainer.state_dict())
+    own = evaluate(guided, dataset, cfg)
+    classifier = fit_noisy_classifier(cfg, dataset, guided.process, CPU)[0]
+    handed = evaluate(guided, dataset, cfg, classifier=classifier)
+    assert measured(own) == measured(handed) and own.metrics["sample_nfe"] == 10.0
+    plain = moons_config(cfg.eval.cache_dir)
+    plain.eval.bpd = False
+    assert own.metrics["fid"] != evaluate(trainer, dataset, plain).metrics["fid"]  # guidance did act
+
+
+def test_class_conditional_images_class_metrics_and_bits_per_dim_skipped(features):
+    """A class-conditional model without label dropout has no unconditional model, hence no bits/dim."""
+    cfg = digits_config(features, class_conditional=True)
+    cfg.eval.bpd = True
+    trainer, dataset = trained(cfg)
+    report = Report()
+    assert evaluate(trainer, dataset, cfg, report=report) is report
+    assert {"fid", "fid_reference", "class_accuracy", "class_accuracy_reference", "fid_class_mean",
+            "fid_class_reference_mean"} <= set(report.metrics) and "kid" not in report.metrics
+    assert report.tags["fid.extractor"] == "classifier" and "fid.classifier_accuracy" in report.tags
+    assert report.tags["class_metrics.classes"] == "10"
+    assert report.tags["bpd.skipped"] == CONDITIONAL_NO_DROPOUT
+    assert not any(k.startswith("bpd") for k in report.metrics) and not report.files
+    side = 4 * (4 * 9 + 1)  # 16 samples of 8x8, 4 a row, 1 pixel of padding, enlarged 4x
+    assert set(report.images) == {SAMPLES_IMAGE} and report.images[SAMPLES_IMAGE].size == (side, side)
+    assert report.images[SAMPLES_IMAGE].mode == "RGB"
+
+
+def test_inverse_problems_report_their_metrics_tags_and_grids(features):
+    cfg = digits_config(features)
+    cfg.sample.grid, cfg.eval.fid = 0, False
+    cfg.eval.inverse, cfg.eval.inverse_n = ["inpaint", "denoise"], 4
+    trainer, dataset = trained(cfg)
+    report = evaluate(trainer, dataset, cfg)
+    for stage in ("inpaint", "denoise"):
+        assert {f"{stage}_psnr", f"{stage}_ssim", f"{stage}_seconds"} <= set(report.metrics)
+        assert report.tags[f"{stage}.solver"] == "replacement" and report.tags[f"{stage}.images"] == "4"
+    assert report.tags["inpaint.measurement"] == "mask centre" and report.tags["denoise.measurement"] == "sigma_y 0.2"
+    assert set(report.images) == {"inpaint.png", "denoise.png"}  # grid 0: no sample grid
+    side = (4 * 9 + 1, 3 * 9 + 1)  # rows observed / restored / true of 4 images
+    assert report.images["inpaint.png"].size == (4 * side[0], 4 * side[1])
+    again = evaluate(trainer, dataset, cfg)  # the stages' seeds: the same restorations
+    assert measured(again) == measured(report)
+
+
+def test_a_failed_evaluation_leaves_what_it_measured_in_the_report(moons):
+    """Non-finite samples: the grid and the tag ``samples_finite`` are in the caller's report, then FID fails."""
+    cfg, trainer, dataset = moons
+    broken = build_trainer(cfg, dataset, CPU)
+    broken.load_state_dict(trainer.state_dict())
+    with torch.no_grad():
+        next(broken.ema.module.parameters()).fill_(float("nan"))
+    report = Report()
+    with pytest.raises(RuntimeError, match="FID cannot be computed"):
+        evaluate(broken, dataset, cfg, report=report)
+    assert report.tags == {"samples_finite": "False"} and set(report.images) == {SAMPLES_IMAGE}
+
+
+def test_latent_samples_are_decoded_and_have_no_bits_per_dim(features):
+    from diffusion.latent import LIKELIHOOD_NOTE, build_vae, latent_dataset
+
+    cfg = digits_config(features, latent=True)
+    cfg.eval.fid, cfg.eval.bpd, cfg.sample.n, cfg.sample.batch_size = False, True, 16, 8
+    dataset = load_dataset(cfg.data)
+    vae = build_vae(cfg, dataset.shape).eval()  # untrained: what is checked is that samples are decoded
+    trainer = build_trainer(cfg, latent_dataset(dataset, vae), CPU)
+    with pytest.raises(ValueError, match="needs the VAE"):
+        evaluate(trainer, dataset, cfg)
+    report = evaluate(trainer, dataset, cfg, vae=vae)
+    assert report.tags == {"samples_finite": "True", "bpd.skipped": LIKELIHOOD_NOTE}
+    side = 4 * (4 * 9 + 1)  # 16 images of 8x8 (codes are 4x4)
+    assert report.images[SAMPLES_IMAGE].size == (side, side)
