@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .errors import ConfigError
 from .processes import DiscreteProcess, expand
+from .registry import Registry
 
-VARIANCES = ("beta_tilde", "beta", "learned_range")
+# model.variance: the variance of p(x_s | x_t), each (process, s, t, v) -> variance (see reverse_variance)
+REVERSE_VARIANCES: Registry = Registry("model.variance")
 _LN2 = math.log(2.0)
 _TINY = 1e-300  # floor of a log-difference of CDFs: keeps log(Phi(b) - Phi(a)) finite (>= -691)
 
@@ -133,18 +134,27 @@ def reverse_variance(process: DiscreteProcess, s: Tensor, t: Tensor, variance: s
     - ``"learned_range"``: exp(f log beta + (1 - f) log beta_tilde) per dimension, f = (v + 1) / 2 from the
       network's variance head v [B, ...] (Nichol & Dhariwal 2021, eq. 15), [B, ...].
     """
-    if variance == "beta_tilde":
-        return process.posterior_variance(s, t).to(t.device)
-    if variance == "beta":
-        return process.transition(s, t)[1].to(t.device)
-    if variance == "learned_range":
-        if v is None:
-            raise ValueError("learned_range needs the network's variance head (model.variance: learned_range)")
-        log_beta = expand(process.transition(s, t)[1].to(v.device).log(), v)
-        log_beta_tilde = expand(process.posterior_variance(s, t).to(v.device).clamp(min=_TINY).log(), v)
-        fraction = (v.double() + 1) / 2
-        return (fraction * log_beta + (1 - fraction) * log_beta_tilde).exp()
-    raise ConfigError("model.variance", variance, " or ".join(VARIANCES))
+    return REVERSE_VARIANCES.get(variance)(process, s, t, v)
+
+
+@REVERSE_VARIANCES.register("beta_tilde")
+def _beta_tilde(process: DiscreteProcess, s: Tensor, t: Tensor, v: Optional[Tensor] = None) -> Tensor:
+    return process.posterior_variance(s, t).to(t.device)
+
+
+@REVERSE_VARIANCES.register("beta")
+def _beta(process: DiscreteProcess, s: Tensor, t: Tensor, v: Optional[Tensor] = None) -> Tensor:
+    return process.transition(s, t)[1].to(t.device)
+
+
+@REVERSE_VARIANCES.register("learned_range")
+def _learned_range(process: DiscreteProcess, s: Tensor, t: Tensor, v: Optional[Tensor] = None) -> Tensor:
+    if v is None:
+        raise ValueError("learned_range needs the network's variance head (model.variance: learned_range)")
+    log_beta = expand(process.transition(s, t)[1].to(v.device).log(), v)
+    log_beta_tilde = expand(process.posterior_variance(s, t).to(v.device).clamp(min=_TINY).log(), v)
+    fraction = (v.double() + 1) / 2
+    return (fraction * log_beta + (1 - fraction) * log_beta_tilde).exp()
 
 
 def reverse_variance_like(process: DiscreteProcess, s: Tensor, t: Tensor, variance: str, v: Optional[Tensor],
@@ -202,8 +212,7 @@ def elbo_term(
     the L_vlb of Nichol & Dhariwal's hybrid loss).
     """
     process = _discrete(denoiser.process)
-    if variance not in VARIANCES:
-        raise ConfigError("model.variance", variance, " or ".join(VARIANCES))
+    REVERSE_VARIANCES.get(variance)
     if levels is not None:
         _check_levels(levels)
     i = i.to(device=x0.device, dtype=torch.long)

@@ -47,10 +47,14 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .elbo import elbo_terms
 from .processes import GaussianProcess
+from .registry import Registry
 
 VectorField = Callable[[Tensor], Tensor]
-DISTRIBUTIONS = ("rademacher", "gaussian")
-DIVERGENCES = ("hutchinson", "exact")
+# eval.probe and eval.divergence: the names a user writes (the implementations are draw_probes and divergence_*)
+PROBES: Registry = Registry("eval.probe")
+PROBES.register("rademacher")("rademacher")
+PROBES.register("gaussian")("gaussian")
+DIVERGENCES: Registry = Registry("eval.divergence")
 _LN2 = math.log(2.0)
 
 
@@ -64,8 +68,8 @@ def draw_probes(shape: tuple[int, ...], probes: int, distribution: str = "radema
                 device="cpu") -> Tensor:
     """``probes`` random vectors per example, [probes, *shape], with E[v v^T] = I: Rademacher (+-1 with
     probability 1/2 each; the lower-variance choice, Hutchinson 1989) or standard Gaussian."""
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}")
+    if distribution not in PROBES:
+        raise ValueError(f"distribution must be one of {', '.join(PROBES.names())}, got {distribution!r}")
     if probes < 1:
         raise ValueError(f"probes must be an integer >= 1, got {probes}")
     full = (probes, *shape)
@@ -164,6 +168,10 @@ class LikelihoodResult:
         return bits_per_dim(self.nll, self.dims, offset_bits)
 
 
+DIVERGENCES.register("exact")(divergence_exact)
+DIVERGENCES.register("hutchinson")(divergence_hutchinson)
+
+
 def default_t_start(process: GaussianProcess) -> float:
     """Where the likelihood integral starts: ``process.t_min``, which is Song et al.'s eps for a
     continuous process and 1/T (the first noisy grid time, sigma = sigma_1 > 0) for a discrete one.
@@ -242,7 +250,7 @@ def ode_log_likelihood(denoiser: Denoiser, x0: Tensor, *, rtol: float = 1e-5, at
     from scipy.integrate import solve_ivp
 
     if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES.names())}, got {divergence!r}")
     process = denoiser.process
     t0 = default_t_start(process) if t_start is None else float(t_start)
     if not 0.0 < t0 < 1.0:

@@ -25,6 +25,10 @@ from .score_matching import OBJECTIVES
 
 Weighting = Callable[..., Tensor]
 WEIGHTINGS: Registry[Weighting] = Registry("loss.weighting")
+# loss.t_sampling: whether t is drawn by importance (TimeSampler) instead of uniformly
+T_SAMPLINGS: Registry[bool] = Registry("loss.t_sampling")
+T_SAMPLINGS.register("uniform")(False)
+T_SAMPLINGS.register("importance")(True)
 
 
 def _mean_over_dims(x: Tensor) -> Tensor:
@@ -94,7 +98,7 @@ class TimeSampler:
     """
 
     def __init__(self, process, options: LossConfig, history: int = 10, uniform_share: float = 1e-3):
-        self.process, self.importance = process, options.t_sampling == "importance"
+        self.process, self.importance = process, T_SAMPLINGS.get(options.t_sampling)
         self.bins = process.T if process.T is not None else options.importance_bins
         self.history = torch.zeros(self.bins, history, dtype=torch.float64)
         self.counts = torch.zeros(self.bins, dtype=torch.long)

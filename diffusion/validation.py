@@ -11,7 +11,8 @@ import dataclasses
 import math
 
 from . import blur  # noqa: F401  (registers process.name blur, so process_families.validate knows it)
-from . import data, degradations, losses, metrics, nets, parameterizations, process_families, samplers, score_matching
+from . import (data, degradations, elbo, likelihood, losses, metrics, nets, parameterizations, process_families, samplers,
+               score_matching)
 from .config import INT_BOUNDS, TrialConfig, show_bound
 from .errors import ConfigError
 from .inverse import INVERSE_SOLVERS, MASKS, STAGES
@@ -164,8 +165,8 @@ def _validate_common(cfg: TrialConfig) -> None:
     _check(cfg.eval.ode_rtol > 0, "eval.ode_rtol", cfg.eval.ode_rtol, "a positive number")
     _check(cfg.eval.ode_atol > 0, "eval.ode_atol", cfg.eval.ode_atol, "a positive number")
     _check(cfg.eval.ode_max_nfe >= 10, "eval.ode_max_nfe", cfg.eval.ode_max_nfe, "an integer >= 10")
-    _check(cfg.eval.divergence in ("hutchinson", "exact"), "eval.divergence", cfg.eval.divergence, "hutchinson or exact")
-    _check(cfg.eval.probe in ("rademacher", "gaussian"), "eval.probe", cfg.eval.probe, "rademacher or gaussian")
+    likelihood.DIVERGENCES.get(cfg.eval.divergence)
+    likelihood.PROBES.get(cfg.eval.probe)
     _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")
     _check(cfg.eval.reference_split in ("train", "test"), "eval.reference_split", cfg.eval.reference_split, "train or test")
     if cfg.eval.fid_n is not None:
@@ -218,8 +219,7 @@ def _validate_model(cfg: TrialConfig) -> None:
     if parameterization.needs_step and continuous:
         raise ConfigError("model.parameterization", cfg.model.parameterization, "eps, score, x0, v or edm in continuous time",
                           detail="mean predicts the posterior mean of one step back, t - 1/T, which needs an integer process.T")
-    _check(cfg.model.variance in ("beta", "beta_tilde", "learned_range"), "model.variance", cfg.model.variance,
-           "beta, beta_tilde or learned_range")
+    elbo.REVERSE_VARIANCES.get(cfg.model.variance)
     if cfg.model.variance == "learned_range" and continuous:
         raise ConfigError("model.variance", "learned_range", "beta or beta_tilde in continuous time",
                           detail="learned_range interpolates between the beta and beta-tilde of one discrete step")
@@ -229,8 +229,7 @@ def _validate_model(cfg: TrialConfig) -> None:
 def _validate_loss(cfg: TrialConfig) -> None:
     losses.WEIGHTINGS.get(cfg.loss.weighting)
     _check(cfg.loss.min_snr_gamma > 0, "loss.min_snr_gamma", cfg.loss.min_snr_gamma, "a positive number")
-    _check(cfg.loss.t_sampling in ("uniform", "importance"), "loss.t_sampling", cfg.loss.t_sampling,
-           "uniform or importance")
+    losses.T_SAMPLINGS.get(cfg.loss.t_sampling)
     _check(cfg.loss.importance_bins >= 1, "loss.importance_bins", cfg.loss.importance_bins, "an integer >= 1")
     _check(cfg.loss.hybrid_lambda >= 0, "loss.hybrid_lambda", cfg.loss.hybrid_lambda, "a number >= 0")
     if cfg.process.schedule == "learned":

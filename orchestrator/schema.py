@@ -8,6 +8,7 @@ from typing import Dict
 from diffusion import validation
 from diffusion.config import TrialConfig, show_bound
 from diffusion.errors import ConfigError
+from diffusion.registry import Registry
 
 
 @dataclass
@@ -25,6 +26,11 @@ class SweepTrialConfig(TrialConfig):
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
+# resources.device: where a trial runs (diffusion.training.select_device)
+DEVICES: Registry[str] = Registry("resources.device")
+for _name in ("auto", "cpu", "cuda"):
+    DEVICES.register(_name)(_name)
+
 # The bounds of the orchestrator's integer options (diffusion.config.INT_BOUNDS holds the library's).
 INT_BOUNDS: Dict[str, tuple[int, int]] = {"resources.max_failures": (0, 1000)}
 
@@ -39,7 +45,7 @@ def validate_resources(resources: ResourcesConfig) -> None:
     res = resources
     _check(res.cpu > 0, "resources.cpu", res.cpu, "a positive number")
     _check(res.gpu >= 0, "resources.gpu", res.gpu, "a number >= 0 (fractions allowed)")
-    _check(res.device in ("auto", "cpu", "cuda"), "resources.device", res.device, "auto, cpu or cuda")
+    DEVICES.get(res.device)
     for name, amount in res.custom.items():
         _check(isinstance(amount, (int, float)) and not isinstance(amount, bool), f"resources.custom.{name}", amount,
                "a number >= 0 (an amount of the custom resource per trial)")

@@ -116,16 +116,16 @@ def test_zoo_smoke_covers_every_accepted_value():
     from diffusion import elbo, losses, parameterizations, process_families, samplers, schedules, score_matching
 
     trials = [t.config for t in load_sweep(os.path.join(ROOT, "sweeps", "zoo_smoke.yaml")).trials]
-    schedules = set(schedules.VP_SCHEDULES.names()) | set(schedules.VE_SCHEDULES.names()) | {"learned"}
+    schedule_names = set(schedules.VP_SCHEDULES.names()) | set(schedules.VE_SCHEDULES.names()) | {"learned"}
     axes = {
         # blur diffusion (per-frequency, images only) is covered by beyond_smoke.yaml with the non-Gaussian models
         "process.name": (lambda c: c.process.name, set(process_families.PROCESS_FAMILIES) - {"blur"}),
         "process.T": (lambda c: "continuous" if c.process.T == "continuous" else "integer", {"continuous", "integer"}),
-        "process.schedule": (lambda c: c.process.schedule, schedules),
+        "process.schedule": (lambda c: c.process.schedule, schedule_names),
         "model.parameterization": (lambda c: c.model.parameterization, set(parameterizations.PARAMETERIZATIONS.names())),
-        "model.variance": (lambda c: c.model.variance, set(elbo.VARIANCES)),
+        "model.variance": (lambda c: c.model.variance, set(elbo.REVERSE_VARIANCES)),
         "loss.weighting": (lambda c: c.loss.weighting, set(losses.WEIGHTINGS.names())),
-        "loss.t_sampling": (lambda c: c.loss.t_sampling, {"uniform", "importance"}),
+        "loss.t_sampling": (lambda c: c.loss.t_sampling, set(losses.T_SAMPLINGS.names())),
         "loss.objective": (lambda c: c.loss.objective, {"denoising"} | set(score_matching.OBJECTIVES.names())),
         "sample.sampler": (lambda c: c.sample.sampler, set(samplers.SAMPLERS.names())),
         "sample.spacing": (lambda c: c.sample.spacing, set(samplers.SPACINGS.names())),
