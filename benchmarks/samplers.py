@@ -37,6 +37,7 @@ from diffusion.config import (  # noqa: E402
 )
 from diffusion.data import load_dataset  # noqa: E402
 from diffusion.metrics import compute_fid  # noqa: E402
+from diffusion.registry import options_for  # noqa: E402
 from diffusion.samplers import SAMPLERS  # noqa: E402
 from diffusion.factory import draw_samples, make_timesteps  # noqa: E402
 from diffusion.training import Trainer  # noqa: E402
@@ -190,7 +191,8 @@ def run_cell(trainer: Trainer, dataset, options: SampleConfig, seed: int, eval_c
     seconds = time.perf_counter() - started
     cell = {"nfe": int(nfe), "seconds": seconds, "fid": float("nan"), "fid_reference": float("nan")}
     if torch.isfinite(samples).all():
-        result = compute_fid(samples, dataset, eval_cfg, torch.device("cpu"))
+        result = compute_fid(samples, dataset, **options_for(compute_fid, eval_cfg, renames={"n": "fid_n"}),
+                             device=torch.device("cpu"))
         cell.update(fid=result.fid, fid_reference=result.fid_reference, n=result.n, tags=result.tags)
     else:
         cell["diverged"] = True

@@ -31,8 +31,10 @@ import torch
 from .guidance import fit_noisy_classifier
 from .inverse import restoration_grid, solve_heldout
 from .latent import LIKELIHOOD_NOTE
-from .metrics import compute_fid, conditional_metrics
+from .errors import ConfigError
+from .metrics import available_examples, compute_fid, conditional_metrics, extractor_refusal
 from .factory import make_timesteps
+from .registry import options_for
 
 if TYPE_CHECKING:
     from .config import TrialConfig
@@ -76,7 +78,8 @@ def evaluate(model, data: Dataset, cfg: TrialConfig, *, vae: Optional[torch.nn.M
     report.step = model.step
     labels = model.sample_labels(cfg.sample.n)
     if cfg.sample.classifier_scale and classifier is None:
-        classifier = fit_noisy_classifier(cfg, data, model.process, model.device)[0]
+        classifier = fit_noisy_classifier(data, model.process, model.device, seed=cfg.seed,
+                                          steps=cfg.sample.classifier_steps)[0]
     samples = _draw(model, cfg, labels, classifier if cfg.sample.classifier_scale else None, vae, report)
     finite = torch.isfinite(samples).all().item()
     report.tags["samples_finite"] = str(bool(finite))
@@ -115,15 +118,30 @@ def _decode(model, cfg: TrialConfig, vae, samples: torch.Tensor) -> torch.Tensor
     return samples
 
 
+def _check_fid(samples: torch.Tensor, data: Dataset, cfg: TrialConfig) -> None:
+    """``eval.fid_n`` and ``eval.extractor`` against these samples and this data set, as ConfigErrors naming the
+    key (validation cannot decide them: they depend on the split sizes and the Inception weights on disk)."""
+    available = available_examples(len(samples), data, cfg.eval.reference_split)
+    n = cfg.eval.fid_n if cfg.eval.fid_n is not None else available
+    if n > available or n < 2:
+        raise ConfigError("eval.fid_n", cfg.eval.fid_n, f"an integer in [2, {available}] or null",
+                          detail=f"{len(samples)} samples, {len(data.test)} test and {len(data.train)} train examples")
+    refusal = extractor_refusal(cfg.eval.extractor, data)
+    if refusal is not None:
+        raise ConfigError("eval.extractor", *refusal)
+
+
 def _sample_quality(samples: torch.Tensor, labels, data: Dataset, cfg: TrialConfig, device, report: Report) -> None:
     """FID and KID with their floors and tags; for conditional samples of labelled images, the class metrics."""
-    result = compute_fid(samples, data, cfg.eval, device)
+    _check_fid(samples, data, cfg)
+    result = compute_fid(samples, data, **options_for(compute_fid, cfg.eval, renames={"n": "fid_n"}, device=device))
     report.metrics.update({"fid": result.fid, "fid_reference": result.fid_reference})
     if result.kid is not None:
         report.metrics.update({"kid": result.kid, "kid_reference": result.kid_reference})
     report.tags.update({k: str(v) for k, v in result.tags.items()})
     if labels is not None and data.is_image:
-        class_metrics, tags = conditional_metrics(samples, labels, data, cfg.eval, device)
+        class_metrics, tags = conditional_metrics(samples, labels, data, **options_for(conditional_metrics, cfg.eval,
+                                                                                      device=device))
         report.metrics.update(class_metrics)
         report.tags.update(tags)
 
@@ -171,7 +189,10 @@ def _inverse_problems(model, data: Dataset, cfg: TrialConfig, report: Report) ->
     for index, stage in enumerate(cfg.eval.inverse):
         generator = torch.Generator(device=device).manual_seed(cfg.seed + 10 + index)
         started = time.perf_counter()
-        result = solve_heldout(stage, model.ema_denoiser(), images, timesteps, cfg.eval, generator)
+        result = solve_heldout(stage, model.ema_denoiser(), images, timesteps, generator,
+                               **options_for(solve_heldout, cfg.eval, renames={
+                                   name: f"inverse_{name}"
+                                   for name in ("solver", "mask", "fraction", "sigma_y", "guidance", "cg_iterations")}))
         report.metrics.update({**result["metrics"], f"{stage}_seconds": time.perf_counter() - started})
         measurement = f"mask {cfg.eval.inverse_mask}" if stage == "inpaint" else f"sigma_y {cfg.eval.inverse_sigma_y}"
         tags[f"{stage}.solver"], tags[f"{stage}.measurement"] = cfg.eval.inverse_solver, measurement

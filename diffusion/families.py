@@ -34,9 +34,10 @@ from .denoiser import Denoiser, network_denoiser
 from .factory import build_process, continuous_limit, draw_samples
 from .guidance import classifier_guided, round_robin_labels
 from .latent import LIKELIHOOD_NOTE
-from .likelihood import heldout_likelihood
-from .losses import WEIGHTINGS, TimeSampler, diffusion_loss
+from .bpd import heldout_likelihood
+from .losses import WEIGHTINGS, TimeSampler, diffusion_loss, weighting_options
 from .parameterizations import PARAMETERIZATIONS
+from .registry import options_for
 from .samplers import in_batches
 from .validation import RESTORATION_PROCESSES
 
@@ -99,7 +100,7 @@ class GaussianFamily(Family):
         if self.learned_schedule:  # VDM's schedule trains with the network, in the same optimizer
             self.process.schedule.to(device)
         self.learned_variance = cfg.model.variance == "learned_range"
-        self.time_sampler = TimeSampler(self.process, cfg.loss)
+        self.time_sampler = TimeSampler(self.process, **options_for(TimeSampler, cfg.loss))
 
     def denoiser(self, network: torch.nn.Module, labels: Optional[Tensor] = None,
                  guidance_scale: float = 1.0) -> Denoiser:
@@ -112,9 +113,11 @@ class GaussianFamily(Family):
     def batch_losses(self, network: torch.nn.Module, x0: Tensor, labels: Optional[Tensor],
                      generator: torch.Generator) -> Tensor:
         """Per-example losses [B] of one batch (one network evaluation each): ``diffusion_loss``."""
-        return diffusion_loss(self.denoiser(network, labels), self.weighting, x0, generator, self.cfg.loss,
-                              levels=self.dataset.levels, variance=self.cfg.model.variance,
-                              time_sampler=self.time_sampler, reduction="none")
+        return diffusion_loss(self.denoiser(network, labels), self.weighting, x0, generator,
+                              **options_for(diffusion_loss, self.cfg.loss, levels=self.dataset.levels,
+                                            variance=self.cfg.model.variance,
+                                            weighting_options=weighting_options(self.weighting, self.cfg.loss),
+                                            time_sampler=self.time_sampler, reduction="none"))
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.process.parameters()) if self.learned_schedule else []
@@ -196,16 +199,20 @@ class GaussianFamily(Family):
         return ode, f"{limit} (max |log-SNR difference| of the limit on the grid: {deviation:.3f})"
 
     def heldout_likelihood(self, network: torch.nn.Module):
-        """Bits/dim of the first ``eval.bpd_n`` test examples (``diffusion.likelihood.heldout_likelihood``), with
+        """Bits/dim of the first ``eval.bpd_n`` test examples (``diffusion.bpd.heldout_likelihood``), with
         a generator seeded from the trial seed; the tag ``bpd_ode.path`` names a discrete model's ODE path."""
         if self.likelihood_note:
             raise NotImplementedError(self.likelihood_note)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
         x = self.dataset.test[: self.cfg.eval.bpd_n].to(self.device)
         ode, path_tag = self.ode_denoiser(network)
-        result = heldout_likelihood(self.denoiser(network), x, self.dataset.levels, self.cfg.eval, generator,
-                                    variance=self.cfg.model.variance, batch_size=self.cfg.sample.batch_size,
-                                    ode_denoiser=ode)
+        result = heldout_likelihood(self.denoiser(network), x, self.dataset.levels, generator,
+                                    **options_for(heldout_likelihood, self.cfg.eval,
+                                                  renames={"rtol": "ode_rtol", "atol": "ode_atol",
+                                                           "max_nfe": "ode_max_nfe", "probes": "hutchinson_probes",
+                                                           "distribution": "probe"},
+                                                  variance=self.cfg.model.variance,
+                                                  batch_size=self.cfg.sample.batch_size, ode_denoiser=ode))
         if path_tag:
             result.tags["bpd_ode.path"] = path_tag
         return result

@@ -137,15 +137,20 @@ def round_robin_labels(n: int, num_classes: int, device: Optional[torch.device] 
 
 
 
-def fit_noisy_classifier(cfg, dataset, process: GaussianProcess, device: torch.device) -> tuple[nn.Module, dict]:
-    """Train the noise-conditional classifier of ``cfg`` on the data set's labelled train split; returns it and
-    its record: the final loss and its test accuracy at t = 0.1, 0.5 and 0.9."""
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 3)
+def fit_noisy_classifier(dataset, process: GaussianProcess, device: Optional[torch.device] = None, *, seed: int = 0,
+                         steps: int = 2000) -> tuple[nn.Module, dict]:
+    """Train a noise-conditional classifier (:func:`build_noisy_classifier`) for ``process`` on the data set's
+    labelled train split on ``device`` (default: the CPU), ``steps`` steps (a config's ``sample.classifier_steps``);
+    its initial weights (under a forked global RNG) and every draw come from ``seed + 3``, ``seed`` being the
+    trial's (a config's ``seed``), so they are a stream of their own. Returns it and its record: the final loss and
+    its test accuracy at t = 0.1, 0.5 and 0.9."""
+    device = torch.device("cpu") if device is None else device
+    generator = torch.Generator(device=device).manual_seed(seed + 3)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 3)
+        torch.manual_seed(seed + 3)
         classifier = build_noisy_classifier(dataset.shape, dataset.num_classes).to(device)
     history = train_noisy_classifier(classifier, process, dataset.train.to(device), dataset.train_labels.to(device),
-                                     cfg.sample.classifier_steps, generator)
+                                     steps, generator)
     accuracy = noisy_classifier_accuracy(classifier, process, dataset.test.to(device), dataset.test_labels.to(device),
                                          (0.1, 0.5, 0.9), generator)
     record = {"loss": history[-1], **{f"accuracy_t{t:g}": a for t, a in accuracy.items()},

@@ -286,24 +286,31 @@ def restoration_grid(observed: Tensor, restored: Tensor, truth: Tensor, nrow: in
     return make_grid(images, nrow=n, padding=1, normalize=True, value_range=(-1, 1), pad_value=0.5)
 
 
-def solve_heldout(stage: str, denoiser, images: Tensor, timesteps: Tensor, options, generator: torch.Generator) -> dict:
-    """One inverse-problem stage (``inpaint`` or ``denoise``) on held-out ``images`` [B, C, H, W] with the solver and
-    settings of ``options`` (an EvalConfig: ``inverse_*``). The mask of ``inpaint`` is drawn from ``generator``
-    (``random``) and the same for every image. Returns ``metrics`` (``<stage>_psnr``, ``<stage>_ssim``: means over the
-    images of the restored images clipped to [-1, 1]; ``<stage>_psnr_observed``, ``<stage>_ssim_observed``: the
-    measurement itself, hidden pixels grey, as the baseline; ``<stage>_nfe``), and ``observed``, ``restored``."""
+def solve_heldout(stage: str, denoiser, images: Tensor, timesteps: Tensor, generator: torch.Generator, *,
+                  solver: str = "replacement", mask: str = "centre", fraction: float = 0.5, sigma_y: float = 0.2,
+                  guidance: float = 1.0, cg_iterations: int = 10) -> dict:
+    """One inverse-problem stage on held-out ``images`` [B, C, H, W] (in [-1, 1]) with the registered ``solver``
+    (``replacement``, ``likelihood`` or ``tweedie``, with ``guidance`` and, for tweedie, ``cg_iterations``) at the
+    ``timesteps``: ``inpaint`` hides the pixels of ``mask`` (:func:`make_mask`: ``centre``, ``random`` with
+    ``fraction`` of the pixels hidden, ``half``; drawn from ``generator`` and the same for every image), ``denoise``
+    adds Gaussian noise of std ``sigma_y``. The defaults are the eval section's (``eval.inverse_solver``,
+    ``inverse_mask``, ``inverse_fraction``, ``inverse_sigma_y``, ``inverse_guidance``, ``inverse_cg_iterations``).
+    Returns ``metrics`` (``<stage>_psnr``, ``<stage>_ssim``: means over the images of the restored images clipped to
+    [-1, 1]; ``<stage>_psnr_observed``, ``<stage>_ssim_observed``: the measurement itself, hidden pixels grey, as
+    the baseline; ``<stage>_nfe``), and ``observed``, ``restored``."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if solver not in INVERSE_SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(INVERSE_SOLVERS.names())}, got {solver!r}")
     if stage == "inpaint":
-        mask = make_mask(options.inverse_mask, tuple(images.shape[1:]), generator=generator, fraction=options.inverse_fraction)
-        measurement = Inpainting(mask.to(images.device))
-    elif stage == "denoise":
-        measurement = Denoising(options.inverse_sigma_y)
+        hidden = make_mask(mask, tuple(images.shape[1:]), generator=generator, fraction=fraction)
+        measurement = Inpainting(hidden.to(images.device))
     else:
-        raise ConfigError("eval.inverse", stage, ", ".join(STAGES))
+        measurement = Denoising(sigma_y)
     y = measurement.observe(images, generator)
-    name = options.inverse_solver
-    extra = {"cg_iterations": options.inverse_cg_iterations} if name == "tweedie" else {}
-    restored, nfe = INVERSE_SOLVERS.get(name)(denoiser, measurement, y, timesteps, generator=generator,
-                                              guidance=options.inverse_guidance, clip=1.0, **extra)
+    extra = {"cg_iterations": cg_iterations} if solver == "tweedie" else {}
+    restored, nfe = INVERSE_SOLVERS.get(solver)(denoiser, measurement, y, timesteps, generator=generator,
+                                                guidance=guidance, clip=1.0, **extra)
     restored, observed = restored.clamp(-1, 1), y.clamp(-1, 1)
     metrics = {f"{stage}_psnr": psnr(restored, images).mean().item(), f"{stage}_ssim": ssim(restored, images).mean().item(),
                f"{stage}_psnr_observed": psnr(observed, images).mean().item(),

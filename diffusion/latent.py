@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from .data import Dataset
-from .errors import ConfigError
 from .fit import fit
 
 LIKELIHOOD_NOTE = ("latent diffusion: bits/dim of the VAE's codes are not the data's (the decoder's likelihood "
@@ -83,27 +82,39 @@ class ConvVAE(nn.Module):
         return self.decode(z * self.scale)
 
 
-def build_vae(cfg, shape: tuple) -> ConvVAE:
-    model = cfg.model
-    if shape[-1] % model.latent_factor or shape[-2] % model.latent_factor:
-        raise ConfigError("model.latent_factor", model.latent_factor, f"a divisor of the image size {shape[-2]}x{shape[-1]}")
-    return ConvVAE(shape, model.latent_channels, model.latent_factor, model.vae_channels)
+def build_vae(shape: tuple, *, latent_channels: int = 2, latent_factor: int = 2, channels: int = 32) -> ConvVAE:
+    """An untrained VAE for images of ``shape`` (C, H, W): codes of ``latent_channels`` channels at 1 /
+    ``latent_factor`` of the image size (a power of 2, one stride-2 convolution per factor of 2; it must divide H
+    and W), convolutions ``channels`` wide. A config's ``model.latent_channels``, ``model.latent_factor`` and
+    ``model.vae_channels`` (their defaults are these)."""
+    if shape[-1] % latent_factor or shape[-2] % latent_factor:
+        raise ValueError(f"latent_factor: invalid value {latent_factor!r}; accepted: a divisor of the image size "
+                         f"{shape[-2]}x{shape[-1]}")
+    return ConvVAE(shape, latent_channels, latent_factor, channels)
 
 
-def fit_vae(cfg, dataset: Dataset, device: torch.device) -> tuple[ConvVAE, dict]:
-    """Train the VAE of a TrialConfig on the training split (Adam, ``model.vae_steps`` steps of ``train.batch_size``)
-    and set its scale; returns it with its record: test-split reconstruction MSE and PSNR (from the posterior
-    mean), KL per example (nats) and per latent dimension, the scale, and the shapes."""
-    torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg, dataset.shape).to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+def fit_vae(dataset: Dataset, device: Optional[torch.device] = None, *, seed: int = 0, latent_channels: int = 2,
+            latent_factor: int = 2, channels: int = 32, steps: int = 2000, kl_weight: float = 1e-3, lr: float = 1e-3,
+            batch_size: int = 128) -> tuple[ConvVAE, dict]:
+    """Train a VAE (:func:`build_vae` of ``latent_channels``, ``latent_factor``, ``channels``) on the data set's
+    training split on ``device`` (default: the CPU) and set its scale; returns it with its record: test-split
+    reconstruction MSE and PSNR (from the posterior mean), KL per example (nats) and per latent dimension, the scale,
+    and the shapes. Adam, ``steps`` steps of ``batch_size`` examples at learning rate ``lr``, on the beta-VAE loss
+    with KL weight ``kl_weight``; ``seed`` seeds the initial weights and every draw. A config's ``seed``,
+    ``model.vae_steps``, ``model.vae_kl_weight``, ``model.vae_lr`` and ``train.batch_size`` (their defaults are
+    these)."""
+    device = torch.device("cpu") if device is None else device
+    torch.manual_seed(seed)
+    vae = build_vae(dataset.shape, latent_channels=latent_channels, latent_factor=latent_factor,
+                    channels=channels).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     train = dataset.train.to(device)
 
     def loss() -> Tensor:
-        index = torch.randint(len(train), (cfg.train.batch_size,), generator=generator, device=device)
-        return vae.loss(train[index], cfg.model.vae_kl_weight, generator)[0].mean()
+        index = torch.randint(len(train), (batch_size,), generator=generator, device=device)
+        return vae.loss(train[index], kl_weight, generator)[0].mean()
 
-    fit(vae, loss, cfg.model.vae_steps, cfg.model.vae_lr)
+    fit(vae, loss, steps, lr)
     with torch.no_grad():
         codes = torch.cat([vae.posterior(batch)[0] for batch in train.split(1024)])
         vae.scale.fill_(codes.std().item())

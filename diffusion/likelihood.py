@@ -33,6 +33,8 @@ Conventions (documented where they act):
   (N(0, I) for vp, N(0, sigma_max^2 I) for ve). Its mismatch with the true q_1 belongs to the model.
 - **Units.** nats per example; :func:`bits_per_dim` converts, :func:`dequantized_bits_per_dim` adds
   the offset of 8-bit (or any ``levels``) data dequantized into [-1, 1] (see there).
+
+The held-out bits/dim a trial records (``bpd_ode`` and ``bpd_elbo``) are ``diffusion.bpd.heldout_likelihood``.
 """
 from __future__ import annotations
 
@@ -45,7 +47,6 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .elbo import elbo_terms
 from .processes import GaussianProcess
 from .registry import Registry
 
@@ -325,108 +326,3 @@ def dequantized_bits_per_dim(nll_y: Tensor, dims: int, levels: int = 256) -> Ten
     bound on the discrete data's bits/dim (Theis et al. 2016), tight when p is flat within bins.
     Example: a model uniform on [-1, 1]^D has NLL_y = D ln 2 and costs 1 + 7 = 8 bits, log2(256)."""
     return bits_per_dim(nll_y, dims, offset_bits=math.log2(levels / 2))
-
-
-# --------------------------------------------------------------------------------------------
-# Held-out bits/dim of a trained model
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class HeldOutLikelihood:
-    """What :func:`heldout_likelihood` measured: ``metrics`` (name -> float), ``tags`` (name -> str, the
-    method written next to the number) and ``elbo_curve`` (the bound's terms per step, or None)."""
-
-    metrics: dict
-    tags: dict
-    elbo_curve: Optional[dict] = None
-
-
-def _ode_metrics(denoiser: Denoiser, x: Tensor, levels: Optional[int], options, generator: torch.Generator,
-                 batch_size: int) -> dict:
-    """bpd_ode, bpd_ode_nfe and bpd_ode_stderr of :func:`heldout_likelihood`: each example's bits/dim
-    averaged over ``dequant_draws`` dequantizations, one ODE solve per batch and draw."""
-    per_example = torch.zeros(len(x), dtype=torch.float64)
-    nfes = []
-    for _ in range(options.dequant_draws):
-        start = 0
-        for batch in x.split(batch_size):
-            y = dequantize(to_levels(batch, levels), generator, levels) if levels else batch
-            result = ode_log_likelihood(denoiser, y.to(batch.device), rtol=options.ode_rtol,
-                                        atol=options.ode_atol, divergence=options.divergence,
-                                        probes=options.hutchinson_probes, distribution=options.probe,
-                                        generator=generator, max_nfe=options.ode_max_nfe)
-            offset = math.log2(levels / 2) if levels else 0.0
-            per_example[start:start + len(batch)] += result.bits_per_dim(offset).cpu() / options.dequant_draws
-            nfes.append(result.nfe)
-            start += len(batch)
-    return {"bpd_ode": per_example.mean().item(), "bpd_ode_nfe": float(np.mean(nfes)),
-            "bpd_ode_stderr": (per_example.std() / math.sqrt(len(x))).item() if len(x) > 1 else float("nan")}
-
-
-def _elbo_metrics(denoiser: Denoiser, x: Tensor, levels: Optional[int], variance: str,
-                  generator: torch.Generator, batch_size: int) -> tuple[dict, dict, dict]:
-    """(metrics bpd_elbo and bpd_elbo_stderr, the tag bpd_elbo.method, the per-step curve) of
-    :func:`heldout_likelihood`. The bound is one sum over the T steps (Ho et al. 2020, eq. 5), all its
-    terms computed together by ``elbo_terms`` for each batch."""
-    process, dims = denoiser.process, x[0].numel()
-    totals, columns = [], []
-    with torch.no_grad():
-        for batch in x.split(batch_size):
-            terms = elbo_terms(denoiser, batch, levels, variance, generator=generator)
-            totals.append(terms["total"].cpu())
-            columns.append(torch.cat([terms["decoder"][:, None], terms["transitions"], terms["prior"][:, None]], 1).cpu())
-    total = bits_per_dim(torch.cat(totals), dims)
-    per_term = bits_per_dim(torch.cat(columns).mean(0), dims)
-    metrics = {"bpd_elbo": total.mean().item(),
-               "bpd_elbo_stderr": (total.std() / math.sqrt(len(total))).item() if len(total) > 1 else float("nan")}
-    method = (f"discrete bound (Ho et al. 2020, eq. 5): prior + {process.T - 1} transition KLs + "
-              + (f"decoder discretized on {levels} levels" if levels else "Gaussian decoder density")
-              + f", reverse variance {variance}, one eps draw per term")
-    curve = {"t": [i / process.T for i in range(1, process.T + 1)] + ["prior"],
-             "bits_per_dim": per_term.tolist(), "terms": ["L_0"] + [f"L_{i - 1}" for i in range(2, process.T + 1)] + ["L_T"]}
-    return metrics, {"bpd_elbo.method": method}, curve
-
-
-def heldout_likelihood(denoiser: Denoiser, x: Tensor, levels: Optional[int], options, generator: torch.Generator,
-                       variance: str = "beta_tilde", batch_size: int = 256,
-                       ode_denoiser: Optional[Denoiser] = None) -> HeldOutLikelihood:
-    """Bits/dim of held-out data x [N, ...] under a trained model, with ``options`` the EvalConfig:
-
-    - ``bpd_ode``: the probability-flow ODE NLL (:func:`ode_log_likelihood`, ``ode_rtol``/``ode_atol``,
-      ``divergence``, ``hutchinson_probes``, ``probe``). Data with ``levels`` discrete values per
-      dimension are first mapped back to their levels and dequantized ``dequant_draws`` times
-      (:func:`dequantize`, bins of width 2 / levels tiling [-1, 1)), and the offset log2(levels / 2) of
-      :func:`dequantized_bits_per_dim` puts the number on the scale of the discrete data (8-bit images:
-      + 7); continuous data (2-D sets) get the density's bits/dim, no offset. ``bpd_ode_stderr`` is the
-      standard error over examples of their mean over draws; ``bpd_ode_nfe`` the mean solver NFE per solve.
-      ``ode_denoiser`` (default ``denoiser``) is the model the ODE runs on: a discrete model through its
-      continuous limit (``factory.continuous_limit``), whose smooth path costs far fewer solver steps.
-    - ``bpd_elbo`` (integer process.T only): the discrete variational bound of Ho et al. 2020, eq. 5
-      (``diffusion.elbo.elbo_terms``: prior, every transition KL, the decoder discretized on ``levels``
-      values, or its density for continuous data), in bits/dim; ``elbo_curve`` holds each term's mean
-      in bits/dim per step t = i / T (L_0 the decoder at i = 1, L_{i-1} for i >= 2, and L_T).
-    """
-    ode_model = ode_denoiser or denoiser
-    metrics, tags, curve = {}, {}, None
-    try:  # the ODE part draws from ``generator`` first, then the ELBO part
-        metrics = _ode_metrics(ode_model, x, levels, options, generator, batch_size)
-    except RuntimeError as error:  # an evaluation, not the trial: the solver's failure is recorded, not raised
-        tags["bpd_ode.error"] = str(error)[:500]
-    tags.update({
-        "bpd_ode.method": "probability-flow ODE, scipy RK45, from t_min to 1, prior N(0, sigma(1)^2 I)",
-        "bpd_ode.rtol": str(options.ode_rtol), "bpd_ode.atol": str(options.ode_atol),
-        "bpd_ode.max_nfe": str(options.ode_max_nfe),
-        "bpd_ode.divergence": options.divergence if options.divergence == "exact"
-        else f"hutchinson, {options.hutchinson_probes} {options.probe} probe(s) per example, fixed per solve",
-        "bpd_ode.t_start": str(default_t_start(ode_model.process)),
-        "bpd.dequantization": (f"uniform, (k + u) / {levels} on [-1, 1), {options.dequant_draws} draw(s); "
-                               f"offset log2({levels}/2) = {math.log2(levels / 2):.4f} bits") if levels
-        else "none (continuous data: bits/dim of the density)",
-        "bpd.n": str(len(x)),
-    })
-    if denoiser.process.T is not None:
-        elbo_metrics, elbo_tags, curve = _elbo_metrics(denoiser, x, levels, variance, generator, batch_size)
-        metrics.update(elbo_metrics)
-        tags.update(elbo_tags)
-    return HeldOutLikelihood(metrics, tags, curve)

@@ -3,7 +3,8 @@
 Every weighting is a function ``(eps_hat, eps, alpha, sigma, *, <what else it reads>) -> loss [B]``
 with alpha and sigma broadcast against the data; a weight that depends on the time takes ``t`` [B] and the
 ``process``, and a weighting's own options are plain numbers with its paper's defaults (``min_snr``'s ``gamma``).
-``diffusion_loss`` is the entry point from a LossConfig: it passes each weighting exactly what it declares. The
+``diffusion_loss`` takes plain numbers too and passes each weighting exactly what it declares; a LossConfig
+becomes its keywords through ``registry.options_for`` and :func:`weighting_options`. The
 errors of x0 and the score follow from the eps error (x0 error = sigma / alpha * eps error, score
 error = eps error / sigma), so every weighting is written where its paper writes it. Squared errors are averaged over data dimensions (not summed), so
 losses are comparable across image sizes; the papers' sums are D times larger.
@@ -89,17 +90,24 @@ def edm(eps_hat: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
 class TimeSampler:
     """Draws training times and the weights that keep the loss estimate unbiased.
 
+    ``t_sampling`` (``loss.t_sampling``, default uniform):
+
     ``uniform``: the process's own times (uniform on {1..T}/T, or on [t_min, 1]), weight 1.
     ``importance`` (Nichol & Dhariwal 2021, sec. 3.3): the time range is split into ``bins`` (the T steps in
-    discrete time, ``loss.importance_bins`` equal bins in continuous time); once every bin holds
-    ``history`` recent losses, bin k is drawn with p_k proportional to sqrt(E[L_k^2]) (mixed with
-    ``uniform_share`` of the uniform law) and each example is weighted by p_uniform / p_k. The loss
+    discrete time, ``importance_bins`` equal bins in continuous time, default 100 as ``loss.importance_bins``);
+    once every bin holds ``history`` recent losses, bin k is drawn with p_k proportional to sqrt(E[L_k^2]) (mixed
+    with ``uniform_share`` of the uniform law) and each example is weighted by p_uniform / p_k. The loss
     history is part of the state, so a resumed run continues exactly.
     """
 
-    def __init__(self, process, options: LossConfig, history: int = 10, uniform_share: float = 1e-3):
-        self.process, self.importance = process, T_SAMPLINGS.get(options.t_sampling)
-        self.bins = process.T if process.T is not None else options.importance_bins
+    def __init__(self, process, t_sampling: str = "uniform", *, importance_bins: int = 100, history: int = 10,
+                 uniform_share: float = 1e-3):
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling must be one of {', '.join(T_SAMPLINGS.names())}, got {t_sampling!r}")
+        if process.T is None and importance_bins < 1:
+            raise ValueError(f"importance_bins must be an integer >= 1, got {importance_bins}")
+        self.process, self.importance = process, T_SAMPLINGS.get(t_sampling)
+        self.bins = process.T if process.T is not None else importance_bins
         self.history = torch.zeros(self.bins, history, dtype=torch.float64)
         self.counts = torch.zeros(self.bins, dtype=torch.long)
         self.uniform_share = uniform_share
@@ -148,9 +156,10 @@ class TimeSampler:
 
 
 def diffusion_loss(
-    denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator,
-    options: LossConfig | None = None, levels: int | None = None, variance: str = "beta_tilde",
-    time_sampler: TimeSampler | None = None, reduction: str = "mean",
+    denoiser: Denoiser, weighting: Weighting, x0: Tensor, generator: torch.Generator, *,
+    levels: int | None = None, variance: str = "beta_tilde", objective: str = "denoising",
+    hybrid_lambda: float = 0.001, n_projections: int = 1, projection: str = "gaussian",
+    weighting_options: dict | None = None, time_sampler: TimeSampler | None = None, reduction: str = "mean",
 ) -> Tensor:
     """One Monte Carlo estimate of the weighted loss on a batch x0 [B, ...]: the mean over the batch
     (``reduction="none"``: the per-example estimates [B], importance weights applied).
@@ -161,18 +170,21 @@ def diffusion_loss(
     - the ``elbo`` weighting: the loss is the unbiased one-step estimate L_T + T L_{i-1} of the whole
       bound (Ho et al. 2020, eq. 5), i drawn by the time sampler (uniform or importance-sampled with its
       unbiasing weight, Nichol & Dhariwal 2021, sec. 3.3);
-    - ``variance: learned_range`` with any other weighting: Nichol & Dhariwal's hybrid loss
-      L + ``loss.hybrid_lambda`` L_vlb, where L_vlb is the same bound estimate with the gradient through
-      the mean stopped, so that the bound trains only the variance head (their sec. 3.1).
+    - ``variance="learned_range"`` with any other weighting: Nichol & Dhariwal's hybrid loss
+      L + ``hybrid_lambda`` L_vlb (default 0.001, ``loss.hybrid_lambda``), where L_vlb is the same bound estimate
+      with the gradient through the mean stopped, so that the bound trains only the variance head (their sec. 3.1).
 
-    The weighting gets the options it declares, read from ``options`` (``min_snr``'s ``gamma`` from
-    ``loss.min_snr_gamma``), and the times and process if it takes them. One network evaluation per example either
-    way."""
+    ``objective`` (``loss.objective``): ``denoising`` (the default, all of the above) or ``implicit`` / ``sliced``
+    score matching, :func:`score_matching_loss` with ``n_projections`` and ``projection`` (which it alone reads).
+    The weighting gets ``weighting_options`` (its own options, default none: its signature's defaults, e.g.
+    ``{"gamma": 5.0}`` for ``min_snr``; :func:`weighting_options` reads them from a LossConfig), and the times and
+    process if it takes them. ``time_sampler``: default uniform times (``TimeSampler(process)``). One network
+    evaluation per example either way."""
     process = denoiser.process
-    options = options or LossConfig()
-    if options.objective != "denoising":
-        return score_matching_loss(denoiser, x0, generator, options, time_sampler, reduction)
-    time_sampler = time_sampler or TimeSampler(process, LossConfig())
+    if objective != "denoising":
+        return score_matching_loss(denoiser, x0, generator, objective, n_projections=n_projections,
+                                   projection=projection, time_sampler=time_sampler, reduction=reduction)
+    time_sampler = time_sampler or TimeSampler(process)
     t, importance = time_sampler.sample(x0.shape[0], generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     x_t = process.marginal(x0, t, eps)
@@ -186,17 +198,18 @@ def diffusion_loss(
         losses = bound
     else:
         alpha, sigma = denoiser._coefs(x_t, t)
-        keywords = weighting_options(weighting, options, t=t, process=process)
+        keywords = {**(weighting_options or {}), **options_for(weighting, None, t=t, process=process)}
         losses = weighting(eps_hat.float(), eps, alpha, sigma, **keywords)
         if bound is not None:
-            losses = losses + options.hybrid_lambda * bound
+            losses = losses + hybrid_lambda * bound
     time_sampler.update(t, losses)
     return _reduce(importance * losses, reduction)
 
 
 def weighting_options(weighting: Weighting, options: LossConfig, **inputs: Any) -> dict:
     """The keyword arguments ``weighting`` declares: its options read from the LossConfig by name (min_snr's
-    ``gamma`` from ``min_snr_gamma``) and those of ``inputs`` (the times ``t``, the ``process``) it takes."""
+    ``gamma`` from ``min_snr_gamma``) and those of ``inputs`` (the times ``t``, the ``process``) it takes.
+    Without ``inputs``: the ``weighting_options`` of :func:`diffusion_loss` for a config."""
     return options_for(weighting, options, renames={"gamma": "min_snr_gamma"}, **inputs)
 
 
@@ -204,19 +217,27 @@ def _reduce(losses: Tensor, reduction: str) -> Tensor:
     return losses.mean() if reduction == "mean" else losses
 
 
-def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generator, options: LossConfig,
-                        time_sampler: TimeSampler | None = None, reduction: str = "mean") -> Tensor:
+def score_matching_loss(denoiser: Denoiser, x0: Tensor, generator: torch.Generator, objective: str, *,
+                        n_projections: int = 1, projection: str = "gaussian", time_sampler: TimeSampler | None = None,
+                        reduction: str = "mean") -> Tensor:
     """Implicit or sliced score matching (``diffusion.score_matching``) of the noised data x_t ~ q_t at a
     random t per example, weighted by lambda = sigma^2 (Song & Ermon 2019, eq. 6) and averaged over
     dimensions: for every model it equals the ``sigma2`` denoising loss up to a constant that does not
-    depend on the model (Hyvarinen 2005, Theorem 1; Vincent 2011). For data [B, D]."""
+    depend on the model (Hyvarinen 2005, Theorem 1; Vincent 2011). For data [B, D].
+
+    ``objective``: ``implicit`` (exact Jacobian trace) or ``sliced``, the latter with ``n_projections`` random
+    projections per example drawn from ``projection`` (``gaussian`` or ``rademacher``; defaults 1 and gaussian as
+    ``loss.n_projections`` and ``loss.projection``). ``time_sampler``: default uniform times; ``reduction`` as in
+    :func:`diffusion_loss`."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES.names())}, got {objective!r}")
     process = denoiser.process
-    time_sampler = time_sampler or TimeSampler(process, LossConfig())
+    time_sampler = time_sampler or TimeSampler(process)
     t, importance = time_sampler.sample(x0.shape[0], generator, x0.device)
     x_t = process.marginal(x0, t, torch.randn(x0.shape, generator=generator, device=x0.device))
     score_fn = lambda x: denoiser.score(x, t)  # noqa: E731 - rows of x are the examples at times t
-    extra = {"n_projections": options.n_projections, "distribution": options.projection} if options.objective == "sliced" else {}
-    per_example = OBJECTIVES.get(options.objective)(score_fn, x_t, generator=generator, **extra)
+    extra = {"n_projections": n_projections, "distribution": projection} if objective == "sliced" else {}
+    per_example = OBJECTIVES.get(objective)(score_fn, x_t, generator=generator, **extra)
     sigma = process.sigma(t).to(x0.device)
     losses = sigma**2 * per_example / x0[0].numel()
     time_sampler.update(t, losses)

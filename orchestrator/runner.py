@@ -286,11 +286,14 @@ def trial_dirname(name: str) -> str:
 def prepare_extractors(sweep: Sweep) -> None:
     """Train (or load) each FID feature extractor the sweep needs once, in the driver, and extract the
     reference split's features into the cache, so that concurrent trials load both from the cache
-    instead of each computing its own copy."""
+    instead of each computing its own copy. ConfigError naming ``eval.extractor`` when an extractor cannot
+    serve its data set (``metrics.extractor_refusal``)."""
     import torch
 
     from diffusion.data import load_dataset
-    from diffusion.metrics import get_extractor, reference_features
+    from diffusion.errors import ConfigError
+    from diffusion.metrics import extractor_refusal, get_extractor, reference_features
+    from diffusion.registry import options_for
 
     seen = set()
     for trial in sweep.trials:
@@ -300,7 +303,11 @@ def prepare_extractors(sweep: Sweep) -> None:
             continue
         seen.add(key)
         dataset = load_dataset(cfg.data)
-        name, extract, info = get_extractor(cfg.eval.extractor, dataset, cfg.eval, torch.device("cpu"))
+        refusal = extractor_refusal(cfg.eval.extractor, dataset)
+        if refusal is not None:
+            raise ConfigError("eval.extractor", *refusal)
+        name, extract, info = get_extractor(cfg.eval.extractor, dataset,
+                                            **options_for(get_extractor, cfg.eval, device=torch.device("cpu")))
         reference_features(dataset, cfg.eval.reference_split, name, extract, info, cfg.eval.cache_dir)
         if name == "classifier":
             origin = "loaded from cache" if info.get("loaded_from_cache") else "trained"

@@ -14,8 +14,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from diffusion.data import load_dataset
+from diffusion.errors import ConfigError
 from diffusion.guidance import build_noisy_classifier, fit_noisy_classifier
 from diffusion.latent import build_vae, fit_vae, latent_dataset
+from diffusion.registry import options_for
 from diffusion.storage import save_atomic
 
 from .cache import ModelCache, likelihood_key, warn_damaged
@@ -71,9 +73,16 @@ def vae_stage(cfg: SweepTrialConfig, dataset, cache: ModelCache, client: MlflowC
     """The VAE of latent diffusion, trained once per data set, latent options, batch size and seed and kept in the
     model cache (``vae-<hash>``, :func:`cached_stage`): the first training that needs it trains it, later
     trainings and evaluations load it. Its reconstruction and KL on the test split are logged to the run as
-    metrics, with tags naming the entry and the run that trained it."""
-    vae, record, entry = cached_stage(cache, "vae", vae_spec(cfg), run_id, lambda: fit_vae(cfg, dataset, device),
-                                      lambda record: build_vae(cfg, dataset.shape), device, "vae_train_seconds")
+    metrics, with tags naming the entry and the run that trained it. ConfigError when ``model.latent_factor`` does
+    not divide the image size."""
+    shape, factor = dataset.shape, cfg.model.latent_factor
+    if shape[-1] % factor or shape[-2] % factor:
+        raise ConfigError("model.latent_factor", factor, f"a divisor of the image size {shape[-2]}x{shape[-1]}")
+    renames = {"channels": "vae_channels", "steps": "vae_steps", "kl_weight": "vae_kl_weight", "lr": "vae_lr"}
+    options = options_for(fit_vae, cfg.model, renames, seed=cfg.seed, batch_size=cfg.train.batch_size)
+    vae, record, entry = cached_stage(cache, "vae", vae_spec(cfg), run_id, lambda: fit_vae(dataset, device, **options),
+                                      lambda record: build_vae(shape, **options_for(build_vae, cfg.model, renames)),
+                                      device, "vae_train_seconds")
     client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in record.items()
                                       if k.startswith("vae_")],
                      tags=[RunTag("vae.entry", entry), RunTag("vae.computed_by_run", record["computed_by_run"]),
@@ -91,7 +100,8 @@ def guidance_classifier(cfg: SweepTrialConfig, dataset, trainer, cache: ModelCac
     whether it was trained or loaded, nor on when.)"""
     classifier, record, entry = cached_stage(
         cache, "classifier", classifier_spec(cfg), run_id,
-        lambda: fit_noisy_classifier(cfg, dataset, trainer.process, trainer.device),
+        lambda: fit_noisy_classifier(dataset, trainer.process, trainer.device, seed=cfg.seed,
+                                     steps=cfg.sample.classifier_steps),
         lambda record: build_noisy_classifier(record["shape"], record["num_classes"]), trainer.device, "train_seconds")
     tags = {"guidance.classifier": entry, "guidance.classifier_computed_by_run": record["computed_by_run"]}
     tags.update({f"guidance.classifier_{k}": f"{v:.4f}" for k, v in record.items() if k.startswith("accuracy_")})

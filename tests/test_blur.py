@@ -241,5 +241,6 @@ def test_classifier_guidance_differentiates_through_the_dct():
     cfg = dataclasses.replace(trial(), sample=dataclasses.replace(trial().sample, classifier_scale=2.0, classifier_steps=60))
     validate(cfg)
     dataset = load_dataset(cfg.data)
-    trained, record = fit_noisy_classifier(cfg, dataset, build_process(cfg.process, dataset.shape), torch.device("cpu"))
+    trained, record = fit_noisy_classifier(dataset, build_process(cfg.process, dataset.shape), torch.device("cpu"),
+                                           seed=cfg.seed, steps=cfg.sample.classifier_steps)
     assert record["accuracy_t0.1"] > 0.3 and math.isfinite(record["loss"])  # chance: 0.1

@@ -96,7 +96,7 @@ def test_evaluate_is_deterministic_and_reports_the_library_numbers(moons):
     assert measured(first) == measured(second) and first.tags == second.tags and first.files == second.files
     assert list(first.images[SAMPLES_IMAGE].getdata()) == list(second.images[SAMPLES_IMAGE].getdata())
     samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1)  # the seed evaluate samples with
-    direct = compute_fid(samples, dataset, cfg.eval, CPU)
+    direct = compute_fid(samples, dataset, cache_dir=cfg.eval.cache_dir, device=CPU)  # the eval section's defaults
     assert (first.metrics["fid"], first.metrics["kid"], first.metrics["sample_nfe"]) == (direct.fid, direct.kid, nfe)
     likelihood = trainer.heldout_likelihood()
     assert {k: first.metrics[k] for k in likelihood.metrics} == likelihood.metrics
@@ -137,7 +137,7 @@ def test_guidance_classifier_trained_by_evaluate_or_handed_in_gives_the_same_rep
     guided = build_trainer(cfg, dataset, CPU)
     guided.load_state_dict(trainer.state_dict())
     own = evaluate(guided, dataset, cfg)
-    classifier = fit_noisy_classifier(cfg, dataset, guided.process, CPU)[0]
+    classifier = fit_noisy_classifier(dataset, guided.process, CPU, seed=cfg.seed, steps=cfg.sample.classifier_steps)[0]
     handed = evaluate(guided, dataset, cfg, classifier=classifier)
     assert measured(own) == measured(handed) and own.metrics["sample_nfe"] == 10.0
     plain = moons_config(cfg.eval.cache_dir)
@@ -199,7 +199,8 @@ def test_latent_samples_are_decoded_and_have_no_bits_per_dim(features):
     cfg = digits_config(features, latent=True)
     cfg.eval.fid, cfg.eval.bpd, cfg.sample.n, cfg.sample.batch_size = False, True, 16, 8
     dataset = load_dataset(cfg.data)
-    vae = build_vae(cfg, dataset.shape).eval()  # untrained: what is checked is that samples are decoded
+    # untrained, with the config's latent options (the defaults): what is checked is that samples are decoded
+    vae = build_vae(dataset.shape).eval()
     trainer = build_trainer(cfg, latent_dataset(dataset, vae), CPU)
     with pytest.raises(ValueError, match="needs the VAE"):
         evaluate(trainer, dataset, cfg)

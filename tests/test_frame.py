@@ -208,28 +208,42 @@ def test_elbo_weighting_is_the_exact_bound_in_discrete_time_and_vdm_in_continuou
 def test_score_matching_objectives_differ_from_denoising_by_a_model_free_constant(objective):
     """E[sigma^2 (tr grad s + 1/2 ||s||^2)] and E[1/2 sigma^2 ||s - grad log q(x_t|x0)||^2] differ by a constant
     (Hyvarinen 2005; Vincent 2011): the change between two models is the same for both objectives."""
-    from diffusion.config import LossConfig
-
     data = GaussianData.random(2, seed=7)
     process = build_process(ProcessConfig(name="ve", schedule="geometric", T="continuous", sigma_min=0.05, sigma_max=3.0))
     exact = data.denoiser(process)
     worse = Denoiser(lambda x, t: 0.7 * exact.eps(x, t), process)
     x0 = data.sample(100_000, torch.Generator().manual_seed(0))
-    options = LossConfig(weighting="sigma2", objective=objective, n_projections=4)
+    options = dict(objective=objective, n_projections=4)
 
     def loss(model, opts):
-        return diffusion_loss(model, WEIGHTINGS.get("sigma2"), x0, torch.Generator().manual_seed(1), opts).item()
+        return diffusion_loss(model, WEIGHTINGS.get("sigma2"), x0, torch.Generator().manual_seed(1), **opts).item()
 
     change_sm = loss(worse, options) - loss(exact, options)
-    change_dsm = loss(worse, LossConfig(weighting="sigma2")) - loss(exact, LossConfig(weighting="sigma2"))
+    change_dsm = loss(worse, {}) - loss(exact, {})
     assert change_dsm > 0.01
     assert change_sm == pytest.approx(change_dsm, rel=0.1)
+
+
+def test_loss_options_are_checked():
+    """The plain-number loss functions refuse what they cannot do, naming the parameter (a config is refused
+    earlier, by diffusion.validation, naming its key)."""
+    from diffusion.losses import TimeSampler, score_matching_loss
+
+    process = build_process(ProcessConfig(T="continuous"))
+    with pytest.raises(ValueError, match="t_sampling must be one of importance, uniform, got 'stratified'"):
+        TimeSampler(process, "stratified")
+    with pytest.raises(ValueError, match="importance_bins must be an integer >= 1, got 0"):
+        TimeSampler(process, "importance", importance_bins=0)
+    denoiser = GaussianData.random(2, seed=7).denoiser(process)
+    with pytest.raises(ValueError, match="objective must be one of implicit, sliced, got 'denoising'"):
+        score_matching_loss(denoiser, torch.zeros(4, 2), torch.Generator(), "denoising")
+    with pytest.raises(ValueError, match="objective must be one of implicit, sliced, got 'exact'"):
+        diffusion_loss(denoiser, WEIGHTINGS.get("sigma2"), torch.zeros(4, 2), torch.Generator(), objective="exact")
 
 
 def test_importance_sampling_of_t_is_unbiased_and_reduces_variance():
     """Nichol & Dhariwal 2021, sec. 3.3: with p_t proportional to sqrt(E[L_t^2]) and weights p_uniform / p_t the
     estimate keeps its mean and, for the heavy-tailed likelihood weighting, loses variance."""
-    from diffusion.config import LossConfig
     from diffusion.losses import TimeSampler
 
     data = GaussianData.random(4, seed=9)
@@ -237,13 +251,13 @@ def test_importance_sampling_of_t_is_unbiased_and_reduces_variance():
     denoiser = data.denoiser(process)
     weighting = WEIGHTINGS.get("likelihood")
     g = torch.Generator().manual_seed(0)
-    sampler = TimeSampler(process, LossConfig(t_sampling="importance", importance_bins=20))
+    sampler = TimeSampler(process, "importance", importance_bins=20)
     while (sampler.counts < 10).any():  # fill every bin's history
         diffusion_loss(denoiser, weighting, data.sample(512, g), g, time_sampler=sampler)
     p = sampler.probabilities()
     expected = (sampler.history**2).mean(1).sqrt()
     assert torch.allclose(p, 0.999 * expected / expected.sum() + 0.001 / 20)
-    frozen = TimeSampler(process, LossConfig(t_sampling="importance", importance_bins=20))
+    frozen = TimeSampler(process, "importance", importance_bins=20)
     frozen.load_state_dict(sampler.state_dict())
     frozen.update = lambda t, losses: None  # keep p fixed while measuring
     uniform, weighted = [], []

@@ -223,7 +223,6 @@ def test_trained_digits_model_samples_are_classified_as_their_requested_class(tm
     network, through the trial's metric) puts the conditional samples in their requested class far above the
     10 % of chance, guidance (scale 3) more often still, and the unconditional half (scale 0) near chance
     (measured: 0.68, 0.865 and 0.10; the classifier itself: 0.986)."""
-    from diffusion.config import EvalConfig
     from diffusion.metrics import conditional_metrics
 
     torch.manual_seed(0)
@@ -235,13 +234,12 @@ def test_trained_digits_model_samples_are_classified_as_their_requested_class(tm
     dataset = load_dataset(cfg.data)
     trainer = Trainer(cfg, dataset, torch.device("cpu"))
     trainer.train()
-    eval_cfg = EvalConfig(classifier_steps=300, cache_dir=str(tmp_path))
     labels = round_robin_labels(200, 10)
     accuracy = {}
     for scale in (0.0, 1.0, 3.0):
         trainer.cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance_scale=scale))
         samples, _ = trainer.sample(200, seed=1, labels=labels)
-        metrics, _ = conditional_metrics(samples, labels, dataset, eval_cfg, torch.device("cpu"))
+        metrics, _ = conditional_metrics(samples, labels, dataset, classifier_steps=300, cache_dir=str(tmp_path))
         accuracy[scale] = metrics["class_accuracy"]
     assert metrics["class_accuracy_reference"] > 0.9, metrics
     assert accuracy[1.0] > 0.5 and accuracy[3.0] > accuracy[1.0], accuracy

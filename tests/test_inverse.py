@@ -253,6 +253,13 @@ def test_solver_registry_and_refusals():
     with pytest.raises(ConfigError, match="process.name"):
         INVERSE_SOLVERS.get("likelihood")(DATA.denoiser(per_dimension), Denoising(0.5), torch.zeros(2, DIM),
                                           make_timesteps(PROCESS, SampleConfig(steps=5)), generator=torch.Generator())
+    from diffusion.inverse import solve_heldout
+
+    images, timesteps = torch.zeros(2, 1, 4, 4), make_timesteps(PROCESS, SampleConfig(steps=5))
+    with pytest.raises(ValueError, match="stage must be one of inpaint, denoise, got 'deblur'"):
+        solve_heldout("deblur", DATA.denoiser(PROCESS), images, timesteps, torch.Generator())
+    with pytest.raises(ValueError, match="solver must be one of likelihood, replacement, tweedie, got 'dps'"):
+        solve_heldout("inpaint", DATA.denoiser(PROCESS), images, timesteps, torch.Generator(), solver="dps")
 
 
 # --- masks ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from diffusion.config import DataConfig, EvalConfig, ModelConfig, ProcessConfig, SampleConfig, TrainConfig, TrialConfig
 from diffusion.validation import validate
-from diffusion.data import load_dataset
+from diffusion.data import Dataset, load_dataset
 from diffusion.errors import ConfigError
 from diffusion.latent import build_vae, evaluate_vae, fit_vae, latent_dataset
 from diffusion.training import build_trainer
@@ -26,7 +26,8 @@ def trial(**model) -> TrialConfig:
 def fitted():
     cfg = trial()
     dataset = load_dataset(cfg.data)
-    vae, record = fit_vae(cfg, dataset, torch.device("cpu"))
+    vae, record = fit_vae(dataset, torch.device("cpu"), seed=cfg.seed, steps=cfg.model.vae_steps,
+                          batch_size=cfg.train.batch_size)
     return cfg, dataset, vae, record
 
 
@@ -85,5 +86,12 @@ def test_config_checks():
         with pytest.raises(ConfigError) as error:
             validate(cfg)
         assert error.value.key == key, (key, error.value)
-    with pytest.raises(ConfigError, match="model.latent_factor"):
-        build_vae(trial(latent_factor=4), (1, 6, 6))
+    with pytest.raises(ValueError, match="latent_factor: invalid value 4"):
+        build_vae((1, 6, 6), latent_factor=4)
+    # the image size is known once the data set is loaded: the orchestrator's VAE stage names the config key
+    from orchestrator.stages import vae_stage
+
+    six = torch.zeros(2, 1, 6, 6)
+    with pytest.raises(ConfigError, match="model.latent_factor") as error:
+        vae_stage(trial(latent_factor=4), Dataset("six", six, six), None, None, "run", torch.device("cpu"))
+    assert error.value.key == "model.latent_factor"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.analytic import GaussianData
-from diffusion.config import LossConfig, ProcessConfig
+from diffusion.config import ProcessConfig
 from diffusion.denoiser import Denoiser
 from diffusion.elbo import reverse_variance
 from diffusion.losses import WEIGHTINGS, TimeSampler, diffusion_loss
@@ -164,16 +164,15 @@ def test_hybrid_loss_trains_the_mean_by_the_weighting_and_the_variance_by_the_bo
     denoiser = network_denoiser(net, PARAMETERIZATIONS.get("eps"), process, learned_variance=True)
     x0 = DATA.sample(256, torch.Generator().manual_seed(0))
 
-    def grads(options, variance):
+    def grads(name, variance, **options):
         net.zero_grad()
         g = torch.Generator().manual_seed(1)
-        diffusion_loss(denoiser, WEIGHTINGS.get(options.weighting), x0, g, options, levels=None,
-                       variance=variance).backward()
+        diffusion_loss(denoiser, WEIGHTINGS.get(name), x0, g, levels=None, variance=variance, **options).backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
 
-    hybrid = grads(LossConfig(weighting=weighting, hybrid_lambda=0.01), "learned_range")
-    alone = grads(LossConfig(weighting=weighting), "beta_tilde")  # the same draws; no bound term
-    bound = grads(LossConfig(weighting="elbo"), "learned_range")  # the whole bound, both heads
+    hybrid = grads(weighting, "learned_range", hybrid_lambda=0.01)
+    alone = grads(weighting, "beta_tilde")  # the same draws; no bound term
+    bound = grads("elbo", "learned_range")  # the whole bound, both heads
     for h, a in zip(hybrid[:2], alone[:2]):  # mean head
         assert torch.allclose(h, a, atol=1e-7)
     for h, b in zip(hybrid[2:], bound[2:]):  # variance head
@@ -187,7 +186,7 @@ def test_importance_sampled_discrete_bound_is_unbiased():
     denoiser = Denoiser(lambda x, t: 0.8 * DATA.exact_eps(x, process.alpha(t), process.sigma(t)), process)
     weighting = WEIGHTINGS.get("elbo")
     g = torch.Generator().manual_seed(0)
-    sampler = TimeSampler(process, LossConfig(t_sampling="importance", weighting="elbo"))
+    sampler = TimeSampler(process, "importance")
     while (sampler.counts < 10).any():
         diffusion_loss(denoiser, weighting, DATA.sample(64, g), g, levels=None, time_sampler=sampler)
     assert not torch.allclose(sampler.probabilities(), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-3)

@@ -251,12 +251,10 @@ def test_solver_gives_up_after_max_nfe():
 
 
 def test_heldout_likelihood_records_a_solver_that_gives_up():
-    from diffusion.config import EvalConfig
-    from diffusion.likelihood import heldout_likelihood
+    from diffusion.bpd import heldout_likelihood
 
-    options = EvalConfig(bpd_n=4, divergence="exact", ode_max_nfe=10)
-    result = heldout_likelihood(DATA.denoiser(build_process(PROCESSES["vp1000"])), sample(4, 5), None, options,
-                                torch.Generator().manual_seed(0))
+    result = heldout_likelihood(DATA.denoiser(build_process(PROCESSES["vp1000"])), sample(4, 5), None,
+                                torch.Generator().manual_seed(0), divergence="exact", max_nfe=10)
     assert "bpd_ode" not in result.metrics and "more than 10 evaluations" in result.tags["bpd_ode.error"]
     assert result.tags["bpd_ode.max_nfe"] == "10" and "bpd_elbo" in result.metrics  # the bound is still measured
 
@@ -272,6 +270,10 @@ def test_options_are_checked():
         ode_log_likelihood(denoiser, x0, t_start=0.0)
     with pytest.raises(ValueError, match="floating"):
         ode_log_likelihood(denoiser, x0.long())
+    from diffusion.bpd import heldout_likelihood
+
+    with pytest.raises(ValueError, match="dequant_draws must be an integer >= 1, got 0"):
+        heldout_likelihood(denoiser, x0, None, torch.Generator(), dequant_draws=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,23 +354,22 @@ def test_heldout_likelihood_matches_the_closed_forms_on_gaussian_data():
     """heldout_likelihood, the per-trial evaluation: with the exact denoiser of N(mu, C), bpd_ode is the data's
     closed-form bits/dim and bpd_elbo the analytic discrete bound (tests/test_elbo.py's expected_bound), each
     within a few standard errors, and the ELBO curve's terms add up to bpd_elbo."""
-    from diffusion.config import EvalConfig
-    from diffusion.likelihood import heldout_likelihood
+    from diffusion.bpd import heldout_likelihood
     from test_elbo import DATA as ELBO_DATA, expected_bound
 
     data = ELBO_DATA  # dimension 6
     x = data.sample(400, torch.Generator().manual_seed(0))
     closed = -torch.distributions.MultivariateNormal(data.mean, data.cov).log_prob(x.double())
     closed_bpd = (closed / (data.dim * math.log(2))).mean().item()
-    options = EvalConfig(bpd_n=400, divergence="exact", ode_rtol=1e-5, ode_atol=1e-5)
+    options = dict(divergence="exact", rtol=1e-5, atol=1e-5)
     continuous = heldout_likelihood(data.denoiser(build_process(ProcessConfig(T="continuous", t_min=1e-4))), x, None,
-                                    options, torch.Generator().manual_seed(1))
+                                    torch.Generator().manual_seed(1), **options)
     assert continuous.elbo_curve is None and "bpd_elbo" not in continuous.metrics
     assert abs(continuous.metrics["bpd_ode"] - closed_bpd) < 0.01
     assert continuous.tags["bpd.dequantization"].startswith("none")
 
     process = build_process(ProcessConfig(name="vp", schedule="linear", T=10))
-    discrete = heldout_likelihood(data.denoiser(process), x, None, options, torch.Generator().manual_seed(2))
+    discrete = heldout_likelihood(data.denoiser(process), x, None, torch.Generator().manual_seed(2), **options)
     exact = expected_bound(data, process, "beta_tilde")["total"] / (data.dim * math.log(2))
     m = discrete.metrics
     assert abs(m["bpd_elbo"] - exact) < 4 * m["bpd_elbo_stderr"]
@@ -384,16 +385,14 @@ def test_heldout_likelihood_dequantizes_discrete_data_and_adds_the_offset():
     exact denoiser of N(0, s^2 I) with a large s: -log p is nearly flat on [-1, 1)^D, so
     bpd ~ (1/2) log2(2 pi s^2) + offset, up to the quadratic term, computed exactly by the closed form."""
     from diffusion.analytic import GaussianData
-    from diffusion.config import EvalConfig
-    from diffusion.likelihood import heldout_likelihood
+    from diffusion.bpd import heldout_likelihood
 
     D, s, levels = 4, 3.0, 17
     data = GaussianData(torch.zeros(D), s**2 * torch.eye(D))
     k = torch.randint(0, levels, (300, D), generator=torch.Generator().manual_seed(0))
     x = k.float() / (levels - 1) * 2 - 1  # the training scale of diffusion.data
-    options = EvalConfig(divergence="exact", dequant_draws=2)
     result = heldout_likelihood(data.denoiser(build_process(ProcessConfig(T="continuous", t_min=1e-4))), x, levels,
-                                options, torch.Generator().manual_seed(3), batch_size=300)
+                                torch.Generator().manual_seed(3), divergence="exact", dequant_draws=2, batch_size=300)
     # the same dequantization draws (exact divergence draws no probes), scored by the closed form
     g = torch.Generator().manual_seed(3)
     expected = torch.zeros(300, dtype=torch.float64)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import metrics
+from diffusion import metrics, registry
 from diffusion.metrics import common, extractors, fid, reference
 from diffusion.config import DataConfig, EvalConfig
 from diffusion.data import Dataset, load_dataset
@@ -204,23 +204,49 @@ def digits() -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def classifier_cfg(tmp_path_factory) -> EvalConfig:
-    return EvalConfig(classifier_steps=TEST_CLASSIFIER_STEPS, cache_dir=str(tmp_path_factory.mktemp("cache")))
+def classifier_cfg(tmp_path_factory) -> dict:
+    """The classifier's keyword options: its training steps and its cache directory."""
+    return {"classifier_steps": TEST_CLASSIFIER_STEPS, "cache_dir": str(tmp_path_factory.mktemp("cache"))}
 
 
 @pytest.fixture(scope="module")
 def trained(digits, classifier_cfg):
     """The first get_extractor call: trains the classifier and writes the cache file."""
     start = time.perf_counter()
-    result = metrics.get_extractor("classifier", digits, classifier_cfg, CPU)
+    result = metrics.get_extractor("classifier", digits, **classifier_cfg, device=CPU)
     return result, time.perf_counter() - start
+
+
+def test_defaults_are_the_eval_sections():
+    """Every keyword option of the package defaults to the eval section's field of its name (n: eval.fid_n)."""
+    defaults = EvalConfig()
+    functions = (metrics.compute_fid, metrics.conditional_metrics, metrics.get_extractor, metrics.build_classifier,
+                 metrics.build_auto, metrics.classifier_path, metrics.load_or_train_classifier)
+    checked = set()
+    for function in functions:
+        for name, parameter in inspect.signature(function).parameters.items():
+            field = {"n": "fid_n"}.get(name, name)
+            if parameter.kind is parameter.KEYWORD_ONLY and hasattr(defaults, field):
+                assert parameter.default == getattr(defaults, field), (function.__name__, name)
+                checked.add(field)
+    assert checked == {"extractor", "reference_split", "fid_n", "kid", "classifier_steps", "cache_dir"}
+
+
+def test_config_level_calls_match_the_plain_ones():
+    """options_for reads each keyword option from the eval section (n from eval.fid_n), device given apart."""
+    cfg = EvalConfig(extractor="raw", reference_split="test", fid_n=7, kid=False, classifier_steps=3, cache_dir="x")
+    assert registry.options_for(metrics.compute_fid, cfg, renames={"n": "fid_n"}, device=CPU) == {
+        "extractor": "raw", "reference_split": "test", "n": 7, "kid": False, "classifier_steps": 3, "cache_dir": "x",
+        "device": CPU}
+    assert registry.options_for(metrics.get_extractor, cfg, device=CPU) == {
+        "classifier_steps": 3, "cache_dir": "x", "device": CPU}
 
 
 def test_classifier_trains_accurate_and_caches(digits, classifier_cfg, trained):
     (name, extract, info), first_seconds = trained
     assert name == "classifier" and not info["loaded_from_cache"]
     assert info["accuracy"] > 0.90
-    path = metrics.classifier_path(digits, classifier_cfg)
+    path = metrics.classifier_path(digits, **classifier_cfg)
     assert info["path"] == path and os.path.isfile(path)
     assert os.path.basename(path).startswith("classifier-digits-")
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp-")]  # temp file replaced
@@ -228,7 +254,7 @@ def test_classifier_trains_accurate_and_caches(digits, classifier_cfg, trained):
     assert saved["meta"]["accuracy"] == info["accuracy"] and saved["meta"]["steps"] == TEST_CLASSIFIER_STEPS
 
     start = time.perf_counter()
-    name2, extract2, info2 = metrics.get_extractor("classifier", digits, classifier_cfg, CPU)
+    name2, extract2, info2 = metrics.get_extractor("classifier", digits, **classifier_cfg, device=CPU)
     second_seconds = time.perf_counter() - start
     assert info2["loaded_from_cache"] and info2["accuracy"] == info["accuracy"]
     assert second_seconds < 0.2 * first_seconds
@@ -238,24 +264,24 @@ def test_classifier_trains_accurate_and_caches(digits, classifier_cfg, trained):
 
 
 def test_classifier_accuracy_is_what_the_model_scores(digits, classifier_cfg, trained):
-    model, meta = metrics.load_or_train_classifier(digits, classifier_cfg, CPU)
+    model, meta = metrics.load_or_train_classifier(digits, **classifier_cfg, device=CPU)
     with torch.no_grad():
         predicted = model(digits.test).argmax(1)
     assert meta["accuracy"] == pytest.approx((predicted == digits.test_labels).double().mean().item(), abs=1e-12)
 
 
 def test_classifier_cache_key_depends_on_steps_and_data(digits, classifier_cfg):
-    base = metrics.classifier_path(digits, classifier_cfg)
-    assert metrics.classifier_path(digits, dataclasses.replace(classifier_cfg, classifier_steps=301)) != base
+    base = metrics.classifier_path(digits, **classifier_cfg)
+    assert metrics.classifier_path(digits, **{**classifier_cfg, "classifier_steps": 301}) != base
     changed = dataclasses.replace(digits, train=digits.train.clone())
     changed.train[0, 0, 0, 0] += 0.5
-    assert metrics.classifier_path(changed, classifier_cfg) != base
+    assert metrics.classifier_path(changed, **classifier_cfg) != base
 
 
 def test_classifier_training_is_deterministic_and_leaves_global_rng_alone(digits, tmp_path):
     state = torch.get_rng_state()
     models = [
-        metrics.load_or_train_classifier(digits, EvalConfig(classifier_steps=15, cache_dir=str(tmp_path / d)), CPU)[0]
+        metrics.load_or_train_classifier(digits, classifier_steps=15, cache_dir=str(tmp_path / d))[0]
         for d in ("a", "b")
     ]
     assert torch.equal(state, torch.get_rng_state())
@@ -264,17 +290,21 @@ def test_classifier_training_is_deterministic_and_leaves_global_rng_alone(digits
 
 
 def test_classifier_requires_labelled_images(digits, tmp_path):
-    cfg = EvalConfig(classifier_steps=5, cache_dir=str(tmp_path))
+    options = {"classifier_steps": 5, "cache_dir": str(tmp_path)}
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
-    with pytest.raises(ConfigError, match="has no labels") as error:
-        metrics.get_extractor("classifier", unlabelled, cfg, CPU)
-    assert error.value.key == "eval.extractor" and error.value.accepted == "inception or raw"
+    with pytest.raises(ValueError, match=r"^extractor: invalid value 'classifier'; accepted: inception or raw "
+                                         r"\(data set digits has no labels\)$"):
+        metrics.get_extractor("classifier", unlabelled, **options)
+    assert metrics.extractor_refusal("classifier", unlabelled) == ("classifier", "inception or raw",
+                                                                   "data set digits has no labels")
     points = load_dataset(DataConfig(name="moons", n_points=200))
-    with pytest.raises(ConfigError, match="not images"):
-        metrics.get_extractor("classifier", points, cfg, CPU)
-    with pytest.raises(ConfigError, match="eval.classifier_steps"):
-        metrics.get_extractor("classifier", digits, dataclasses.replace(cfg, classifier_steps=0), CPU)
+    with pytest.raises(ValueError, match="not images"):
+        metrics.get_extractor("classifier", points, **options)
+    assert metrics.extractor_refusal("classifier", points).accepted == "raw"
+    with pytest.raises(ValueError, match=r"^classifier_steps: invalid value 0"):
+        metrics.get_extractor("classifier", digits, **{**options, "classifier_steps": 0})
     assert not os.listdir(tmp_path)  # nothing was trained
+    assert metrics.extractor_refusal("classifier", digits) is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +312,7 @@ def test_classifier_requires_labelled_images(digits, tmp_path):
 
 
 def test_compute_fid_on_digits(digits, classifier_cfg, trained):
-    result = metrics.compute_fid(digits.test, digits, classifier_cfg, CPU)
+    result = metrics.compute_fid(digits.test, digits, **classifier_cfg, device=CPU)
     assert result.n == len(digits.test)
     assert result.fid == pytest.approx(result.fid_reference, rel=1e-9)  # the same images
     assert result.fid_reference > 0
@@ -297,7 +327,7 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
     }
     assert result.kid == result.kid_reference  # the same images and the same subsets
     noise = torch.randn(len(digits.test), 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
-    noisy = metrics.compute_fid(noise, digits, classifier_cfg, CPU)
+    noisy = metrics.compute_fid(noise, digits, **classifier_cfg)  # device: the CPU by default
     assert noisy.fid > 20 * noisy.fid_reference
     assert noisy.fid_reference == pytest.approx(result.fid_reference, rel=1e-12)
     # KID of real test images against the train features is zero up to its sampling error (here
@@ -306,15 +336,15 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
 
 
 def test_compute_fid_against_test_split(digits, classifier_cfg, trained):
-    cfg = dataclasses.replace(classifier_cfg, reference_split="test", fid_n=100)
-    result = metrics.compute_fid(digits.test, digits, cfg, CPU)
+    options = {**classifier_cfg, "reference_split": "test", "n": 100}
+    result = metrics.compute_fid(digits.test, digits, **options, device=CPU)
     assert result.n == 100 and result.tags["fid.n"] == "100" and result.tags["fid.reference_split"] == "test"
     assert result.fid_reference > 0 and result.fid > 0
     # all test images against the test statistics: zero
-    full = metrics.compute_fid(digits.test, digits, dataclasses.replace(cfg, fid_n=None), CPU)
+    full = metrics.compute_fid(digits.test, digits, **{**options, "n": None}, device=CPU)
     assert full.fid == pytest.approx(0.0, abs=1e-4) and full.fid_reference > 1.0  # sqrtm round-off
     # the held-out train choice is fixed
-    again = metrics.compute_fid(digits.test, digits, cfg, CPU)
+    again = metrics.compute_fid(digits.test, digits, **options, device=CPU)
     assert again.fid_reference == result.fid_reference
 
 
@@ -322,7 +352,7 @@ def test_compute_fid_equals_cleanfid_on_the_same_features(digits, classifier_cfg
     from cleanfid.fid import fid_from_feats, kernel_distance as cleanfid_kernel_distance
 
     samples = digits.train[:200].flip(-1)  # mirrored digits: another distribution
-    result = metrics.compute_fid(samples, digits, dataclasses.replace(classifier_cfg, fid_n=200), CPU)
+    result = metrics.compute_fid(samples, digits, **classifier_cfg, n=200, device=CPU)
     extract = trained[0][1]
     sample_feats, reference_feats, held_out_feats = extract(samples), extract(digits.train), extract(digits.test[:200])
     assert result.fid == pytest.approx(float(fid_from_feats(sample_feats, reference_feats)), rel=1e-12)
@@ -346,8 +376,8 @@ def _counting_extractors(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = metrics.get_extractor
 
-    def get_extractor(name, dataset, cfg, device):
-        resolved, extract, info = original(name, dataset, cfg, device)
+    def get_extractor(extractor, dataset, **options):
+        resolved, extract, info = original(extractor, dataset, **options)
 
         def counted(x):
             calls.append(len(x))
@@ -364,13 +394,13 @@ def _reference_files(directory) -> list[str]:
 
 
 def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_cfg, trained, monkeypatch):
-    directory = os.path.expanduser(classifier_cfg.cache_dir)
+    directory = os.path.expanduser(classifier_cfg["cache_dir"])
     reference._REFERENCE_STATS.clear()
     for name in _reference_files(directory):
         os.remove(os.path.join(directory, name))
     calls = _counting_extractors(monkeypatch)
 
-    first = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
+    first = metrics.compute_fid(digits.test[:50], digits, **classifier_cfg, device=CPU)
     assert calls == [len(digits.train), 50, 50]  # reference, samples, held-out
     [computed] = reference._REFERENCE_STATS.values()
     assert computed.source == "computed" and computed.features.shape == (len(digits.train), 128)
@@ -391,12 +421,12 @@ def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_
     mtime = os.stat(path).st_mtime_ns
 
     calls.clear()  # the same process: the split is not extracted again
-    metrics.compute_fid(digits.test[:60], digits, classifier_cfg, CPU)
+    metrics.compute_fid(digits.test[:60], digits, **classifier_cfg, device=CPU)
     assert calls == [60, 60]
 
     reference._REFERENCE_STATS.clear()  # as in a fresh process: the file is read instead
     calls.clear()
-    second = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
+    second = metrics.compute_fid(digits.test[:50], digits, **classifier_cfg, device=CPU)
     assert calls == [50, 50]
     loaded = reference._REFERENCE_STATS[computed.key]
     assert loaded.source == "disk" and os.stat(path).st_mtime_ns == mtime
@@ -409,7 +439,7 @@ def test_reference_features_are_cached_in_memory_and_on_disk(digits, classifier_
         handle.write(b"not an npz file")
     reference._REFERENCE_STATS.clear()
     calls.clear()
-    third = metrics.compute_fid(digits.test[:50], digits, classifier_cfg, CPU)
+    third = metrics.compute_fid(digits.test[:50], digits, **classifier_cfg, device=CPU)
     assert calls == [len(digits.train), 50, 50] and third.fid == first.fid and third.kid == first.kid
     with np.load(path, allow_pickle=False) as saved:
         np.testing.assert_array_equal(saved["features"].astype(np.float64), computed.features)
@@ -436,7 +466,7 @@ def test_reference_keys_differ_by_split_extractor_count_and_data(digits, trained
     assert len({metrics.reference_path(str(tmp_path), digits, "train", k) for k in (key, *others)}) == 1 + len(others)
     # one file per split and extractor in a shared cache directory
     reference._REFERENCE_STATS.clear()
-    _, raw, raw_info = metrics.get_extractor("raw", digits, EvalConfig(), CPU)
+    _, raw, raw_info = metrics.get_extractor("raw", digits)
     references = [
         metrics.reference_features(digits, "train", "raw", raw, raw_info, str(tmp_path)),
         metrics.reference_features(digits, "test", "raw", raw, raw_info, str(tmp_path)),
@@ -450,19 +480,47 @@ def test_reference_keys_differ_by_split_extractor_count_and_data(digits, trained
     assert len(_reference_files(tmp_path)) == 3
 
 
-def test_fid_n_larger_than_available_is_a_config_error(digits, tmp_path):
+def test_n_larger_than_available_is_refused(digits, tmp_path):
     points = load_dataset(DataConfig(name="moons", n_points=500))
     samples = points.test[:80]
-    cfg = EvalConfig(extractor="raw", kid=False, cache_dir=str(tmp_path))
+    options = {"extractor": "raw", "kid": False, "cache_dir": str(tmp_path)}
+    with pytest.raises(ValueError, match=r"^n: invalid value 81; accepted: an integer in \[2, 80\] or None "
+                                         r"\(80 samples, 100 test and 400 train examples\)$"):
+        metrics.compute_fid(samples, points, **options, n=81)
+    with pytest.raises(ValueError, match=r"^n: invalid value 101; accepted: an integer in \[2, 100\]"):
+        metrics.compute_fid(points.train, points, **options, n=len(points.test) + 1)
+    with pytest.raises(ValueError, match=r"^n: invalid value None; accepted: an integer in \[2, 1\]"):
+        metrics.compute_fid(samples[:1], points, **options)
+    with pytest.raises(ValueError, match=r"^reference_split: invalid value 'val'; accepted: train or test$"):
+        metrics.compute_fid(samples, points, **options, reference_split="val")
+    # default n: min(samples, test split), which available_examples gives
+    assert metrics.compute_fid(samples, points, **options).n == 80 == metrics.available_examples(80, points)
+    assert metrics.compute_fid(points.train, points, **options).n == len(points.test)
+    assert metrics.available_examples(len(points.train), points, "test") == len(points.test)
+
+
+def test_evaluate_names_the_config_keys_of_fid_errors(tmp_path, monkeypatch):
+    """The config-level caller (diffusion.evaluation) refuses eval.fid_n and eval.extractor as ConfigErrors naming
+    them, before any features are extracted."""
+    from diffusion.config import SampleConfig, TrialConfig
+    from diffusion.evaluation import _sample_quality, Report
+
+    points = load_dataset(DataConfig(name="moons", n_points=500))
+    cfg = TrialConfig(data=DataConfig(name="moons", n_points=500), sample=SampleConfig(n=80),
+                      eval=EvalConfig(extractor="raw", fid_n=81, kid=False, cache_dir=str(tmp_path)))
     with pytest.raises(ConfigError) as error:
-        metrics.compute_fid(samples, points, dataclasses.replace(cfg, fid_n=81), CPU)
-    assert error.value.key == "eval.fid_n"
+        _sample_quality(points.test[:80], None, points, cfg, CPU, Report())
+    assert error.value.key == "eval.fid_n" and error.value.value == 81 and error.value.accepted == \
+        "an integer in [2, 80] or null" and error.value.detail == "80 samples, 100 test and 400 train examples"
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, fid_n=None, extractor="classifier"))
     with pytest.raises(ConfigError) as error:
-        metrics.compute_fid(points.train, points, dataclasses.replace(cfg, fid_n=len(points.test) + 1), CPU)
-    assert error.value.key == "eval.fid_n"
-    # default n: min(samples, test split)
-    assert metrics.compute_fid(samples, points, cfg, CPU).n == 80
-    assert metrics.compute_fid(points.train, points, cfg, CPU).n == len(points.test)
+        _sample_quality(points.test[:80], None, points, cfg, CPU, Report())
+    assert (error.value.key, error.value.value, error.value.accepted) == ("eval.extractor", "classifier", "raw")
+    assert "not images" in error.value.detail
+    report = Report()
+    _sample_quality(points.test[:80], None, points, dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, extractor="raw")), CPU, report)
+    assert report.tags["fid.n"] == "80"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,44 +529,48 @@ def test_fid_n_larger_than_available_is_a_config_error(digits, tmp_path):
 
 def test_raw_on_points(tmp_path):
     points = load_dataset(DataConfig(name="moons", n_points=2000))
-    cfg = EvalConfig(cache_dir=str(tmp_path), kid=False)
-    name, extract, _ = metrics.get_extractor("auto", points, cfg, CPU)
+    options = {"cache_dir": str(tmp_path), "kid": False}
+    name, extract, _ = metrics.get_extractor("auto", points, cache_dir=str(tmp_path))
     assert name == "raw"
     np.testing.assert_array_equal(extract(points.test), points.test.double().numpy())
-    result = metrics.compute_fid(points.test, points, cfg, CPU)
+    result = metrics.compute_fid(points.test, points, **options, device=CPU)
     assert result.tags == {"fid.extractor": "raw", "fid.reference_split": "train", "fid.n": str(len(points.test))}
     assert result.kid is None and result.kid_reference is None  # eval.kid = false
     assert result.fid == pytest.approx(result.fid_reference, rel=1e-12)
     assert result.fid < 0.05
-    shifted = metrics.compute_fid(points.test + 1.0, points, cfg, CPU)
+    shifted = metrics.compute_fid(points.test + 1.0, points, **options, device=CPU)
     assert shifted.fid == pytest.approx(2.0, rel=0.1)  # ||(1, 1)||^2 on top of the sampling error
-    with_kid = metrics.compute_fid(points.test + 1.0, points, dataclasses.replace(cfg, kid=True), CPU)
+    with_kid = metrics.compute_fid(points.test + 1.0, points, **{**options, "kid": True}, device=CPU)
     assert with_kid.fid == shifted.fid and with_kid.kid > 20 * abs(with_kid.kid_reference)
     assert with_kid.tags["kid.subsets"] == "100" and with_kid.tags["kid.subset_size"] == str(len(points.test))
 
 
 def test_auto_resolution(digits, classifier_cfg, trained, tmp_path, monkeypatch):
     points = load_dataset(DataConfig(name="gaussian_mixture", n_points=200))  # labelled, but points
-    assert metrics.get_extractor("auto", points, classifier_cfg, CPU)[0] == "raw"
-    assert metrics.get_extractor("auto", digits, classifier_cfg, CPU)[0] == "classifier"
+    assert metrics.get_extractor("auto", points, **classifier_cfg, device=CPU)[0] == "raw"
+    assert metrics.get_extractor("auto", digits, **classifier_cfg, device=CPU)[0] == "classifier"
     monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
-    with pytest.raises(ConfigError) as error:
-        metrics.get_extractor("auto", unlabelled, classifier_cfg, CPU)
-    assert error.value.value == "inception"
+    with pytest.raises(ValueError, match="^extractor: invalid value 'inception'"):
+        metrics.get_extractor("auto", unlabelled, **classifier_cfg, device=CPU)
+    assert metrics.extractor_refusal("auto", unlabelled).value == "inception"
+    assert [metrics.resolve_extractor("auto", d) for d in (points, digits, unlabelled)] == \
+        ["raw", "classifier", "inception"]
 
 
 def test_unknown_extractor_lists_names(digits):
     with pytest.raises(ConfigError, match="auto, classifier, inception, raw"):
-        metrics.get_extractor("vgg", digits, EvalConfig(), CPU)
+        metrics.get_extractor("vgg", digits)
 
 
 def test_inception_without_weights_names_the_path(digits, tmp_path, monkeypatch):
     monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
     expected = os.path.join(str(tmp_path), "inception-2015-12-05.pt")
-    with pytest.raises(ConfigError, match="Inception weights not found at " + expected) as error:
-        metrics.get_extractor("inception", digits, EvalConfig(), CPU)
-    assert error.value.key == "eval.extractor" and error.value.accepted == "classifier or raw"
+    with pytest.raises(ValueError, match="^extractor: invalid value 'inception'; accepted: classifier or raw "
+                                         r"\(Inception weights not found at " + expected):
+        metrics.get_extractor("inception", digits)
+    refusal = metrics.extractor_refusal("inception", digits)
+    assert refusal.accepted == "classifier or raw" and refusal.detail.startswith("Inception weights not found at ")
     assert os.listdir(tmp_path) == []  # no download attempted
 
 
@@ -549,7 +611,7 @@ def test_inception_pipeline_with_stand_in_weights(digits, tmp_path, monkeypatch)
     monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
     monkeypatch.setattr(extractors, "INCEPTION_BATCH", 4)  # three batches, the last one short
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
-    name, extract, info = metrics.get_extractor("auto", unlabelled, EvalConfig(), CPU)
+    name, extract, info = metrics.get_extractor("auto", unlabelled)
     assert name == "inception" and info["path"] == str(tmp_path / metrics.INCEPTION_FILE)
     # the reference cache is keyed by the weights' content, not their location
     assert info["weights"] == hashlib.sha256((tmp_path / metrics.INCEPTION_FILE).read_bytes()).hexdigest()

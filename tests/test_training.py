@@ -113,7 +113,7 @@ def test_every_parameterization_trains_with_every_weighting(parameterization, we
     def held_out_loss() -> float:  # the same times and noise before and after training
         with torch.no_grad():
             return diffusion_loss(trainer.denoiser(), trainer.weighting, dataset.test.repeat(20, 1),
-                                  torch.Generator().manual_seed(0), cfg.loss).item()
+                                  torch.Generator().manual_seed(0)).item()
 
     before = held_out_loss()
     history = trainer.train()
@@ -149,7 +149,7 @@ def test_score_matching_objectives_train_a_noise_conditional_mlp(objective):
     def held_out_dsm() -> float:  # judged by the denoising loss, which the objectives also minimise
         with torch.no_grad():
             return diffusion_loss(trainer.denoiser(), trainer.weighting, dataset.test.repeat(20, 1),
-                                  torch.Generator().manual_seed(0), LossConfig(weighting="sigma2")).item()
+                                  torch.Generator().manual_seed(0)).item()
 
     before = held_out_dsm()
     trainer.train()
@@ -187,7 +187,7 @@ def test_discrete_time_learned_parts_train(process, model, weighting):
     def held_out_loss() -> float:
         with torch.no_grad():
             return diffusion_loss(trainer.denoiser(), trainer.weighting, dataset.test.repeat(20, 1),
-                                  torch.Generator().manual_seed(0), cfg.loss, variance=model.variance).item()
+                                  torch.Generator().manual_seed(0), variance=model.variance).item()
 
     before = held_out_loss()
     trainer.train()
@@ -276,7 +276,8 @@ def test_each_family_supplies_loss_samples_and_likelihood_or_its_note(digits, na
 
     cfg = _family_configs()[name]
     data = load_dataset(cfg.data) if cfg.data.name != "digits" else digits
-    vae = fit_vae(cfg, data, torch.device("cpu"))[0] if name == "latent" else None
+    vae = fit_vae(data, torch.device("cpu"), seed=cfg.seed, channels=cfg.model.vae_channels, steps=cfg.model.vae_steps,
+                  batch_size=cfg.train.batch_size)[0] if name == "latent" else None
     model_data = latent_dataset(data, vae) if vae is not None else data
     trainer = build_trainer(cfg, model_data, torch.device("cpu"), vae=vae)
     kind = {"gaussian": GaussianFamily, "blur": BlurFamily, "latent": LatentFamily}.get(name, RestorationFamily)

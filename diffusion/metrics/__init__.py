@@ -7,16 +7,18 @@ kernel on the same features. Both use clean-fid's numerics. The package's module
 - :mod:`~diffusion.metrics.distances`: ``feature_stats``, ``frechet_from_stats``, ``frechet_distance``,
   ``kernel_distance`` (clean-fid's, with KID's subsets drawn from a fixed seed).
 - :mod:`~diffusion.metrics.extractors`: the ``eval.extractor`` registry ``EXTRACTORS`` (``inception``,
-  ``classifier``, ``raw``, ``auto``) and ``get_extractor``.
+  ``classifier``, ``raw``, ``auto``), ``get_extractor``, ``resolve_extractor`` and ``extractor_refusal``.
 - :mod:`~diffusion.metrics.classifier`: the ``classifier`` extractor's CNN, its training and its
-  cache file under ``eval.cache_dir``.
+  cache file under ``cache_dir``.
 - :mod:`~diffusion.metrics.reference`: the features, mean and covariance of a whole split, kept in
-  this process and on disk under ``eval.cache_dir`` (``reference-<data set>-<split>-<key>.npz``).
+  this process and on disk under ``cache_dir`` (``reference-<data set>-<split>-<key>.npz``).
 - :mod:`~diffusion.metrics.fid`: ``compute_fid`` (FID and KID with their ``fid_reference`` and
-  ``kid_reference`` floors) and ``conditional_metrics`` (per-class accuracy and FID).
+  ``kid_reference`` floors), ``available_examples`` and ``conditional_metrics`` (per-class accuracy and FID).
 - :mod:`~diffusion.metrics.common`: batched feature extraction and tensor digests they share.
 
-The names below are re-exported; module-level settings that functions read at call time
+Every function takes plain numbers and keyword options whose defaults are the eval section's
+(``extractor``, ``reference_split``, ``n`` for ``eval.fid_n``, ``kid``, ``classifier_steps``, ``cache_dir``;
+``device`` defaults to the CPU), so nothing here reads a config. The names below are re-exported; module-level settings that functions read at call time
 (``INCEPTION_DIR``, ``INCEPTION_BATCH``) take effect only when changed in the module that defines them.
 """
 from __future__ import annotations
@@ -47,14 +49,17 @@ from .extractors import (
     INCEPTION_FILE,
     INCEPTION_URL,
     ExtractorBuilder,
+    Refusal,
     build_auto,
     build_classifier,
     build_inception,
     build_raw,
+    extractor_refusal,
     get_extractor,
     inception_weights_path,
+    resolve_extractor,
 )
-from .fid import FIDResult, compute_fid, conditional_metrics
+from .fid import FIDResult, available_examples, compute_fid, conditional_metrics
 from .reference import REFERENCE_CACHE_VERSION, Reference, reference_features, reference_key, reference_path
 
 __all__ = [
@@ -75,6 +80,8 @@ __all__ = [
     "KID_SUBSET_SIZE",
     "REFERENCE_CACHE_VERSION",
     "Reference",
+    "Refusal",
+    "available_examples",
     "build_auto",
     "build_classifier",
     "build_inception",
@@ -83,6 +90,7 @@ __all__ = [
     "classifier_path",
     "compute_fid",
     "conditional_metrics",
+    "extractor_refusal",
     "feature_stats",
     "frechet_distance",
     "frechet_from_stats",
@@ -93,5 +101,6 @@ __all__ = [
     "reference_features",
     "reference_key",
     "reference_path",
+    "resolve_extractor",
     "train_classifier",
 ]

@@ -1,10 +1,12 @@
 """The ``classifier`` extractor's network: a small CNN trained on the labelled train split of the data
-set itself, cached on disk under ``eval.cache_dir`` (``classifier-<data set>-<key>.pt``).
+set itself, cached on disk under ``cache_dir`` (a config's ``eval.cache_dir``;
+``classifier-<data set>-<key>.pt``).
 
 Inception features of 8x8 grey digits say little; a classifier trained on the data set is the usual
 offline substitute (e.g. the MNIST classifiers behind "FID" numbers in small-scale papers). Numbers are
 comparable only between runs that use the same cached classifier (same data set, split and
-``eval.classifier_steps``). The same network scores conditional samples (``conditional_metrics``).
+``classifier_steps``, a config's ``eval.classifier_steps``). The same network scores conditional samples
+(``conditional_metrics``).
 """
 from __future__ import annotations
 
@@ -12,17 +14,16 @@ import hashlib
 import json
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import EvalConfig
 from ..fit import fit
 from ..storage import save_atomic
-from .common import _batched_features, _num_classes, _tensor_digest
+from .common import _batched_features, _device, _num_classes, _tensor_digest
 
 if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
     from ..data import Dataset
@@ -96,10 +97,11 @@ def _classifier_key(dataset: "Dataset", steps: int) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def classifier_path(dataset: "Dataset", cfg: EvalConfig) -> str:
-    """Cache file of the classifier for this data set and config."""
-    key = _classifier_key(dataset, cfg.classifier_steps)
-    return os.path.join(os.path.expanduser(cfg.cache_dir), f"classifier-{dataset.name}-{key}.pt")
+def classifier_path(dataset: "Dataset", *, classifier_steps: int = 1500,
+                    cache_dir: str = "~/.cache/diffusion-orchestrator") -> str:
+    """Cache file under ``cache_dir`` of the classifier trained on this data set for ``classifier_steps`` steps."""
+    key = _classifier_key(dataset, classifier_steps)
+    return os.path.join(os.path.expanduser(cache_dir), f"classifier-{dataset.name}-{key}.pt")
 
 
 def train_classifier(
@@ -143,15 +145,19 @@ def _state_digest(model: nn.Module) -> str:
 
 
 def load_or_train_classifier(
-    dataset: "Dataset", cfg: EvalConfig, device: torch.device
+    dataset: "Dataset", *, classifier_steps: int = 1500, cache_dir: str = "~/.cache/diffusion-orchestrator",
+    device: Optional[torch.device] = None,
 ) -> tuple[FeatureClassifier, dict]:
-    """The cached classifier for this data set, trained and cached first if absent.
+    """The cached classifier for this data set (:func:`classifier_path` under ``cache_dir``), trained for
+    ``classifier_steps`` steps on ``device`` (default: the CPU) and cached first if absent (a config's
+    ``eval.classifier_steps`` and ``eval.cache_dir``).
 
     Returns the model (eval mode, on device) and its metadata: ``key``, ``path``, ``accuracy`` (test
     split), ``steps``, ``train_seconds``, ``loaded_from_cache`` and ``weights`` (digest of the weights).
     """
-    path = classifier_path(dataset, cfg)
-    key = _classifier_key(dataset, cfg.classifier_steps)
+    device = _device(device)
+    path = classifier_path(dataset, classifier_steps=classifier_steps, cache_dir=cache_dir)
+    key = _classifier_key(dataset, classifier_steps)
     if os.path.exists(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -164,7 +170,7 @@ def load_or_train_classifier(
         except Exception:  # unreadable or stale file: retrain and overwrite it
             pass
     start = time.perf_counter()
-    model = train_classifier(dataset, cfg.classifier_steps, device)
+    model = train_classifier(dataset, classifier_steps, device)
     seconds = time.perf_counter() - start
     accuracy = float("nan")
     if dataset.test_labels is not None and len(dataset.test) > 0:
@@ -174,7 +180,7 @@ def load_or_train_classifier(
         "dataset": dataset.name,
         "in_channels": int(dataset.train.shape[1]),
         "num_classes": _num_classes(dataset),
-        "steps": int(cfg.classifier_steps),
+        "steps": int(classifier_steps),
         "version": CLASSIFIER_VERSION,
         "accuracy": accuracy,
         "train_seconds": seconds,

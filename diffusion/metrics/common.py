@@ -52,6 +52,11 @@ def _tensor_digest(x: Tensor | None) -> str:
     return digest
 
 
+def _device(device) -> torch.device:
+    """``device`` as a torch.device; None is the CPU."""
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
 def _is_image(dataset: "Dataset") -> bool:
     return bool(dataset.is_image)
 

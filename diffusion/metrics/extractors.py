@@ -8,32 +8,36 @@
 - ``auto``: ``classifier`` for labelled image sets, ``inception`` for unlabelled image sets,
   ``raw`` for 2-D points.
 
-Each builder returns (resolved name, extract, info); ``info`` is what identifies the features in the
-reference cache key (:func:`diffusion.metrics.reference._extractor_identity`).
+Each builder takes the data set and the keyword options it reads of ``classifier_steps``, ``cache_dir`` and
+``device`` (:func:`get_extractor` passes it those it declares) and returns (resolved name, extract, info);
+``info`` is what identifies the features in the reference cache key
+(:func:`diffusion.metrics.reference._extractor_identity`). An extractor that cannot serve a data set (the
+classifier on points or unlabelled images, Inception without its weights on disk) is refused with a ValueError
+naming ``extractor``; :func:`extractor_refusal` says why, for a config-level caller to raise it as a
+``ConfigError`` naming ``eval.extractor``.
 """
 from __future__ import annotations
 
 import os
 import platform
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 from cleanfid.downloads_helper import inception_url
 from torch import Tensor
 
-from ..config import EvalConfig
-from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import Registry, options_for
 from ..storage import file_digest
 from .classifier import load_or_train_classifier
-from .common import Extract, _batched_features, _is_image, _kind
+from .common import Extract, _batched_features, _device, _is_image, _kind
 
 if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
     from ..data import Dataset
 
-# A registered extractor: (dataset, cfg, device) -> (resolved name, extract, info)
-ExtractorBuilder = Callable[["Dataset", EvalConfig, torch.device], "tuple[str, Extract, dict]"]
+# A registered extractor: (dataset, **options) -> (resolved name, extract, info), the options being those of
+# classifier_steps, cache_dir and device it declares
+ExtractorBuilder = Callable[..., "tuple[str, Extract, dict]"]
 
 EXTRACTORS: Registry[ExtractorBuilder] = Registry("eval.extractor")
 
@@ -53,7 +57,7 @@ INCEPTION_FILE = os.path.basename(inception_url)  # inception-2015-12-05.pt
 
 
 @EXTRACTORS.register("raw")
-def build_raw(dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> tuple[str, Extract, dict]:
+def build_raw(dataset: "Dataset") -> tuple[str, Extract, dict]:
     """Features = the flattened example (2-D coordinates; for images, pixels)."""
 
     def extract(x: Tensor) -> np.ndarray:
@@ -67,17 +71,18 @@ def build_raw(dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> tupl
 
 
 @EXTRACTORS.register("classifier")
-def build_classifier(dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> tuple[str, Extract, dict]:
-    """Features = penultimate layer of a CNN trained on the data set's labelled train split."""
-    if not _is_image(dataset):
-        raise ConfigError("eval.extractor", "classifier", "raw",
-                          detail=f"data set {dataset.name} is {_kind(dataset)}, not images")
-    if dataset.train_labels is None:
-        raise ConfigError("eval.extractor", "classifier", "inception or raw",
-                          detail=f"data set {dataset.name} has no labels")
-    if cfg.classifier_steps < 1:
-        raise ConfigError("eval.classifier_steps", cfg.classifier_steps, "an integer >= 1")
-    model, info = load_or_train_classifier(dataset, cfg, device)
+def build_classifier(dataset: "Dataset", *, classifier_steps: int = 1500,
+                     cache_dir: str = "~/.cache/diffusion-orchestrator",
+                     device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
+    """Features = penultimate layer of a CNN trained on the data set's labelled train split for
+    ``classifier_steps`` steps on ``device`` (default: the CPU), or loaded from its file under ``cache_dir``
+    (:func:`load_or_train_classifier`)."""
+    _refuse("classifier", dataset)
+    if classifier_steps < 1:
+        raise ValueError(f"classifier_steps: invalid value {classifier_steps!r}; accepted: an integer >= 1")
+    device = _device(device)
+    model, info = load_or_train_classifier(dataset, classifier_steps=classifier_steps, cache_dir=cache_dir,
+                                           device=device)
 
     def extract(x: Tensor) -> np.ndarray:
         return _batched_features(lambda batch: model.features(batch.clamp(-1, 1)), x, device)
@@ -125,18 +130,12 @@ def _to_cleanfid_input(x: Tensor) -> Tensor:
 
 
 @EXTRACTORS.register("inception")
-def build_inception(dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> tuple[str, Extract, dict]:
-    """clean-fid's Inception-v3 2048-d pool features (mode "clean"), from weights already on disk."""
-    if not _is_image(dataset):
-        raise ConfigError("eval.extractor", "inception", "raw",
-                          detail=f"data set {dataset.name} is {_kind(dataset)}, not images")
+def build_inception(dataset: "Dataset", *, device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
+    """clean-fid's Inception-v3 2048-d pool features (mode "clean"), from weights already on disk, on
+    ``device`` (default: the CPU)."""
+    _refuse("inception", dataset)
+    device = _device(device)
     path = inception_weights_path()
-    if not os.path.isfile(path):
-        raise ConfigError(
-            "eval.extractor", "inception", "classifier or raw",
-            detail=f"Inception weights not found at {path}; download them to that path "
-                   f"(e.g. curl -L -o {path} {INCEPTION_URL}) or choose another extractor",
-        )
     from cleanfid.inception_torchscript import InceptionV3W
 
     model = InceptionV3W(os.path.dirname(path), download=False, resize_inside=False).to(device).eval()
@@ -152,17 +151,68 @@ def build_inception(dataset: "Dataset", cfg: EvalConfig, device: torch.device) -
 # auto and lookup
 
 
-@EXTRACTORS.register("auto")
-def build_auto(dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> tuple[str, Extract, dict]:
-    """classifier for labelled images, inception for unlabelled images, raw for 2-D points."""
+def resolve_extractor(extractor: str, dataset: "Dataset") -> str:
+    """The extractor ``extractor`` stands for on ``dataset``: ``auto`` is classifier for labelled images,
+    inception for unlabelled images, raw for 2-D points; any other name is itself."""
+    if extractor != "auto":
+        return extractor
     if not _is_image(dataset):
-        return build_raw(dataset, cfg, device)
-    if dataset.train_labels is not None:
-        return build_classifier(dataset, cfg, device)
-    return build_inception(dataset, cfg, device)
+        return "raw"
+    return "classifier" if dataset.train_labels is not None else "inception"
 
 
-def get_extractor(name: str, dataset: "Dataset", cfg: EvalConfig, device: torch.device) -> tuple[str, Extract, dict]:
-    """(resolved name, extract(x [N, ...]) -> np.ndarray [N, D], info) for extractor `name`."""
-    return EXTRACTORS.get(name)(dataset, cfg, torch.device(device))
+class Refusal(NamedTuple):
+    """Why an extractor cannot serve a data set: the extractor (``auto`` resolved), what would be accepted, the
+    reason; ``ConfigError("eval.extractor", *refusal)`` at a config-level caller."""
+
+    value: str
+    accepted: str
+    detail: str
+
+
+def extractor_refusal(extractor: str, dataset: "Dataset") -> Optional[Refusal]:
+    """Why the extractor named ``extractor`` (``auto`` resolved by :func:`resolve_extractor`) cannot give
+    features of ``dataset``, or None when it can: the classifier needs labelled images, Inception images and its
+    weights file (:func:`inception_weights_path`, never downloaded here)."""
+    name = resolve_extractor(extractor, dataset)
+    if name in ("classifier", "inception") and not _is_image(dataset):
+        return Refusal(name, "raw", f"data set {dataset.name} is {_kind(dataset)}, not images")
+    if name == "classifier" and dataset.train_labels is None:
+        return Refusal(name, "inception or raw", f"data set {dataset.name} has no labels")
+    if name == "inception" and not os.path.isfile(path := inception_weights_path()):
+        return Refusal(name, "classifier or raw",
+                       f"Inception weights not found at {path}; download them to that path "
+                       f"(e.g. curl -L -o {path} {INCEPTION_URL}) or choose another extractor")
+    return None
+
+
+def _refuse(extractor: str, dataset: "Dataset") -> None:
+    """ValueError naming ``extractor`` when it cannot serve the data set (:func:`extractor_refusal`)."""
+    refusal = extractor_refusal(extractor, dataset)
+    if refusal is not None:
+        raise ValueError(f"extractor: invalid value {refusal.value!r}; accepted: {refusal.accepted} ({refusal.detail})")
+
+
+@EXTRACTORS.register("auto")
+def build_auto(dataset: "Dataset", *, classifier_steps: int = 1500,
+               cache_dir: str = "~/.cache/diffusion-orchestrator",
+               device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
+    """classifier for labelled images, inception for unlabelled images, raw for 2-D points
+    (:func:`resolve_extractor`), built with the options it reads."""
+    builder = EXTRACTORS.get(resolve_extractor("auto", dataset))
+    return builder(dataset, **options_for(builder, None, classifier_steps=classifier_steps, cache_dir=cache_dir,
+                                          device=device))
+
+
+def get_extractor(extractor: str, dataset: "Dataset", *, classifier_steps: int = 1500,
+                  cache_dir: str = "~/.cache/diffusion-orchestrator",
+                  device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
+    """(resolved name, extract(x [N, ...]) -> np.ndarray [N, D], info) for the extractor named ``extractor``
+    (``EXTRACTORS``: auto, classifier, inception, raw). ``classifier_steps``: training steps of the classifier
+    extractor's network, cached under ``cache_dir`` (a config's ``eval.classifier_steps`` and ``eval.cache_dir``);
+    ``device``: where features are computed (default: the CPU). ValueError naming ``extractor`` when it cannot
+    serve the data set (:func:`extractor_refusal`)."""
+    builder = EXTRACTORS.get(extractor)
+    return builder(dataset, **options_for(builder, None, classifier_steps=classifier_steps, cache_dir=cache_dir,
+                                          device=_device(device)))
 

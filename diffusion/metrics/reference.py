@@ -2,9 +2,9 @@
 samples against.
 
 They are computed once per (data set, split, extractor, number of examples) and kept both in this
-process and on disk under ``eval.cache_dir`` (``reference-<data set>-<split>-<key>.npz``, written
-through :func:`diffusion.storage.write_atomic`), so trials sharing a cache directory do not recompute
-them.
+process and on disk under ``cache_dir`` (a config's ``eval.cache_dir``;
+``reference-<data set>-<split>-<key>.npz``, written through :func:`diffusion.storage.write_atomic`), so
+trials sharing a cache directory do not recompute them.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..storage import write_atomic
 from .common import Extract, _tensor_digest
 from .distances import feature_stats
@@ -59,7 +58,7 @@ def _extractor_identity(name: str, info: dict) -> str:
 
 def _split(dataset: "Dataset", split: str) -> Tensor:
     if split not in ("train", "test"):
-        raise ConfigError("eval.reference_split", split, "train or test")
+        raise ValueError(f"split: invalid value {split!r}; accepted: train or test")
     return dataset.train if split == "train" else dataset.test
 
 
