@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-samplers bench-likelihood bench-orchestration clean
+.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-samplers: $(STAMP)
 
 bench-likelihood: $(STAMP)
 	$(BIN)/python benchmarks/likelihood.py
+
+bench-uncertainty: $(STAMP)
+	$(BIN)/python benchmarks/uncertainty.py
 
 bench-orchestration: $(STAMP)
 	$(BIN)/python benchmarks/orchestration.py

@@ -144,18 +144,30 @@ def _uint8_to_unit_range(pixels: Tensor) -> Tensor:
 DIGITS_MAX_INTENSITY = 16.0  # sklearn's digits are 8x8 images with integer intensities 0..16
 
 
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The pixels [N, 64] and labels [N] of scikit-learn's ``digits.csv.gz`` (what ``sklearn.datasets.load_digits``
+    reads: 64 pixel columns, then the label), read from the installed package without importing
+    ``sklearn.datasets``, whose import costs every process that loads the digits about a second."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("scikit-learn is needed for the digits data set: pip install scikit-learn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 @DATASETS.register("digits")
 def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """sklearn's 1,797 handwritten 8x8 digits (UCI optdigits test set), ``[N, 1, 8, 8]`` in [-1, 1].
 
     Ships with scikit-learn, so it needs no download. The split is stratified by digit class.
     """
-    from sklearn.datasets import load_digits as sklearn_load_digits
-
-    bunch = sklearn_load_digits()
-    images = torch.from_numpy(bunch.images).float().unsqueeze(1)  # [N, 1, 8, 8], values 0..16
+    pixels, target = _sklearn_digits()
+    images = torch.from_numpy(pixels).float().reshape(-1, 1, 8, 8)  # [N, 1, 8, 8], values 0..16
     images = images / DIGITS_MAX_INTENSITY * 2.0 - 1.0
-    labels = torch.from_numpy(bunch.target).long()
+    labels = torch.from_numpy(target).long()
     train_idx, test_idx = _stratified_split(labels, test_fraction, split_seed)
     return _split("digits", images, labels, train_idx, test_idx, num_classes=10,
                   levels=int(DIGITS_MAX_INTENSITY) + 1)

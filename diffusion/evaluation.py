@@ -138,6 +138,12 @@ def _sample_quality(samples: torch.Tensor, labels, data: Dataset, cfg: TrialConf
     report.metrics.update({"fid": result.fid, "fid_reference": result.fid_reference})
     if result.kid is not None:
         report.metrics.update({"kid": result.kid, "kid_reference": result.kid_reference})
+    if result.fid_stderr is not None:
+        report.metrics.update({"fid_stderr": result.fid_stderr, "fid_reference_stderr": result.fid_reference_stderr})
+    if result.fid_inf is not None:
+        report.metrics.update({"fid_inf": result.fid_inf.fid_inf, "fid_inf_reference": result.fid_inf_reference.fid_inf})
+        report.files["fid_inf.json"] = {"samples": result.fid_inf.as_dict(),
+                                        "reference": result.fid_inf_reference.as_dict()}
     report.tags.update({k: str(v) for k, v in result.tags.items()})
     if labels is not None and data.is_image:
         class_metrics, tags = conditional_metrics(samples, labels, data, **options_for(conditional_metrics, cfg.eval,

@@ -58,6 +58,24 @@ def test_digits_split_is_a_partition_of_the_whole_set(digits):
     assert sorted(train_idx.tolist() + test_idx.tolist()) == list(range(DIGITS_TOTAL))
 
 
+def test_digits_are_sklearns_without_importing_sklearn_datasets():
+    """The pixels and labels read from scikit-learn's CSV are exactly ``sklearn.datasets.load_digits``'s, and
+    loading them (in a fresh interpreter) leaves ``sklearn.datasets``, a second of imports, unimported."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    pixels, target = data._sklearn_digits()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and pixels.dtype == bunch.data.dtype
+    assert np.array_equal(target, bunch.target)
+    code = ("import sys; from diffusion.data import load_dataset; from diffusion.config import DataConfig; "
+            "load_dataset(DataConfig(name='digits')); print('sklearn.datasets' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_digits_split_is_stratified(digits):
     all_labels = torch.cat([digits.train_labels, digits.test_labels])
     for label in range(10):

@@ -78,14 +78,18 @@ def test_points_report_fid_kid_bits_per_dim_and_the_scatter(moons):
     report = evaluate(trainer, dataset, cfg)
     assert report.step == trainer.step == 20
     assert {"sample_seconds", "sample_nfe", "fid", "fid_reference", "kid", "kid_reference", "bpd_ode", "bpd_elbo",
-            "bpd_seconds"} <= set(report.metrics)
+            "bpd_seconds", "fid_stderr", "fid_reference_stderr", "fid_inf", "fid_inf_reference"} <= set(report.metrics)
     assert "train_loss" not in report.metrics  # the training summary is the orchestrator's, from its cache
     assert report.metrics["sample_nfe"] == 10.0
     assert report.tags["samples_finite"] == "True"
     assert report.tags["fid.extractor"] == "raw" and report.tags["fid.n"] == "64"
     assert "bpd.skipped" not in report.tags and all(isinstance(v, str) for v in report.tags.values())
     assert set(report.images) == {SAMPLES_IMAGE} and report.images[SAMPLES_IMAGE].size == (400, 400)
-    assert set(report.files) == {ELBO_FILE}  # a discrete process: the bound's terms per step
+    # a discrete process: the bound's terms per step; FID-infinity's fit for the samples and the held-out floor
+    assert set(report.files) == {ELBO_FILE, "fid_inf.json"}
+    fit = report.files["fid_inf.json"]
+    assert fit["samples"]["fid_inf"] == report.metrics["fid_inf"] and fit["samples"]["counts"][-1] == 64
+    assert fit["reference"]["fid_inf"] == report.metrics["fid_inf_reference"]
 
 
 def test_evaluate_is_deterministic_and_reports_the_library_numbers(moons):
@@ -98,6 +102,7 @@ def test_evaluate_is_deterministic_and_reports_the_library_numbers(moons):
     samples, nfe = trainer.sample(cfg.sample.n, seed=cfg.seed + 1)  # the seed evaluate samples with
     direct = compute_fid(samples, dataset, cache_dir=cfg.eval.cache_dir, device=CPU)  # the eval section's defaults
     assert (first.metrics["fid"], first.metrics["kid"], first.metrics["sample_nfe"]) == (direct.fid, direct.kid, nfe)
+    assert (first.metrics["fid_stderr"], first.metrics["fid_inf"]) == (direct.fid_stderr, direct.fid_inf.fid_inf)
     likelihood = trainer.heldout_likelihood()
     assert {k: first.metrics[k] for k in likelihood.metrics} == likelihood.metrics
     assert first.files[ELBO_FILE] == likelihood.elbo_curve

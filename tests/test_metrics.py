@@ -324,8 +324,13 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
         "fid.classifier_accuracy": f"{accuracy:.4f}",
         "kid.subsets": "100",
         "kid.subset_size": str(len(digits.test)),  # min(n, reference examples, 1000)
+        "fid.stderr": "delete-1 jackknife over the examples, reference fixed",
+        # 359 samples of 128-d classifier features: too few for FID-infinity's line in 1/N
+        "fid_inf.skipped": "fid_inf needs at least 640 samples of 128-d features (FID's bias is linear in 1/N "
+                           f"only for N >> D), got {len(digits.test)}",
     }
     assert result.kid == result.kid_reference  # the same images and the same subsets
+    assert result.fid_stderr == result.fid_reference_stderr > 0 and result.fid_inf is None
     noise = torch.randn(len(digits.test), 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     noisy = metrics.compute_fid(noise, digits, **classifier_cfg)  # device: the CPU by default
     assert noisy.fid > 20 * noisy.fid_reference
@@ -534,12 +539,22 @@ def test_raw_on_points(tmp_path):
     assert name == "raw"
     np.testing.assert_array_equal(extract(points.test), points.test.double().numpy())
     result = metrics.compute_fid(points.test, points, **options, device=CPU)
-    assert result.tags == {"fid.extractor": "raw", "fid.reference_split": "train", "fid.n": str(len(points.test))}
+    assert result.tags == {"fid.extractor": "raw", "fid.reference_split": "train", "fid.n": str(len(points.test)),
+                           "fid.stderr": "delete-1 jackknife over the examples, reference fixed",
+                           "fid_inf.points": "8"}
     assert result.kid is None and result.kid_reference is None  # eval.kid = false
     assert result.fid == pytest.approx(result.fid_reference, rel=1e-12)
     assert result.fid < 0.05
+    assert result.fid_inf.counts == [80, 125, 171, 217, 262, 308, 354, 400] and result.fid_inf.counts[-1] == result.n
     shifted = metrics.compute_fid(points.test + 1.0, points, **options, device=CPU)
     assert shifted.fid == pytest.approx(2.0, rel=0.1)  # ||(1, 1)||^2 on top of the sampling error
+    # the shift is the whole distance: FID-infinity and FID agree within their standard error (FID's bias in n
+    # is tiny for 2-d features), and the standard error is small against the distance
+    assert abs(shifted.fid_inf.fid_inf - shifted.fid) < 3 * shifted.fid_stderr < 0.25 * shifted.fid
+    assert shifted.fid_inf.fids[-1] == pytest.approx(shifted.fid, rel=1e-9)  # the last subset is every sample
+    without = metrics.compute_fid(points.test + 1.0, points, **options, stderr=False, fid_inf=False)
+    assert without.fid == shifted.fid and without.fid_stderr is None and without.fid_inf is None
+    assert "fid.stderr" not in without.tags and "fid_inf.points" not in without.tags
     with_kid = metrics.compute_fid(points.test + 1.0, points, **{**options, "kid": True}, device=CPU)
     assert with_kid.fid == shifted.fid and with_kid.kid > 20 * abs(with_kid.kid_reference)
     assert with_kid.tags["kid.subsets"] == "100" and with_kid.tags["kid.subset_size"] == str(len(points.test))

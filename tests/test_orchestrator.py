@@ -98,6 +98,9 @@ def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
             assert run.data.tags["bpd_ode.rtol"] == "0.01" and run.data.tags["bpd.n"] == "32"
             assert run.data.metrics["fid"] > 0 and run.data.metrics["fid_reference"] >= 0
             assert run.data.tags["fid.extractor"] == "classifier"
+            # FID's standard error is recorded beside it; 64 samples of 128-d features are too few for FID-infinity
+            assert run.data.metrics["fid_stderr"] > 0 and run.data.metrics["fid_reference_stderr"] > 0
+            assert run.data.tags["fid_inf.skipped"].startswith("fid_inf needs at least 640 samples")
             # the training curve and the weights are in the linked training run; its final loss is copied here
             training = training_run_of(client, run)
             assert training.info.status == "FINISHED" and training.data.tags["trials"] == run.data.tags["trial"]

@@ -14,6 +14,9 @@ kernel on the same features. Both use clean-fid's numerics. The package's module
   this process and on disk under ``cache_dir`` (``reference-<data set>-<split>-<key>.npz``).
 - :mod:`~diffusion.metrics.fid`: ``compute_fid`` (FID and KID with their ``fid_reference`` and
   ``kid_reference`` floors), ``available_examples`` and ``conditional_metrics`` (per-class accuracy and FID).
+- :mod:`~diffusion.metrics.uncertainty`: ``fid_jackknife`` and ``fid_bootstrap`` (FID's standard error over
+  the samples) and
+  ``fid_infinity`` (FID extrapolated to infinitely many samples, Chong & Forsyth 2020).
 - :mod:`~diffusion.metrics.common`: batched feature extraction and tensor digests they share.
 
 Every function takes plain numbers and keyword options whose defaults are the eval section's
@@ -61,6 +64,15 @@ from .extractors import (
 )
 from .fid import FIDResult, available_examples, compute_fid, conditional_metrics
 from .reference import REFERENCE_CACHE_VERSION, Reference, reference_features, reference_key, reference_path
+from .uncertainty import (
+    FID_BOOTSTRAP_RESAMPLES,
+    FID_INF_POINTS,
+    FIDInfinity,
+    FrechetToReference,
+    fid_bootstrap,
+    fid_infinity,
+    fid_jackknife,
+)
 
 __all__ = [
     "CLASSIFIER_SEED",
@@ -69,7 +81,11 @@ __all__ = [
     "Extract",
     "ExtractorBuilder",
     "FEATURE_BATCH",
+    "FIDInfinity",
     "FIDResult",
+    "FID_BOOTSTRAP_RESAMPLES",
+    "FID_INF_POINTS",
+    "FrechetToReference",
     "FeatureClassifier",
     "INCEPTION_BATCH",
     "INCEPTION_DIR",
@@ -92,6 +108,9 @@ __all__ = [
     "conditional_metrics",
     "extractor_refusal",
     "feature_stats",
+    "fid_bootstrap",
+    "fid_infinity",
+    "fid_jackknife",
     "frechet_distance",
     "frechet_from_stats",
     "get_extractor",

@@ -24,6 +24,7 @@ from .common import _batched_features, _device, _is_image, _num_classes
 from .distances import KID_SUBSET_SIZE, KID_SUBSETS, feature_stats, frechet_from_stats, kernel_distance
 from .extractors import get_extractor
 from .reference import reference_features
+from .uncertainty import FID_INF_POINTS, FIDInfinity, fid_infinity, fid_jackknife
 
 if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
     from ..data import Dataset
@@ -37,6 +38,10 @@ class FIDResult:
     tags: dict[str, str] = field(default_factory=dict)  # fid.extractor, fid.reference_split, fid.n, ...
     kid: float | None = None  # KID of the same n samples against the reference split's features (kid=True)
     kid_reference: float | None = None  # KID of the same n held-out real examples (the floor)
+    fid_stderr: float | None = None  # jackknife standard error of fid over the samples (stderr=True)
+    fid_reference_stderr: float | None = None  # the same for fid_reference over the held-out examples
+    fid_inf: Optional[FIDInfinity] = None  # FID-infinity of the samples, with its fit (fid_inf=True)
+    fid_inf_reference: Optional[FIDInfinity] = None  # FID-infinity of the held-out examples (the floor at N = inf)
 
 
 def available_examples(samples: int, dataset: "Dataset", reference_split: str = "train") -> int:
@@ -49,8 +54,8 @@ def available_examples(samples: int, dataset: "Dataset", reference_split: str = 
 
 def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto", reference_split: str = "train",
                 n: Optional[int] = None, kid: bool = True, classifier_steps: int = 1500,
-                cache_dir: str = "~/.cache/diffusion-orchestrator",
-                device: Optional[torch.device] = None) -> FIDResult:
+                cache_dir: str = "~/.cache/diffusion-orchestrator", device: Optional[torch.device] = None,
+                stderr: bool = True, fid_inf: bool = True) -> FIDResult:
     """FID (and, if ``kid``, KID) of `samples` (shaped like the data set's examples, images in
     [-1, 1]) and their floors, in the features of ``extractor`` (:func:`get_extractor`: auto, classifier,
     inception, raw; the classifier trained for ``classifier_steps`` steps) computed on ``device`` (default:
@@ -62,7 +67,10 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
     full ``reference_split`` (train or test). ``fid_reference``: n held-out real examples against the same
     statistics: the first n test examples when the reference is the train split; a fixed seeded choice of
     n train examples when it is the test split. ``kid`` and ``kid_reference``: the same two sets against
-    the reference split's features (:func:`kernel_distance`). The reference features (and the classifier)
+    the reference split's features (:func:`kernel_distance`). With ``stderr``, ``fid_stderr`` and
+    ``fid_reference_stderr``: the standard errors of both FIDs over their examples (:func:`fid_jackknife`);
+    with ``fid_inf``, FID-infinity of both sets (:func:`fid_infinity`; where there are too few samples for the
+    feature dimension, the tag ``fid_inf.skipped`` says so instead). The reference features (and the classifier)
     are cached under ``cache_dir`` (:func:`reference_features`). ValueError naming the parameter for a
     ``reference_split`` other than train or test, an ``n`` out of range and an ``extractor`` that cannot
     serve the data set.
@@ -102,7 +110,19 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
         kid_reference = kernel_distance(reference.features, held_out_features)
         tags["kid.subsets"] = str(KID_SUBSETS)
         tags["kid.subset_size"] = str(min(n, len(reference.features), KID_SUBSET_SIZE))
-    return FIDResult(fid=fid, fid_reference=fid_reference, n=n, tags=tags, kid=kid_value, kid_reference=kid_reference)
+    result = FIDResult(fid=fid, fid_reference=fid_reference, n=n, tags=tags, kid=kid_value, kid_reference=kid_reference)
+    if stderr:
+        result.fid_stderr = fid_jackknife(sample_features, reference.mu, reference.sigma)[0]
+        result.fid_reference_stderr = fid_jackknife(held_out_features, reference.mu, reference.sigma)[0]
+        tags["fid.stderr"] = "delete-1 jackknife over the examples, reference fixed"
+    if fid_inf:
+        try:
+            result.fid_inf = fid_infinity(sample_features, reference.mu, reference.sigma)
+            result.fid_inf_reference = fid_infinity(held_out_features, reference.mu, reference.sigma)
+            tags["fid_inf.points"] = str(FID_INF_POINTS)
+        except ValueError as error:  # too few samples for the feature dimension
+            tags["fid_inf.skipped"] = str(error)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
