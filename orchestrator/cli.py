@@ -3,7 +3,8 @@
     orchestrator sweep FILE [key=value ...] [--dry-run] [--no-cache] [--resume] [--address ADDRESS]
     orchestrator resume FILE [key=value ...] [--address ADDRESS]
     orchestrator validate FILE [key=value ...] [--address ADDRESS]
-    orchestrator options
+    orchestrator options [PREFIX]
+    orchestrator --version
     orchestrator submit FILE [key=value ...] [--address URL] [--tracking-uri URI] [--resubmit] [--dry-run]
     orchestrator submit FILE [key=value ...] --slurm [--nodes N] [--gpus-per-node G] [--cpus-per-node C]
                                              [--partition P] [--time HH:MM:SS] [--dry-run]
@@ -23,14 +24,14 @@ import sys
 from diffusion.errors import ConfigError
 
 from . import EXIT_USAGE
-from .sweepfile import load_sweep
 
-# Ray, MLflow and torch (runner, submit) are imported once the sweep file has been read: a bad file is
-# refused in well under a second, whatever it holds.
+# torch (through the sweep file's schema), Ray and MLflow are imported only by the commands that need them:
+# --help and --version answer without them.
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep", help="run every trial of a sweep file on Ray Tune, recorded in MLflow")
     sweep.add_argument("file", help="sweep file (YAML)")
@@ -54,13 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
     validate.add_argument("--address", default=None,
                           help="check the trials' resources against this Ray cluster (default: this machine)")
-    commands.add_parser("options", help="print every trial-config option with its default and meaning")
+    options = commands.add_parser("options", help="print every trial-config option with its default and meaning")
+    options.add_argument("prefix", nargs="?", default="",
+                         help="only the options whose key starts with this, e.g. eval. or sample.steps")
     _add_cluster_commands(commands)
     return parser
 
 
 JOB_SERVER_HELP = ("the Ray job server (dashboard) URL, e.g. http://head:8265 (default: $RAY_API_SERVER_ADDRESS, "
                    "else $RAY_ADDRESS, else http://127.0.0.1:8265)")
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's), without importing the package's dependencies."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusion-orchestrator")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def _add_cluster_commands(commands) -> None:
@@ -127,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "options":
         from .options import option_table
 
-        print(option_table())
+        table = option_table(args.prefix)
+        if table is None:
+            print(f"orchestrator: error: options: no option key starts with {args.prefix!r}; the sections are "
+                  "data., process., model., loss., train., sample., eval., resources. and seed", file=sys.stderr)
+            return EXIT_USAGE
+        print(table)
         return 0
     if args.command in ("submit", "status", "logs"):
         from .submit import SubmitError
@@ -140,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         except SubmitError as error:
             print(f"orchestrator: error: {error}", file=sys.stderr)
             return 1
+    from .sweepfile import load_sweep
+
     try:
         sweep = load_sweep(args.file, args.overrides)
     except ConfigError as error:

@@ -57,7 +57,11 @@ def _show(value) -> str:
     return str(value)
 
 
-def option_table() -> str:
+def option_table(prefix: str = "") -> str | None:
+    """The Markdown table of the options whose key starts with ``prefix`` (all by default); None when none does."""
+    rows = [row for row in option_rows() if row[0].startswith(prefix)]
+    if not rows:
+        return None
     lines = ["| key | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{key}` | `{default}` | {meaning} |" for key, default, meaning in option_rows()]
+    lines += [f"| `{key}` | `{default}` | {meaning} |" for key, default, meaning in rows]
     return "\n".join(lines)

@@ -134,6 +134,16 @@ def slurm_script(sweep: Sweep, file: str, overrides: list[str], options: dict, w
 # submit
 
 
+def idle_gpus_warning(sweep, options: dict) -> Optional[str]:
+    """Why the allocation's GPUs would sit idle, when ``--gpus-per-node`` asks for GPUs that no trial of the sweep
+    requests (``resources.gpu``); None otherwise."""
+    if not options["gpus_per_node"] or any(t.config.resources.gpu > 0 for t in sweep.trials):
+        return None
+    return (f"--gpus-per-node {options['gpus_per_node']} allocates GPUs, but no trial of sweep {sweep.name} requests "
+            "one (resources.gpu is 0 in every trial): they would sit idle. Set base.resources.gpu (a fraction shares "
+            "a GPU between trials) or drop --gpus-per-node")
+
+
 def submit_slurm(file: str, overrides: list[str], nodes=None, gpus_per_node=None, cpus_per_node=None,
                  partition=None, time=None, dry_run: bool = False, workdir: str = ".",
                  out: Callable[[str], None] = print) -> int:
@@ -145,6 +155,9 @@ def submit_slurm(file: str, overrides: list[str], nodes=None, gpus_per_node=None
     text = slurm_script(sweep, file, overrides, options, workdir, script_name)
     write_text_atomic(path, text, mode=0o755)
     note = _tracking_note(os.environ.get("MLFLOW_TRACKING_URI"))
+    idle = idle_gpus_warning(sweep, options)
+    if idle:
+        out(f"warning: {idle}")
     sbatch = shutil.which("sbatch")
     if dry_run or not sbatch:
         if dry_run:

@@ -3,7 +3,8 @@
 A sweep file has a ``name``, a ``base`` trial config, named ``variants`` (bundles of overrides)
 and a ``grid`` of dotted keys to lists of values. The trials are the product variants x grid.
 Command-line overrides (``key=value``, OmegaConf dotlist) apply to the sweep file itself, so
-``base.train.steps=100`` or ``grid.seed=[0]`` both work.
+``base.train.steps=100`` or ``grid.seed=[0]`` both work; ``grid.sample.steps=[10,20]`` adds the axis
+``sample.steps`` beside the grid's others.
 
 Sweep files are plain data: ``${...}`` interpolation (OmegaConf resolvers such as ``oc.env``, or references
 to other keys) is refused, so nothing from the environment reaches MLflow, Tune's state or the model cache.
@@ -179,7 +180,9 @@ def _is_set(data: Any, dotted: str) -> bool:
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` items to the sweep file's data, as OmegaConf's dotlist merge would (a mapping value is
-    merged into the mapping there, anything else replaces it), without OmegaConf: nothing is resolved."""
+    merged into the mapping there, anything else replaces it), without OmegaConf: nothing is resolved. Under
+    ``grid`` the rest of the key is one axis (``grid.sample.steps=[10, 20]`` adds or replaces the axis
+    ``sample.steps`` and keeps the others)."""
     for item in overrides:
         key, equals, text = item.partition("=")
         if not equals:
@@ -197,6 +200,8 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             raise ConfigError(key, text, "a YAML value, e.g. base.train.steps=100 or 'grid.seed=[0, 1]'",
                               detail=f"override {item[:40]!r}: {problem}") from None
+        if parts[0] == "grid" and len(parts) > 2:  # grid axes are dotted keys: grid.sample.steps=[...] adds one
+            parts = ["grid", ".".join(parts[1:])]
         raw = _updated(raw, parts, value)
     return raw
 

@@ -245,6 +245,22 @@ def resume_trainer(cfg: SweepTrialConfig, key: str, cache: ModelCache, model_dat
     return trainer, True, None
 
 
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
+
+
+def training_run_name(group: list[str]) -> str:
+    """A training run's name: its trial's (``train ddpm-seed=0``); a model several trials share is named after the
+    first, with the count of the others. The training key is the tag ``training_hash``."""
+    return f"train {group[0]}" + (f" (+{len(group) - 1} sharing it)" if len(group) > 1 else "")
+
+
+def evaluation_note(trial: dict, experiment_id: str, training_run: str) -> str:
+    """An evaluation run's description: its trial and variant, and a link to the run that trained its model."""
+    link = f"[{training_run}](#/experiments/{experiment_id}/runs/{training_run})" if training_run else "none recorded"
+    return (f"Trial `{trial['name']}` of variant `{trial['variant']}`: the evaluation (samples, FID, bits/dim) of the "
+            f"model trained in run {link}.")
+
+
 def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
            cache: ModelCache, report: Callable[[dict], None], entered: Optional[float], previous) -> str:
     """:func:`train_model`'s training, under the entry's lock, with this sweep run's earlier training run or None."""
@@ -252,7 +268,7 @@ def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialCont
     logged = 0
     if previous is None:
         tags = {**_base_tags(context, TRAIN, key), "trials": ",".join(group)[:5000]}
-        run_id = client.create_run(context.experiment_id, run_name=f"train-{key[:8]}", tags=tags).info.run_id
+        run_id = client.create_run(context.experiment_id, run_name=training_run_name(group), tags=tags).info.run_id
         cache.remove(key, CHECKPOINT)  # another sweep's unfinished training: this run starts from step 0
         cache.remove(key, CHECKPOINT_SUM)
     else:
@@ -323,11 +339,12 @@ def _evaluation_run(client: MlflowClient, context: TrialContext, trial: dict, ke
             return None
         run_id = _reopen(client, previous)
         client.set_tag(run_id, TRAINING_RUN_TAG, training_run)
+        client.set_tag(run_id, NOTE_TAG, evaluation_note(trial, context.experiment_id, training_run))
         return run_id
     tags = {**_base_tags(context, EVALUATE, key), "variant": trial["variant"], "trial": trial["name"],
-            TRAINING_RUN_TAG: training_run}
+            TRAINING_RUN_TAG: training_run, NOTE_TAG: evaluation_note(trial, context.experiment_id, training_run)}
     run_id = client.create_run(context.experiment_id, run_name=trial["name"], tags=tags).info.run_id
-    _log_params(client, run_id, trial["config"])
+    _log_params(client, run_id, {**trial["config"], "variant": trial["variant"]})
     client.log_text(run_id, OmegaConf.to_yaml(trial["config"]), "config.yaml")
     return run_id
 

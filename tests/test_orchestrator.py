@@ -104,6 +104,12 @@ def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
             # the training curve and the weights are in the linked training run; its final loss is copied here
             training = training_run_of(client, run)
             assert training.info.status == "FINISHED" and training.data.tags["trials"] == run.data.tags["trial"]
+            # in the UI: the variant is a param too, the training run is named after its trial, and the evaluation
+            # run's description links the training run
+            assert run.data.params["variant"] == run.data.tags["variant"]
+            assert training.info.run_name == f"train {run.data.tags['trial']}"
+            assert f"(#/experiments/{run.info.experiment_id}/runs/{training.info.run_id})" in \
+                run.data.tags["mlflow.note.content"]
             history = client.get_metric_history(training.info.run_id, "train_loss")
             assert [m.step for m in history] == [10, 20, 30]
             assert run.data.metrics["train_loss"] == history[-1].value

@@ -217,6 +217,23 @@ def test_bad_slurm_option_exits_2_naming_it(tmp_path, monkeypatch, capsys, flag,
     assert not (tmp_path / "smoke.sbatch").exists()
 
 
+def test_slurm_warns_when_its_gpus_would_sit_idle(tmp_path, monkeypatch, capsys):
+    """--gpus-per-node on a sweep whose trials request no GPU: the script is still written, with a warning that
+    names the fix; a sweep that requests a fraction of a GPU, or no --gpus-per-node, gets none."""
+    from orchestrator.cli import main
+
+    shutil.copy(SMOKE, tmp_path / "smoke.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here: the script is only written
+    assert main(["submit", "smoke.yaml", "--slurm", "--gpus-per-node=2"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: --gpus-per-node 2 allocates GPUs, but no trial of sweep smoke requests one" in out
+    assert "base.resources.gpu" in out and (tmp_path / "smoke.sbatch").exists()
+    assert main(["submit", "smoke.yaml", "base.resources.gpu=0.5", "--slurm", "--gpus-per-node=2"]) == 0
+    assert main(["submit", "smoke.yaml", "--slurm"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_bad_slurm_option_from_the_command_line(tmp_path):
     shutil.copy(SMOKE, tmp_path / "smoke.yaml")
     result = cli(["submit", "smoke.yaml", "--slurm", "--time", "90 minutes"], cwd=tmp_path)

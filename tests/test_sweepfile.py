@@ -111,6 +111,41 @@ def test_readme_option_table_is_current():
     assert table.count("\n") > 40 and "| `sample.sampler` | `ancestral` |" in table
 
 
+def test_grid_override_adds_one_axis_and_keeps_the_others():
+    demo = os.path.join(ROOT, "sweeps", "ddpm_vs_ncsn.yaml")
+    sweep = load_sweep(demo, ["grid.sample.steps=[5, 10]"])
+    assert sweep.varying == ["variant", "seed", "sample.steps"] and len(sweep.trials) == 8
+    assert sorted({t.config.sample.steps for t in sweep.trials}) == [5, 10]
+    assert load_sweep(demo, ["grid.seed=[3]"]).varying == ["variant"]  # an existing axis is replaced
+    with pytest.raises(ConfigError) as error:  # and the axis is checked like one written in the file
+        load_sweep(demo, ["grid.sample.steps=[]"])
+    assert error.value.key == "grid.sample.steps"
+
+
+def test_help_and_version_answer_without_torch_ray_or_mlflow():
+    """--help, a command's --help and --version import none of torch, Ray or MLflow (what makes them slow to
+    start): checked in a fresh interpreter. --version is the installed distribution's."""
+    from importlib.metadata import version
+
+    code = ("import sys\nfrom orchestrator.cli import main\nfor argv in (['--help'], ['sweep', '--help'], "
+            "['--version']):\n    try:\n        main(argv)\n    except SystemExit as stop:\n        assert stop.code == 0\n"
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("[]"), result.stdout
+    assert f"orchestrator {version('diffusion-orchestrator')}\n" in result.stdout and "usage: orchestrator" in result.stdout
+
+
+def test_options_filters_by_prefix(capsys):
+    assert main(["options", "sample.ste"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("`")[1] for line in lines[2:]] == ["sample.steps", "sample.steps_per_level", "sample.step_size"]
+    assert option_table("eval.") == "\n".join(
+        line for line in option_table().splitlines() if not line.startswith("| `") or line.startswith("| `eval."))
+    assert main(["options", "evl."]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no option key starts with 'evl.'" in error and "eval." in error
+
+
 def test_zoo_smoke_covers_every_accepted_value():
     """Every value of every model axis the registries accept appears in at least one trial of zoo_smoke."""
     from diffusion import elbo, losses, parameterizations, process_families, samplers, schedules, score_matching
