@@ -4,6 +4,7 @@
     orchestrator resume FILE [key=value ...] [--address ADDRESS]
     orchestrator validate FILE [key=value ...] [--address ADDRESS]
     orchestrator options [PREFIX]
+    orchestrator report SWEEP_NAME_OR_PARENT_RUN_ID
     orchestrator --version
     orchestrator submit FILE [key=value ...] [--address URL] [--tracking-uri URI] [--resubmit] [--dry-run]
     orchestrator submit FILE [key=value ...] --slurm [--nodes N] [--gpus-per-node G] [--cpus-per-node C]
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     options = commands.add_parser("options", help="print every trial-config option with its default and meaning")
     options.add_argument("prefix", nargs="?", default="",
                          help="only the options whose key starts with this, e.g. eval. or sample.steps")
+    report = commands.add_parser("report", help="make a sweep's report (variants with intervals, verdicts, plots, "
+                                                 "samples) again from MLflow, for a finished or partial sweep")
+    report.add_argument("sweep", help="a sweep's name (its latest run) or its parent run's id")
     _add_cluster_commands(commands)
     return parser
 
@@ -146,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                   "data., process., model., loss., train., sample., eval., resources. and seed", file=sys.stderr)
             return EXIT_USAGE
         print(table)
+        return 0
+    if args.command == "report":
+        from .report import regenerate
+
+        try:
+            made = regenerate(args.sweep)
+        except ConfigError as error:
+            print(f"orchestrator: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print(made.summary)
+        print(f"report: {made.path}")
         return 0
     if args.command in ("submit", "status", "logs"):
         from .submit import SubmitError

@@ -1,6 +1,5 @@
 """A sweep's parent run in MLflow: the experiment, the parent run created or reopened (``--resume``), ended FAILED
-when the sweep fails after it started (``parent_guard``), and the trials' outcomes read back from its child
-runs (``trial_summaries``)."""
+when the sweep fails after it started (``parent_guard``)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +8,17 @@ from typing import Iterator
 
 from diffusion.errors import ConfigError
 
-from .progress import TrialSummary
 from .sweepfile import Sweep
 from .tracking import end_unfinished_runs
-from .trial import FAILURE_TAG, STAGE_TAG, TRAIN
+from .trial import FAILURE_TAG, STAGE_TAG
+
+
+# The MLflow UI's experiment page as a researcher wants it: a model-training experiment (not a GenAI one), and a
+# shared view per sweep run (``viewStateShareKey``) listing its evaluation runs with the metrics side by side.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_METRICS = ("fid", "fid_stderr", "fid_reference", "fid_inf", "kid", "kid_stderr", "bpd_ode", "bpd_ode_stderr",
+                "bpd_elbo", "bpd_elbo_stderr", "sample_nfe", "train_seconds")
 
 
 def create_experiment(client, name: str) -> str:
@@ -20,7 +26,7 @@ def create_experiment(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -38,6 +44,32 @@ def new_parent(client, experiment_id: str, sweep: Sweep, models: int, cached: in
     ).info.run_id
     client.log_dict(parent_id, sweep.source, "sweep.yaml")
     return parent_id
+
+
+def view_key(parent_id: str) -> str:
+    return f"sweep-{parent_id[:12]}"
+
+
+def comparison_view(client, experiment_id: str, parent_id: str, sweep: Sweep) -> str:
+    """The sweep run's shared view in the MLflow UI (an experiment tag the UI reads): its evaluation runs, with the
+    variant, the varying axes and the metrics as columns, best FID first; returns the view's key."""
+    import json
+
+    axes = ["variant", *[a for a in sweep.varying if a != "variant"]]
+    state = {"selectedColumns": [f"params.`{a}`" for a in axes] + [f"metrics.`{m}`" for m in VIEW_METRICS],
+             "searchFilter": f"tags.stage = 'evaluate' and tags.`mlflow.parentRunId` = '{parent_id}'",
+             "orderByKey": "metrics.`fid`", "orderByAsc": True}
+    key = view_key(parent_id)
+    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
+    for tag, value in EXPERIMENT_KIND.items():  # experiments created before the tag existed
+        client.set_experiment_tag(experiment_id, tag, value)
+    return key
+
+
+def view_url(base: str, experiment_id: str, parent_id: str) -> str:
+    """The UI's address of the sweep run's comparison view, on the server at ``base``."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={view_key(parent_id)}")
 
 
 def reopen_parent(client, experiment, sweep: Sweep) -> str:
@@ -87,24 +119,3 @@ def parent_guard(client, experiment_id: str, parent_id: str) -> Iterator[None]:
         except Exception as second:  # noqa: BLE001 - the tracking server is gone too: report the first error
             print(f"could not mark parent run {parent_id} FAILED: {second}", flush=True)
         raise
-
-
-def trial_summaries(client, experiment_id: str, parent_id: str, sweep: Sweep) -> list[TrialSummary]:
-    """Each trial's outcome as its evaluation run recorded it (a trial with no run never started: KILLED)."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                              max_results=10_000)
-    by_name = {run.data.tags.get("trial"): run for run in runs if run.data.tags.get(STAGE_TAG) != TRAIN}
-    out = []
-    for trial in sweep.trials:
-        run = by_name.get(trial.name)
-        if run is None:
-            out.append(TrialSummary(trial.name, trial.axes, "KILLED", error="never started"))
-            continue
-        metrics = run.data.metrics
-        minutes = (run.info.end_time - run.info.start_time) / 60000 if run.info.end_time else None
-        out.append(TrialSummary(
-            trial.name, trial.axes, run.info.status, metrics.get("fid"), metrics.get("fid_reference"),
-            metrics.get("kid"), metrics.get("bpd_ode"), metrics.get("bpd_elbo"), minutes,
-            run.data.tags.get(FAILURE_TAG, ""),
-        ))
-    return out

@@ -1,19 +1,17 @@
 """What the driver of a sweep shows and how it stops: Ctrl-C (``graceful_stop``, ``InterruptWatch``), one line
-per Tune result (``progress_printer``) and the summary table at the end."""
+per Tune result (``progress_printer``)."""
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import select
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 from . import EXIT_INTERRUPTED
-from .sweepfile import Sweep
 from .tracking import ACTIVE_SERVERS, end_unfinished_runs
 
 STOP_GRACE_SECONDS = float(os.environ.get("ORCHESTRATOR_STOP_GRACE", "30"))
@@ -141,43 +139,3 @@ def progress_printer(tune, total: int, stage: str):
             print(f"[{trial.config['task']['name']}] FAILED ({self.done}/{total} {stage} tasks)", flush=True)
 
     return ProgressPrinter()
-
-
-@dataclass
-class TrialSummary:
-    name: str
-    axes: dict
-    status: str  # FINISHED, FAILED or KILLED
-    fid: Optional[float] = None
-    fid_reference: Optional[float] = None
-    kid: Optional[float] = None
-    bpd_ode: Optional[float] = None
-    bpd_elbo: Optional[float] = None
-    minutes: Optional[float] = None
-    error: str = ""
-
-
-def summary_table(sweep: Sweep, summaries: list[TrialSummary], seconds: float) -> str:
-    axes = [a for a in sweep.varying if a != "variant"]
-    trial_by_name = {t.name: t for t in sweep.trials}
-    header = ["trial", "variant", *axes, "status", "fid", "fid_reference", "kid", "bpd_ode", "bpd_elbo", "minutes"]
-    rows = []
-    for s in summaries:
-        trial = trial_by_name[s.name]
-        rows.append([s.name, trial.variant, *[str(s.axes.get(a)) for a in axes], s.status,
-                     _number(s.fid), _number(s.fid_reference), _number(s.kid, 4), _number(s.bpd_ode, 2),
-                     _number(s.bpd_elbo, 2), _number(s.minutes, 1)])
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["", f"sweep {sweep.name}: {len(summaries)} trial(s) in {seconds / 60:.1f} min"]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    failed = [s for s in summaries if s.status != "FINISHED"]
-    for s in failed:
-        lines.append(f"{s.status}: {s.name}: {s.error or 'no reason recorded'}")
-    return "\n".join(lines)
-
-
-def _number(value: Optional[float], digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"

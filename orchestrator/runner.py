@@ -17,9 +17,11 @@ from typing import Any, Optional
 from . import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIAL_FAILED
 from .cache import ModelCache, filesystem, is_uri, local_path
 from .keys import training_key
-from .parentrun import create_experiment, finished_trials, new_parent, parent_guard, reopen_parent, trial_summaries
+from .collect import collect
+from .parentrun import comparison_view, create_experiment, finished_trials, new_parent, parent_guard, reopen_parent
 from .preflight import keep_credentials_out_of_tune, preflight
-from .progress import TrialSummary, graceful_stop, progress_printer, summary_table
+from .progress import graceful_stop, progress_printer
+from .report import SweepReport, build, publish
 from .sweepfile import Sweep, Trial
 from .tracking import tracking_server, worker_env
 from .trial import TRAIN, TrialContext, find_run, record_unevaluated, run_task
@@ -126,8 +128,8 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
                     pending = pending_trials(run)
                     trained_here = train_stage(run, pending)
                     evaluate_stage(run, pending, trained_here)
-                status, summaries = summarize(run, stop.status)
-    return report(sweep, summaries, status, stop.killed, time.time() - started)
+                status, sweep_report = summarize(run, stop.status)
+    return report(sweep_report, status, stop.killed, time.time() - started)
 
 
 def open_tracking(uri: str, sweep: Sweep, cache: ModelCache, workdir: str, use_cache: bool, resume: bool,
@@ -148,6 +150,7 @@ def open_tracking(uri: str, sweep: Sweep, cache: ModelCache, workdir: str, use_c
     groups = plan(sweep, cache, use_cache)
     if not resume:
         parent_id = new_parent(client, experiment_id, sweep, len(groups), sum(g.cached for g in groups))
+    comparison_view(client, experiment_id, parent_id, sweep)
     context = TrialContext(uri, experiment_id, parent_id, sweep.name, cache.root)
     suffix = f"-resume{time.strftime('%Y%m%d-%H%M%S')}" if resume else ""
     return SweepRun(sweep, workdir, cache, use_cache, resume, env, client, context, groups, done, suffix)
@@ -209,20 +212,35 @@ def evaluate_stage(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]
     _fit(run, evaluations, "evaluate")
 
 
-def summarize(run: SweepRun, status: str) -> tuple[str, list[TrialSummary]]:
-    """Each trial's outcome from its evaluation run, and the parent run ended with the sweep's status: ``status``
-    (FINISHED, or KILLED by Ctrl-C), FAILED when a trial did not finish."""
+def summarize(run: SweepRun, status: str) -> tuple[str, SweepReport]:
+    """Each trial's outcome from its evaluation run, compared across variants in the sweep's report (written to
+    ``reports/<sweep>/`` and logged on the parent run), and the parent run ended with the sweep's status: ``status``
+    (FINISHED, or KILLED by Ctrl-C), FAILED when a trial did not finish. A report that cannot be made is said and
+    tagged (``report.error``); the sweep's status stands."""
     context = run.context
-    summaries = trial_summaries(run.client, context.experiment_id, context.parent_run_id, run.sweep)
-    if status != "KILLED" and any(s.status != "FINISHED" for s in summaries):
+    results = collect(run.client, context.parent_run_id, run.sweep.trials)
+    if status != "KILLED" and any(r.status != "FINISHED" for r in results.records):
         status = "FAILED"
+    results.status = status
+    sweep_report = build(results)
+    try:
+        sweep_report.path = publish(run.client, sweep_report, run.workdir)
+    except Exception as error:  # noqa: BLE001 - the runs are recorded; the report can be made again
+        reason = f"{type(error).__name__}: {error}"
+        print(f"the sweep's report could not be written ({reason}); `orchestrator report {context.parent_run_id}` "
+              "makes it again", flush=True)
+        run.client.set_tag(context.parent_run_id, "report.error", reason[:5000])
     run.client.set_terminated(context.parent_run_id, status=status)
-    return status, summaries
+    return status, sweep_report
 
 
-def report(sweep: Sweep, summaries: list[TrialSummary], status: str, killed: list[str], seconds: float) -> int:
-    """Print the summary table (and the runs Ctrl-C marked KILLED); the exit status for the sweep's status."""
-    print(summary_table(sweep, summaries, seconds))
+def report(sweep_report: SweepReport, status: str, killed: list[str], seconds: float) -> int:
+    """Print the summary (trials, variants with their intervals, verdicts), where the report is and the runs Ctrl-C
+    marked KILLED; the exit status for the sweep's status."""
+    print(sweep_report.summary)
+    print(f"\nsweep finished {status} in {seconds / 60:.1f} min", flush=True)
+    if sweep_report.path:
+        print(f"report: {sweep_report.path}")
     if killed:
         print(f"{len(killed)} run(s) were still running and are marked KILLED")
     return {"FINISHED": EXIT_OK, "FAILED": EXIT_TRIAL_FAILED}.get(status, EXIT_INTERRUPTED)

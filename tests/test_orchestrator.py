@@ -60,20 +60,28 @@ SENTINELS = {name: f"sentinel-{name.lower().replace('_', '-')}-5f1c0e9a" for nam
     "AWS_SECRET_ACCESS_KEY")}
 
 
-def test_smoke_sweep_with_its_own_server(tmp_path, cache_dir):
-    """No MLFLOW_TRACKING_URI: the sweep starts a server over ./mlflow.db and ./mlartifacts, and a
-    later server over the same directory (what `mlflow ui` does) shows every run complete. Credentials
-    in the environment land in no file the sweep wrote, Ray's session directory (its logs) included."""
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cache_dir):
+    """The smoke sweep run with no MLFLOW_TRACKING_URI (its own server over ./mlflow.db and ./mlartifacts) and
+    credentials in the environment: (the finished process, its directory). Every file it wrote, Ray's session
+    directory (its logs) included, is searched for the credentials before Ray's directory is removed."""
+    workdir = tmp_path_factory.mktemp("smoke")
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's sockets live there: a short path
     try:
-        result = orchestrator(["sweep", SMOKE, f"base.eval.cache_dir={cache_dir}"], cwd=tmp_path,
+        result = orchestrator(["sweep", SMOKE, f"base.eval.cache_dir={cache_dir}"], cwd=workdir,
                               env_extra={**SENTINELS, "RAY_TMPDIR": ray_tmp})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert glob.glob(os.path.join(ray_tmp, "ray", "session_*", "logs", "*.log"))  # Ray's logs were searched
-        assert files_holding([tmp_path, ray_tmp, cache_dir], SENTINELS) == []
+        assert files_holding([workdir, ray_tmp, cache_dir], SENTINELS) == []
         assert not any(value in result.stdout + result.stderr for value in SENTINELS.values())
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    return result, workdir
+
+
+def test_smoke_sweep_with_its_own_server(smoke):
+    """A later server over the sweep's directory (what `mlflow ui` does) shows every run complete."""
+    result, tmp_path = smoke
     assert "fid_reference" in result.stdout  # the summary table
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
 
@@ -225,3 +233,125 @@ def test_interrupt_watch_ends_a_stuck_stop(tmp_path, presses, grace):
     assert proc.returncode == 130 and "graceful stop" in output and "stop called" in output, output
     assert time.monotonic() - started < 10
     assert ("Ctrl-C again" in output) == (presses == 2)
+
+
+def test_smoke_sweep_report_and_comparison(smoke):
+    """The sweep ends with the variants compared (one seed each: the trials' own stderr stands in, and the report
+    says so), the report written to reports/<sweep>/ and logged on the parent run with the comparison table (the
+    sample grids as an image column), each variant's mean and interval as parent metrics, and the MLflow UI's
+    comparison view as an experiment tag."""
+    import json
+
+    result, workdir = smoke
+    assert "verdicts at 95%:" in result.stdout and "per-trial stderr stands in" in result.stdout
+    assert "one seed: the trial's own standard error stands in" in result.stdout
+    report_dir = workdir / "reports" / "smoke"
+    html_text = (report_dir / "report.html").read_text()
+    assert "src='http" not in html_text and 'src="http' not in html_text  # self-contained
+    assert "fid_inf not measured: fid_inf needs at least 640 samples" in (report_dir / "report.md").read_text()
+    reader = LocalServer(str(workdir)).start()
+    try:
+        client = MlflowClient(reader.uri)
+        experiment = client.get_experiment_by_name("smoke")
+        parents, children = child_runs(client, "smoke")
+        parent = parents[0]
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"report.html", "report.md", "comparison.json", "verdicts.json", "report_files"} <= artifacts
+        table = json.loads(open(client.download_artifacts(parent.info.run_id, "comparison.json",
+                                                          str(workdir / "table"))).read())
+        rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+        assert [row["variant"] for row in rows] == ["ddpm", "ncsn"]
+        assert all(row["samples"]["type"] == "image" for row in rows)
+        for run in children:  # one seed: the variant's mean is the trial's value, its interval 1.96 stderr wide
+            variant, fid, stderr = run.data.tags["variant"], run.data.metrics["fid"], run.data.metrics["fid_stderr"]
+            assert parent.data.metrics[f"{variant}/fid"] == pytest.approx(fid)
+            assert parent.data.metrics[f"{variant}/fid_high"] - fid == pytest.approx(1.959964 * stderr, rel=1e-5)
+            row = next(r for r in rows if r["variant"] == variant)
+            assert row["fid_low"] == pytest.approx(fid - 1.959964 * stderr, rel=1e-5)
+        verdicts = json.loads(open(client.download_artifacts(parent.info.run_id, "verdicts.json",
+                                                             str(workdir / "table"))).read())
+        assert ["ddpm", "ncsn", "fid"] == verdicts["data"][0][:3]
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        view = json.loads(experiment.tags[f"mlflow.sharedViewState.sweep-{parent.info.run_id[:12]}"])
+        assert "metrics.`fid_stderr`" in view["selectedColumns"] and parent.info.run_id in view["searchFilter"]
+    finally:
+        reader.stop()
+
+
+def test_report_command_makes_the_report_again_without_a_server(smoke, tmp_path):
+    """`orchestrator report NAME` after the sweep (its server gone) serves the store for the call and writes the
+    report again; a name that is no sweep exits 2 naming it and the sweeps there, with no traceback."""
+    result, workdir = smoke
+    html_path = workdir / "reports" / "smoke" / "report.html"
+    before = html_path.stat().st_mtime_ns
+    again = orchestrator(["report", "smoke"], cwd=workdir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "verdicts at 95%:" in again.stdout and f"report: {html_path}" in again.stdout
+    assert html_path.stat().st_mtime_ns > before
+    wrong = orchestrator(["report", "no-such-sweep"], cwd=workdir)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "no-such-sweep" in wrong.stderr and "smoke" in wrong.stderr
+    empty = orchestrator(["report", "smoke"], cwd=tmp_path)  # no store in this directory
+    assert empty.returncode == 2 and "mlflow.db is missing" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_report_renders_in_chromium(smoke):
+    """report.html in headless Chromium: every image (plots, sample grids) loads from the page itself, the variant
+    table lists both variants and the verdicts are in the DOM."""
+    from browser import IMAGES, chromium
+
+    _, workdir = smoke
+    browser = chromium()
+    try:
+        browser.get((workdir / "reports" / "smoke" / "report.html").as_uri())
+        images = browser.execute_script(IMAGES)
+        assert {alt for alt, *_ in images} >= {"metrics.png", "train_loss.png", "samples of ddpm", "samples of ncsn"}
+        for alt, complete, width, src in images:
+            assert complete and width > 0 and src.startswith("data:image/png"), (alt, width, src)
+        rows = browser.find_elements("css selector", "#variants tbody tr")
+        assert [r.find_elements("tag name", "td")[0].text for r in rows] == ["ddpm", "ncsn"]
+        assert "(n=1)" in rows[0].text
+        assert len(browser.find_elements("css selector", "#verdicts li")) >= 1
+        parent_id = browser.find_element("id", "parent-run").text
+        assert browser.find_element("id", "comparison-view").get_attribute("href").endswith(
+            f"viewStateShareKey=sweep-{parent_id[:12]}")
+    finally:
+        browser.quit()
+
+
+def test_mlflow_ui_shows_samples_fid_and_the_comparison(smoke):
+    """`mlflow ui` over the finished sweep, in headless Chromium: an evaluation run's page shows its fid value, its
+    artifact view shows the sample grid (the image loads, as wide as the logged PNG), and the sweep's comparison
+    view lists the trials with fid and fid_stderr as columns."""
+    from PIL import Image
+
+    from browser import chromium, wait_for
+    from orchestrator.parentrun import view_url
+
+    _, workdir = smoke
+    reader = LocalServer(str(workdir)).start()
+    browser = chromium(width=3000)  # the runs table draws only the columns in sight
+    try:
+        client = MlflowClient(reader.uri)
+        parents, children = child_runs(client, "smoke")
+        run = children[0]
+        fid = run.data.metrics["fid"]
+        base = f"{reader.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        browser.get(base)
+        body = wait_for(lambda: (lambda t: t if "fid_reference" in t else "")(
+            browser.find_element("tag name", "body").text), what="the run page's metrics")
+        assert f"{fid:.6f}"[:6] in body, body[:2000]
+        png = client.download_artifacts(run.info.run_id, "samples.png", str(workdir / "ui"))
+        width = Image.open(png).size[0]
+        browser.get(base + "/artifacts/samples.png")
+        shown = wait_for(lambda: [i for i in browser.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.src.slice(0, 5)])")
+            if i[0] and i[1] == width and i[2] == "blob:"], what="the sample grid in the artifact view")
+        assert shown
+        browser.get(view_url(reader.uri, run.info.experiment_id, parents[0].info.run_id))
+        table = wait_for(lambda: (lambda t: t if "fid_stderr" in t and "ncsn" in t else "")(
+            browser.find_element("tag name", "body").text), what="the comparison view")
+        assert "ddpm" in table and "fid_reference" in table and "2 matching runs" in table
+    finally:
+        browser.quit()
+        reader.stop()
