@@ -126,7 +126,8 @@ class SampleConfig:
 class EvalConfig:
     fid: bool = True  # compute FID (and fid_reference)
     extractor: str = "auto"  # FID features: auto, classifier (offline CNN), inception (clean-fid), raw (2-D coordinates)
-    reference_split: str = "train"  # FID is measured against this split's statistics
+    reference: str = "split"  # FID's reference statistics: split (the data set's eval.reference_split, features computed here) or clean-fid's published Inception statistics (eval.extractor inception, images of their size; no KID): cleanfid:cifar10-32-train, cleanfid:cifar10-32-test, cleanfid:ffhq-256-trainval, cleanfid:ffhq-256-trainval70k, cleanfid:ffhq-1024-trainval, cleanfid:ffhq-1024-trainval70k, cleanfid:lsun_church-256-train, cleanfid:lsun_horse-256-train, cleanfid:lsun_cat-256-train, cleanfid:lsun_cat-256-trainfull, cleanfid:afhq_cat-512-train, cleanfid:afhq_dog-512-train, cleanfid:afhq_wild-512-train, cleanfid:brecahad-512-train, cleanfid:metfaces-1024-train, cleanfid:horse2zebra-256-test, cleanfid:cat2dog-256-test
+    reference_split: str = "train"  # with eval.reference split, FID is measured against this split's statistics
     fid_n: Optional[int] = None  # samples used for FID (default: min(sample.n, test split size))
     kid: bool = True  # also compute KID (clean-fid's unbiased polynomial-kernel MMD on the same features), with kid_reference
     bpd: bool = True  # bits/dim of held-out data: bpd_ode (probability-flow ODE) and, for an integer process.T, bpd_elbo
@@ -147,7 +148,8 @@ class EvalConfig:
     inverse_n: int = 64  # held-out (test split) images restored per stage
     inverse_guidance: float = 1.0  # likelihood, tweedie: scale of the measurement's likelihood gradient
     inverse_cg_iterations: int = 10  # tweedie: conjugate-gradient steps (vector-Jacobian products) per time step
-    cache_dir: str = "~/.cache/diffusion-orchestrator"  # where trained feature extractors and reference-split features are kept
+    cache_dir: str = "~/.cache/diffusion-orchestrator"  # where trained feature extractors and reference-split features are kept, and clean-fid's Inception weights and published statistics (in <cache_dir>/inception)
+    download: bool = False  # fetch clean-fid's Inception weights and the published statistics of eval.reference into <cache_dir>/inception on first use; false: a missing file stops the sweep before it starts, naming where to place it
 
 
 @dataclass

@@ -32,7 +32,9 @@ from .guidance import fit_noisy_classifier
 from .inverse import restoration_grid, solve_heldout
 from .latent import LIKELIHOOD_NOTE
 from .errors import ConfigError
-from .metrics import available_examples, compute_fid, conditional_metrics, extractor_refusal
+from .metrics import (available_examples, compute_fid, conditional_metrics, extractor_refusal, missing_fid_files,
+                      reference_refusal, statistics_split)
+from .metrics.downloads import inception_dir
 from .factory import make_timesteps
 from .registry import options_for
 
@@ -118,17 +120,37 @@ def _decode(model, cfg: TrialConfig, vae, samples: torch.Tensor) -> torch.Tensor
     return samples
 
 
+def check_fid(data: Dataset, cfg: TrialConfig) -> None:
+    """What FID on ``data`` needs besides the samples, as ConfigErrors naming the key: ``eval.extractor`` able to
+    serve the data set, ``eval.reference`` (published statistics: inception features of images of their size),
+    and clean-fid's files on disk unless ``eval.download`` (a missing file named with the exact path to place it
+    at and its URL). The orchestrator's preflight runs it before a sweep starts; ``evaluate`` again."""
+    refusal = extractor_refusal(cfg.eval.extractor, data)
+    if refusal is not None:
+        raise ConfigError("eval.extractor", *refusal)
+    refused = reference_refusal(cfg.eval.reference, data, cfg.eval.extractor)
+    if refused is not None:
+        raise ConfigError(refused[0], *refused[1])
+    missing = missing_fid_files(data, **options_for(missing_fid_files, cfg.eval))
+    if missing:
+        where = inception_dir(cfg.eval.cache_dir)
+        raise ConfigError("eval.download", cfg.eval.download,
+                          f"true (to fetch {'it' if len(missing) == 1 else 'them'} into {where} on first use)",
+                          detail="; ".join(item.message() for item in missing) + f"; with eval.extractor "
+                          f"{cfg.eval.extractor} and eval.reference {cfg.eval.reference}")
+
+
 def _check_fid(samples: torch.Tensor, data: Dataset, cfg: TrialConfig) -> None:
-    """``eval.fid_n`` and ``eval.extractor`` against these samples and this data set, as ConfigErrors naming the
-    key (validation cannot decide them: they depend on the split sizes and the Inception weights on disk)."""
-    available = available_examples(len(samples), data, cfg.eval.reference_split)
+    """``eval.fid_n``, ``eval.extractor``, ``eval.reference`` and ``eval.download`` against these samples and this
+    data set, as ConfigErrors naming the key (validation cannot decide them: they depend on the split sizes, the
+    image shape and clean-fid's files on disk)."""
+    split = statistics_split(cfg.eval.reference, cfg.eval.reference_split)
+    available = available_examples(len(samples), data, split)
     n = cfg.eval.fid_n if cfg.eval.fid_n is not None else available
     if n > available or n < 2:
         raise ConfigError("eval.fid_n", cfg.eval.fid_n, f"an integer in [2, {available}] or null",
                           detail=f"{len(samples)} samples, {len(data.test)} test and {len(data.train)} train examples")
-    refusal = extractor_refusal(cfg.eval.extractor, data)
-    if refusal is not None:
-        raise ConfigError("eval.extractor", *refusal)
+    check_fid(data, cfg)
 
 
 def _sample_quality(samples: torch.Tensor, labels, data: Dataset, cfg: TrialConfig, device, report: Report) -> None:

@@ -169,6 +169,12 @@ def _validate_common(cfg: TrialConfig) -> None:
     likelihood.PROBES.get(cfg.eval.probe)
     _check(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps, "an integer >= 1")
     _check(cfg.eval.reference_split in ("train", "test"), "eval.reference_split", cfg.eval.reference_split, "train or test")
+    published = metrics.REFERENCES.get(cfg.eval.reference)
+    if published is not None:  # the data set's image shape is checked once it is loaded (evaluation.check_fid)
+        _check(cfg.eval.extractor == "inception", "eval.extractor", cfg.eval.extractor,
+               f"inception with eval.reference {cfg.eval.reference} (clean-fid's published Inception statistics)")
+        _check(cfg.data.name not in data.POINT_SETS, "eval.reference", cfg.eval.reference,
+               "split for 2-D data (published statistics are of images)")
     if cfg.eval.fid_n is not None:
         _check(cfg.eval.fid_n >= 2, "eval.fid_n", cfg.eval.fid_n, "an integer >= 2 or null")
 

@@ -1,5 +1,6 @@
 """A sweep's preflight: what would fail later fails here, before MLflow starts or anything is written (tracking
-credentials, data sets, Ray started or joined with a node for every trial), and Ray set up safely."""
+credentials, data sets and what FID needs of them, Ray started or joined with a node for every trial), and Ray
+set up safely."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ from .tracking import SECRET_ENV, check_tracking_uri_credentials
 @contextlib.contextmanager
 def preflight(sweep: Sweep, workdir: str, resume: bool, address: Optional[str]) -> Iterator[bool]:
     """Check the sweep (``--resume`` has something to resume, the tracking URI holds no credentials, the data
-    sets load), then start or join Ray (``start_ray``, which checks the resources); yields whether the workers
+    sets load and FID's extractor, reference and files can serve them), then start or join Ray (``start_ray``, which checks the resources); yields whether the workers
     are on a joined cluster. Ray is shut down when the body ends, however it ends."""
     import ray
 
@@ -83,16 +84,38 @@ def keep_credentials_out_of_tune() -> None:
 
 
 def check_data(sweep: Sweep) -> None:
-    """Load each data set the sweep uses once (ConfigError naming the trial's key when its files are missing)."""
+    """Load each data set the sweep uses once (ConfigError naming the trial's key when its files are missing), and
+    check what FID needs of it (``check_fid``)."""
     from diffusion.data import load_dataset
+
+    datasets = {}
+    for trial in sweep.trials:
+        if repr(trial.config.data) in datasets:
+            continue
+        try:
+            datasets[repr(trial.config.data)] = load_dataset(trial.config.data)
+        except ConfigError as error:
+            raise ConfigError(_origin(sweep, trial, error.key), error.value, error.accepted,
+                              detail=error.detail) from None
+    check_fid(sweep, datasets)
+
+
+def check_fid(sweep: Sweep, datasets: dict) -> None:
+    """What each trial's FID needs of its data set (``diffusion.evaluation.check_fid``: an extractor and a reference
+    that can serve it, clean-fid's Inception weights and published statistics on disk unless ``eval.download``),
+    as a ConfigError naming the trial's key: a missing file stops the sweep here, before Ray or MLflow start, not
+    in every trial. ``datasets``: each data config's ``repr`` -> its loaded data set."""
+    from diffusion.evaluation import check_fid as check_trial_fid
 
     seen = set()
     for trial in sweep.trials:
-        if repr(trial.config.data) in seen:
+        cfg = trial.config
+        key = (repr(cfg.data), cfg.eval.extractor, cfg.eval.reference, cfg.eval.cache_dir, cfg.eval.download)
+        if not cfg.eval.fid or key in seen:
             continue
-        seen.add(repr(trial.config.data))
+        seen.add(key)
         try:
-            load_dataset(trial.config.data)
+            check_trial_fid(datasets[repr(cfg.data)], cfg)
         except ConfigError as error:
             raise ConfigError(_origin(sweep, trial, error.key), error.value, error.accepted,
                               detail=error.detail) from None

@@ -303,30 +303,35 @@ def trial_dirname(name: str) -> str:
 
 def prepare_extractors(sweep: Sweep) -> None:
     """Train (or load) each FID feature extractor the sweep needs once, in the driver, and extract the
-    reference split's features into the cache, so that concurrent trials load both from the cache
-    instead of each computing its own copy. ConfigError naming ``eval.extractor`` when an extractor cannot
-    serve its data set (``metrics.extractor_refusal``)."""
+    reference split's features into the cache (or, for published statistics, read them, and with
+    ``eval.download`` fetch clean-fid's files), so that concurrent trials load them from the cache instead of
+    each computing (or downloading) its own copy. The preflight has checked what can be checked before Ray
+    starts (``preflight.check_fid``); ConfigError naming the key here too (``diffusion.evaluation.check_fid``)."""
     import torch
 
     from diffusion.data import load_dataset
-    from diffusion.errors import ConfigError
-    from diffusion.metrics import extractor_refusal, get_extractor, reference_features
+    from diffusion.evaluation import check_fid
+    from diffusion.metrics import REFERENCES, get_extractor, load_published_stats, reference_features
     from diffusion.registry import options_for
 
     seen = set()
     for trial in sweep.trials:
         cfg = trial.config
-        key = (repr(cfg.data), cfg.eval.extractor, cfg.eval.classifier_steps, cfg.eval.cache_dir)
+        key = (repr(cfg.data), cfg.eval.extractor, cfg.eval.reference, cfg.eval.reference_split,
+               cfg.eval.classifier_steps, cfg.eval.cache_dir, cfg.eval.download)
         if not cfg.eval.fid or key in seen:
             continue
         seen.add(key)
         dataset = load_dataset(cfg.data)
-        refusal = extractor_refusal(cfg.eval.extractor, dataset)
-        if refusal is not None:
-            raise ConfigError("eval.extractor", *refusal)
+        check_fid(dataset, cfg)
         name, extract, info = get_extractor(cfg.eval.extractor, dataset,
                                             **options_for(get_extractor, cfg.eval, device=torch.device("cpu")))
-        reference_features(dataset, cfg.eval.reference_split, name, extract, info, cfg.eval.cache_dir)
+        published = REFERENCES.get(cfg.eval.reference)
+        if published is None:
+            reference_features(dataset, cfg.eval.reference_split, name, extract, info, cfg.eval.cache_dir)
+        else:
+            stats = load_published_stats(published, cfg.eval.cache_dir, download=cfg.eval.download)
+            print(f"FID reference for {cfg.data.name}: {published.label} from {stats.path}", flush=True)
         if name == "classifier":
             origin = "loaded from cache" if info.get("loaded_from_cache") else "trained"
             print(f"FID features for {cfg.data.name}: classifier {origin}, test accuracy {info['accuracy']:.4f}",

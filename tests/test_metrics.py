@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffusion import metrics, registry
-from diffusion.metrics import common, extractors, fid, reference
+from diffusion.metrics import common, downloads, extractors, fid, reference
 from diffusion.config import DataConfig, EvalConfig
 from diffusion.data import Dataset, load_dataset
 from diffusion.errors import ConfigError
@@ -229,17 +229,19 @@ def test_defaults_are_the_eval_sections():
             if parameter.kind is parameter.KEYWORD_ONLY and hasattr(defaults, field):
                 assert parameter.default == getattr(defaults, field), (function.__name__, name)
                 checked.add(field)
-    assert checked == {"extractor", "reference_split", "fid_n", "kid", "classifier_steps", "cache_dir"}
+    assert checked == {"extractor", "reference", "reference_split", "fid_n", "kid", "classifier_steps", "cache_dir",
+                       "download"}
 
 
 def test_config_level_calls_match_the_plain_ones():
     """options_for reads each keyword option from the eval section (n from eval.fid_n), device given apart."""
-    cfg = EvalConfig(extractor="raw", reference_split="test", fid_n=7, kid=False, classifier_steps=3, cache_dir="x")
+    cfg = EvalConfig(extractor="raw", reference_split="test", fid_n=7, kid=False, classifier_steps=3, cache_dir="x",
+                     download=True)
     assert registry.options_for(metrics.compute_fid, cfg, renames={"n": "fid_n"}, device=CPU) == {
-        "extractor": "raw", "reference_split": "test", "n": 7, "kid": False, "classifier_steps": 3, "cache_dir": "x",
-        "device": CPU}
+        "extractor": "raw", "reference": "split", "reference_split": "test", "n": 7, "kid": False,
+        "classifier_steps": 3, "cache_dir": "x", "download": True, "device": CPU}
     assert registry.options_for(metrics.get_extractor, cfg, device=CPU) == {
-        "classifier_steps": 3, "cache_dir": "x", "device": CPU}
+        "classifier_steps": 3, "cache_dir": "x", "download": True, "device": CPU}
 
 
 def test_classifier_trains_accurate_and_caches(digits, classifier_cfg, trained):
@@ -319,6 +321,7 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
     accuracy = trained[0][2]["accuracy"]
     assert result.tags == {
         "fid.extractor": "classifier",
+        "fid.reference": "split:train",
         "fid.reference_split": "train",
         "fid.n": str(len(digits.test)),
         "fid.classifier_accuracy": f"{accuracy:.4f}",
@@ -539,7 +542,8 @@ def test_raw_on_points(tmp_path):
     assert name == "raw"
     np.testing.assert_array_equal(extract(points.test), points.test.double().numpy())
     result = metrics.compute_fid(points.test, points, **options, device=CPU)
-    assert result.tags == {"fid.extractor": "raw", "fid.reference_split": "train", "fid.n": str(len(points.test)),
+    assert result.tags == {"fid.extractor": "raw", "fid.reference": "split:train", "fid.reference_split": "train",
+                           "fid.n": str(len(points.test)),
                            "fid.stderr": "delete-1 jackknife over the examples, reference fixed",
                            "fid_inf.points": "8"}
     assert result.kid is None and result.kid_reference is None  # eval.kid = false
@@ -564,11 +568,13 @@ def test_auto_resolution(digits, classifier_cfg, trained, tmp_path, monkeypatch)
     points = load_dataset(DataConfig(name="gaussian_mixture", n_points=200))  # labelled, but points
     assert metrics.get_extractor("auto", points, **classifier_cfg, device=CPU)[0] == "raw"
     assert metrics.get_extractor("auto", digits, **classifier_cfg, device=CPU)[0] == "classifier"
-    monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
+    monkeypatch.setattr(downloads, "INCEPTION_DIR", str(tmp_path))
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
-    with pytest.raises(ValueError, match="^extractor: invalid value 'inception'"):
+    with pytest.raises(metrics.MissingFileError, match="Inception-v3 weights not found"):  # no weights on disk
         metrics.get_extractor("auto", unlabelled, **classifier_cfg, device=CPU)
-    assert metrics.extractor_refusal("auto", unlabelled).value == "inception"
+    assert metrics.extractor_refusal("auto", unlabelled) is None
+    assert [m.path for m in metrics.missing_fid_files(unlabelled, cache_dir=classifier_cfg["cache_dir"])] == \
+        [metrics.inception_weights_path(classifier_cfg["cache_dir"])]
     assert [metrics.resolve_extractor("auto", d) for d in (points, digits, unlabelled)] == \
         ["raw", "classifier", "inception"]
 
@@ -579,25 +585,32 @@ def test_unknown_extractor_lists_names(digits):
 
 
 def test_inception_without_weights_names_the_path(digits, tmp_path, monkeypatch):
-    monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
-    expected = os.path.join(str(tmp_path), "inception-2015-12-05.pt")
-    with pytest.raises(ValueError, match="^extractor: invalid value 'inception'; accepted: classifier or raw "
-                                         r"\(Inception weights not found at " + expected):
-        metrics.get_extractor("inception", digits)
-    refusal = metrics.extractor_refusal("inception", digits)
-    assert refusal.accepted == "classifier or raw" and refusal.detail.startswith("Inception weights not found at ")
-    assert os.listdir(tmp_path) == []  # no download attempted
+    monkeypatch.setattr(downloads, "INCEPTION_DIR", str(tmp_path / "legacy"))
+    cache_dir = str(tmp_path / "cache")
+    expected = os.path.join(cache_dir, "inception", "inception-2015-12-05.pt")
+    with pytest.raises(metrics.MissingFileError, match=r"place the file at " + expected + r" \(from https://"):
+        metrics.get_extractor("inception", digits, cache_dir=cache_dir)
+    (missing,) = metrics.missing_fid_files(digits, extractor="inception", cache_dir=cache_dir)
+    assert missing == (missing.what, expected, metrics.INCEPTION_URL)
+    assert metrics.missing_fid_files(digits, extractor="inception", cache_dir=cache_dir, download=True) == []
+    assert metrics.extractor_refusal("inception", digits) is None  # the data set is not the problem
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "legacy")  # nothing fetched
 
 
 def test_inception_location_is_cleanfids():
-    """Guards against a clean-fid upgrade moving its weights: the directory its feature extractor
-    passes to InceptionV3W and the file name of its download URL."""
+    """Guards against a clean-fid upgrade moving its weights or its statistics: the directory its feature
+    extractor passes to InceptionV3W, the file name of its download URL, the base URL and file names of its
+    published statistics."""
     import cleanfid.downloads_helper
     import cleanfid.features
 
     source = inspect.getsource(cleanfid.features.feature_extractor)
     assert f'"{metrics.INCEPTION_DIR}"' in source or metrics.INCEPTION_DIR == "./"
     assert metrics.INCEPTION_FILE == os.path.basename(cleanfid.downloads_helper.inception_url)
+    source = inspect.getsource(cleanfid.features.get_reference_statistics)
+    assert f'base_url = "{metrics.CLEANFID_STATS_URL}"' in source
+    assert 'rel_path = (f"{name}_{mode}{model_modifier}_{split}_{res}.npz").lower()' in source
+    assert metrics.REFERENCES.get("cleanfid:cifar10-32-train").file == "cifar10_clean_train_32.npz"
 
 
 class _FakeInceptionLayers(torch.nn.Module):
@@ -623,10 +636,10 @@ def test_inception_pipeline_with_stand_in_weights(digits, tmp_path, monkeypatch)
     """The offline path end to end with a torchscript stand-in for the weights file: grey images
     repeated to 3 channels, resized to 299x299, handed over in [0, 255] (clean-fid normalizes)."""
     torch.jit.save(torch.jit.script(_FakeInception()), str(tmp_path / metrics.INCEPTION_FILE))
-    monkeypatch.setattr(extractors, "INCEPTION_DIR", str(tmp_path))
+    monkeypatch.setattr(downloads, "INCEPTION_DIR", str(tmp_path))  # clean-fid's location, used when the cache has none
     monkeypatch.setattr(extractors, "INCEPTION_BATCH", 4)  # three batches, the last one short
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None, num_classes=None)
-    name, extract, info = metrics.get_extractor("auto", unlabelled)
+    name, extract, info = metrics.get_extractor("auto", unlabelled, cache_dir=str(tmp_path / "cache"))
     assert name == "inception" and info["path"] == str(tmp_path / metrics.INCEPTION_FILE)
     # the reference cache is keyed by the weights' content, not their location
     assert info["weights"] == hashlib.sha256((tmp_path / metrics.INCEPTION_FILE).read_bytes()).hexdigest()

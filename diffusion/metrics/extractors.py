@@ -1,7 +1,8 @@
 """The feature extractors FID and KID compare in, registered under ``eval.extractor``:
 
 - ``inception``: clean-fid's Inception-v3 pool features, mode "clean" (PIL bicubic resize to 299x299
-  on float images in [0, 255]); only when its weights are already on disk, never downloaded here.
+  on float images in [0, 255]), from its weights file under ``cache_dir`` (or clean-fid's own location),
+  downloaded there on first use only with ``download`` (:mod:`diffusion.metrics.downloads`).
 - ``classifier``: the penultimate layer of a small CNN trained on the labelled train split of the
   data set itself, cached on disk (:mod:`diffusion.metrics.classifier`).
 - ``raw``: the flattened coordinates (2-D toy data; pixel space for images).
@@ -12,45 +13,35 @@ Each builder takes the data set and the keyword options it reads of ``classifier
 ``device`` (:func:`get_extractor` passes it those it declares) and returns (resolved name, extract, info);
 ``info`` is what identifies the features in the reference cache key
 (:func:`diffusion.metrics.reference._extractor_identity`). An extractor that cannot serve a data set (the
-classifier on points or unlabelled images, Inception without its weights on disk) is refused with a ValueError
-naming ``extractor``; :func:`extractor_refusal` says why, for a config-level caller to raise it as a
-``ConfigError`` naming ``eval.extractor``.
+classifier on points or unlabelled images, Inception on points) is refused with a ValueError naming
+``extractor``; :func:`extractor_refusal` says why, for a config-level caller to raise it as a ``ConfigError``
+naming ``eval.extractor``. Inception without its weights on disk and without ``download`` raises
+:class:`~diffusion.metrics.downloads.MissingFileError` (``fid.missing_fid_files`` lists what is missing).
 """
 from __future__ import annotations
 
 import os
-import platform
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-from cleanfid.downloads_helper import inception_url
 from torch import Tensor
 
 from ..registry import Registry, options_for
-from ..storage import file_digest
 from .classifier import load_or_train_classifier
 from .common import Extract, _batched_features, _device, _is_image, _kind
+from .downloads import file_sha256, inception_weights
 
 if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
     from ..data import Dataset
 
 # A registered extractor: (dataset, **options) -> (resolved name, extract, info), the options being those of
-# classifier_steps, cache_dir and device it declares
+# classifier_steps, cache_dir, download and device it declares
 ExtractorBuilder = Callable[..., "tuple[str, Extract, dict]"]
 
 EXTRACTORS: Registry[ExtractorBuilder] = Registry("eval.extractor")
 
 INCEPTION_BATCH = 50  # images per Inception pass (each is 3 x 299 x 299 floats after resizing)
-
-# Where clean-fid keeps the Inception-v3 torchscript weights: cleanfid.features.feature_extractor
-# passes "/tmp" ("./" on Windows) to InceptionV3W, which looks for (and would download) the file named
-# after cleanfid.downloads_helper.inception_url there. Module-level so tests can point it elsewhere
-# (patch it here, in diffusion.metrics.extractors: the package only re-exports its value).
-INCEPTION_DIR = "./" if platform.system() == "Windows" else "/tmp"
-INCEPTION_URL = inception_url
-INCEPTION_FILE = os.path.basename(inception_url)  # inception-2015-12-05.pt
-
 
 # --------------------------------------------------------------------------------------------------
 # raw
@@ -94,24 +85,6 @@ def build_classifier(dataset: "Dataset", *, classifier_steps: int = 1500,
 # inception (clean-fid)
 
 
-# (path, size, mtime) -> sha256 of the file: the Inception weights are hashed once per process
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: str) -> str:
-    """sha256 of a file's bytes, memoized while its size and modification time do not change."""
-    stat = os.stat(path)
-    memo_key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if memo_key not in _FILE_DIGESTS:
-        _FILE_DIGESTS[memo_key] = file_digest(path)["sha256"]
-    return _FILE_DIGESTS[memo_key]
-
-
-def inception_weights_path() -> str:
-    """Where clean-fid looks for the Inception-v3 torchscript file (see INCEPTION_DIR)."""
-    return os.path.join(INCEPTION_DIR, INCEPTION_FILE)
-
-
 def _to_cleanfid_input(x: Tensor) -> Tensor:
     """[-1, 1] images [N, C, H, W] -> [N, 3, 299, 299] float in [0, 255] as clean-fid's "clean" mode
     prepares them: grey repeated to 3 channels, each channel resized by PIL bicubic in float ("F")
@@ -129,22 +102,38 @@ def _to_cleanfid_input(x: Tensor) -> Tensor:
     return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
 
 
-@EXTRACTORS.register("inception")
-def build_inception(dataset: "Dataset", *, device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
-    """clean-fid's Inception-v3 2048-d pool features (mode "clean"), from weights already on disk, on
-    ``device`` (default: the CPU)."""
-    _refuse("inception", dataset)
+def cleanfid_extract(network: Callable[[Tensor], Tensor], device: Optional[torch.device] = None,
+                     batch_size: Optional[int] = None) -> Extract:
+    """extract(x [N, C, H, W] in [-1, 1]) -> features [N, D]: ``network`` (a clean-fid feature extractor: it takes
+    [B, 3, 299, 299] floats in [0, 255]) on the images as clean-fid's "clean" mode prepares them
+    (:func:`_to_cleanfid_input`), ``batch_size`` (default ``INCEPTION_BATCH``) images at a time on ``device``
+    (default: the CPU). The ``inception`` extractor with clean-fid's network; any other with another."""
     device = _device(device)
-    path = inception_weights_path()
-    from cleanfid.inception_torchscript import InceptionV3W
-
-    model = InceptionV3W(os.path.dirname(path), download=False, resize_inside=False).to(device).eval()
 
     def extract(x: Tensor) -> np.ndarray:  # resized batch by batch: 299 x 299 copies are large
-        return _batched_features(lambda batch: model(_to_cleanfid_input(batch).to(device)), x, device,
-                                 batch_size=INCEPTION_BATCH)
+        return _batched_features(lambda batch: network(_to_cleanfid_input(batch).to(device)), x, device,
+                                 batch_size=batch_size or INCEPTION_BATCH)
 
-    return "inception", extract, {"path": path, "weights": _file_digest(path)}
+    return extract
+
+
+@EXTRACTORS.register("inception")
+def build_inception(dataset: "Dataset", *, cache_dir: str = "~/.cache/diffusion-orchestrator", download: bool = False,
+                    device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
+    """clean-fid's Inception-v3 2048-d pool features (mode "clean") on ``device`` (default: the CPU), from its
+    weights file under ``cache_dir`` or clean-fid's location (:func:`~diffusion.metrics.downloads.inception_weights`;
+    with ``download``, fetched into ``<cache_dir>/inception`` when missing; MissingFileError otherwise)."""
+    _refuse("inception", dataset)
+    device = _device(device)
+    path = inception_weights(cache_dir, download=download)
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    try:
+        model = InceptionV3W(os.path.dirname(path), download=False, resize_inside=False).to(device).eval()
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file: say which, and how to replace it
+        raise ValueError(f"{path} does not load as clean-fid's Inception torchscript ({type(error).__name__}: "
+                         f"{str(error)[:200]}); delete it to download it again") from None
+    return "inception", cleanfid_extract(model, device), {"path": path, "weights": file_sha256(path)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,17 +161,13 @@ class Refusal(NamedTuple):
 
 def extractor_refusal(extractor: str, dataset: "Dataset") -> Optional[Refusal]:
     """Why the extractor named ``extractor`` (``auto`` resolved by :func:`resolve_extractor`) cannot give
-    features of ``dataset``, or None when it can: the classifier needs labelled images, Inception images and its
-    weights file (:func:`inception_weights_path`, never downloaded here)."""
+    features of ``dataset``, or None when it can: the classifier needs labelled images, Inception images (its
+    weights file is another question: ``fid.missing_fid_files``)."""
     name = resolve_extractor(extractor, dataset)
     if name in ("classifier", "inception") and not _is_image(dataset):
         return Refusal(name, "raw", f"data set {dataset.name} is {_kind(dataset)}, not images")
     if name == "classifier" and dataset.train_labels is None:
         return Refusal(name, "inception or raw", f"data set {dataset.name} has no labels")
-    if name == "inception" and not os.path.isfile(path := inception_weights_path()):
-        return Refusal(name, "classifier or raw",
-                       f"Inception weights not found at {path}; download them to that path "
-                       f"(e.g. curl -L -o {path} {INCEPTION_URL}) or choose another extractor")
     return None
 
 
@@ -195,24 +180,26 @@ def _refuse(extractor: str, dataset: "Dataset") -> None:
 
 @EXTRACTORS.register("auto")
 def build_auto(dataset: "Dataset", *, classifier_steps: int = 1500,
-               cache_dir: str = "~/.cache/diffusion-orchestrator",
+               cache_dir: str = "~/.cache/diffusion-orchestrator", download: bool = False,
                device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
     """classifier for labelled images, inception for unlabelled images, raw for 2-D points
     (:func:`resolve_extractor`), built with the options it reads."""
     builder = EXTRACTORS.get(resolve_extractor("auto", dataset))
     return builder(dataset, **options_for(builder, None, classifier_steps=classifier_steps, cache_dir=cache_dir,
-                                          device=device))
+                                          download=download, device=device))
 
 
 def get_extractor(extractor: str, dataset: "Dataset", *, classifier_steps: int = 1500,
-                  cache_dir: str = "~/.cache/diffusion-orchestrator",
+                  cache_dir: str = "~/.cache/diffusion-orchestrator", download: bool = False,
                   device: Optional[torch.device] = None) -> tuple[str, Extract, dict]:
     """(resolved name, extract(x [N, ...]) -> np.ndarray [N, D], info) for the extractor named ``extractor``
     (``EXTRACTORS``: auto, classifier, inception, raw). ``classifier_steps``: training steps of the classifier
     extractor's network, cached under ``cache_dir`` (a config's ``eval.classifier_steps`` and ``eval.cache_dir``);
+    ``download``: fetch the Inception weights into ``<cache_dir>/inception`` when missing (``eval.download``);
     ``device``: where features are computed (default: the CPU). ValueError naming ``extractor`` when it cannot
-    serve the data set (:func:`extractor_refusal`)."""
+    serve the data set (:func:`extractor_refusal`); MissingFileError for Inception weights not on disk without
+    ``download``."""
     builder = EXTRACTORS.get(extractor)
     return builder(dataset, **options_for(builder, None, classifier_steps=classifier_steps, cache_dir=cache_dir,
-                                          device=_device(device)))
+                                          download=download, device=_device(device)))
 
