@@ -19,7 +19,7 @@ from .cache import ModelCache, filesystem, is_uri, local_path
 from .keys import training_key
 from .parentrun import create_experiment, finished_trials, new_parent, parent_guard, reopen_parent, trial_summaries
 from .preflight import keep_credentials_out_of_tune, preflight
-from .progress import TrialSummary, graceful_stop, progress_printer, summary_table
+from .progress import TrialSummary, graceful_stop, results_hint, summary_table, sweep_display
 from .sweepfile import Sweep, Trial
 from .tracking import tracking_server, worker_env
 from .trial import TRAIN, TrialContext, find_run, record_unevaluated, run_task
@@ -100,6 +100,7 @@ class SweepRun:
     groups: list[TrainingGroup]
     done: set[str] = field(default_factory=set)  # resumed: the trials that finished earlier
     suffix: str = ""  # of the Tune experiments' names: "-resume<time>" when resumed
+    display: Any = None  # what the driver shows while the stages run (``progress.sweep_display``)
 
 
 def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: bool = False,
@@ -124,10 +125,14 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
                 with graceful_stop(run.client, run.context.experiment_id, run.context.parent_run_id) as stop:
                     prepare(run)
                     pending = pending_trials(run)
-                    trained_here = train_stage(run, pending)
-                    evaluate_stage(run, pending, trained_here)
+                    with sweep_display([t.name for _, trials in pending for t in trials], sweep.max_concurrent,
+                                       sweep.name) as run.display:
+                        trained_here = train_stage(run, pending)
+                        evaluate_stage(run, pending, trained_here)
                 status, summaries = summarize(run, stop.status)
-    return report(sweep, summaries, status, stop.killed, time.time() - started)
+    code = report(sweep, summaries, status, stop.killed, time.time() - started)
+    print(results_hint(workdir, os.environ.get("MLFLOW_TRACKING_URI")), flush=True)
+    return code
 
 
 def open_tracking(uri: str, sweep: Sweep, cache: ModelCache, workdir: str, use_cache: bool, resume: bool,
@@ -240,6 +245,8 @@ def _fit(run: SweepRun, tasks: list[dict], stage: str) -> None:
     handed over through Ray's object store (``tune.with_parameters``)."""
     from ray import tune
 
+    if run.display is not None:
+        run.display.stage(tasks, last=stage == "evaluate")
     if not tasks:
         return
     sweep = run.sweep
@@ -264,7 +271,7 @@ def _fit(run: SweepRun, tasks: list[dict], stage: str) -> None:
             **_tune_storage(sweep.storage, run.workdir),
             # a task whose worker died runs again and continues where it stopped (trial.execute_task)
             failure_config=tune.FailureConfig(max_failures=max(t["max_failures"] for t in tasks)),
-            callbacks=[progress_printer(tune, len(tasks), "training" if tasks[0]["train"] else "evaluation")],
+            callbacks=[run.display.callback(tune)] if run.display is not None else [],
             verbose=0,
         ),
     )
