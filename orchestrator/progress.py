@@ -4,6 +4,7 @@ table at the end and how to open the results (``results_hint``)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -398,6 +399,7 @@ class LiveView:
 
 
 ACTIVE_VIEWS: list = []  # the views shown now (InterruptWatch stops them before a hard exit)
+_DISPLAYS: dict = {}  # id -> SweepDisplay, for its Tune callbacks (``SweepDisplay.callback``)
 
 
 class _StripAnsi:
@@ -412,6 +414,23 @@ class _StripAnsi:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+def _handle(key: int, event: str, trial, *args) -> None:
+    """A Tune event for the display ``_DISPLAYS[key]`` (module level: pickled by reference, with no display)."""
+    display = _DISPLAYS.get(key)
+    if display is None:
+        return
+    progress, view = display.progress, display.view
+    name = trial.config["task"]["name"]
+    if event == "start":
+        view.started(progress.start(name, trial.config["task"]["train"]))
+    elif event == "result":
+        state, changed = progress.result(name, args[0])
+        if state.status == "running":
+            view.updated(state, changed)
+    else:
+        view.ended(progress.complete(name, event == "error" or bool((trial.last_result or {}).get("failed"))))
 
 
 class SweepDisplay:
@@ -432,6 +451,7 @@ class SweepDisplay:
         return self
 
     def close(self) -> None:
+        _DISPLAYS.pop(id(self), None)
         if self.view in ACTIVE_VIEWS:
             ACTIVE_VIEWS.remove(self.view)
         try:
@@ -446,25 +466,25 @@ class SweepDisplay:
         self.progress.stage(tasks, last)
 
     def callback(self, tune):
-        """The Tune callback that feeds the display Tune's events."""
-        progress, view = self.progress, self.view
+        """The Tune callback that feeds the display Tune's events. Tune pickles its callbacks with the experiment's
+        state, and a terminal's console cannot be pickled: the callback holds only the display's key in
+        ``_DISPLAYS`` (a copy unpickled elsewhere finds no display and shows nothing)."""
+        key = id(self)
+        _DISPLAYS[key] = self
+        handle = functools.partial(_handle, key)
 
         class ProgressCallback(tune.Callback):
             def on_trial_start(self, iteration, trials, trial, **info):
-                task = trial.config["task"]
-                view.started(progress.start(task["name"], task["train"]))
+                handle("start", trial)
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
-                state, changed = progress.result(trial.config["task"]["name"], result)
-                if state.status == "running":
-                    view.updated(state, changed)
+                handle("result", trial, result)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                failed = bool((trial.last_result or {}).get("failed"))
-                view.ended(progress.complete(trial.config["task"]["name"], failed))
+                handle("complete", trial)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                view.ended(progress.complete(trial.config["task"]["name"], True))
+                handle("error", trial)
 
         return ProgressCallback()
 

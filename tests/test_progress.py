@@ -86,6 +86,15 @@ def test_live_view_shows_each_running_trial_and_the_sweep(sweep):
     assert row(screen(sweep.view), "ddpm-seed=0")[4] == "2m30s"
 
 
+def test_the_callback_of_a_live_view_can_be_pickled_as_tune_does(sweep):
+    """Tune pickles its callbacks with the experiment's state; a terminal's console holds locks."""
+    from ray import cloudpickle
+
+    cloudpickle.loads(cloudpickle.dumps(sweep.callback))  # must not raise
+    sweep.callback.on_trial_start(0, [], tune_trial("ddpm-seed=0", True))
+    assert [t.name for t in sweep.progress.running()] == ["ddpm-seed=0"]
+
+
 def test_finished_and_failed_trials_leave_the_live_lines_and_the_counts_and_eta_follow(sweep):
     clock, cb = sweep.clock, sweep.callback
     cb.on_trial_start(0, [], tune_trial("ddpm-seed=0", True))
