@@ -48,6 +48,11 @@ CONDITIONAL_NO_DROPOUT = ("class-conditional model without an unconditional half
                           "bits/dim of unlabelled data is not defined")
 
 Likelihood = Callable[[Callable[[], dict]], dict]  # likelihood(compute) -> compute()'s dict, perhaps memoized
+# progress(phase, done, total): the evaluation is at ``done`` of ``total`` steps of ``phase``, one of PHASES
+Progress = Callable[[str, int, int], None]
+# the phases of an evaluation, in order: the guidance classifier trained here, sampling (``done`` counts sampler
+# steps over every batch), FID and KID, bits/dim, and each inverse-problem stage by its name (eval.inverse)
+PHASES = ("classifier", "sample", "fid", "bpd", "inpaint", "denoise")
 
 
 @dataclass
@@ -65,7 +70,7 @@ class Report:
 
 def evaluate(model, data: Dataset, cfg: TrialConfig, *, vae: Optional[torch.nn.Module] = None,
              classifier: Optional[torch.nn.Module] = None, likelihood: Optional[Likelihood] = None,
-             report: Optional[Report] = None) -> Report:
+             report: Optional[Report] = None, progress: Optional[Progress] = None) -> Report:
     """Measure the trained ``model`` (a ``diffusion.training.Trainer`` with its EMA weights; ``cfg`` its
     config) on the data set ``data`` (pixels, for a latent model too) as ``cfg.eval`` says.
 
@@ -75,14 +80,19 @@ def evaluate(model, data: Dataset, cfg: TrialConfig, *, vae: Optional[torch.nn.M
     here (``guidance.fit_noisy_classifier``). ``likelihood(compute)``: returns ``compute()``'s dict ({"metrics",
     "tags", "elbo_curve"}), or a stored copy of it (the orchestrator's model cache); None: ``compute()``.
     ``report``: filled in as things are measured (default: a new one), so that a caller holds what was
-    measured before an error; returned."""
+    measured before an error; returned. ``progress(phase, done, total)``: told as each phase (``PHASES``) starts
+    (``done`` 0) and after every sampler step; it is only told, so the report is the same with it or without."""
     report = report if report is not None else Report()
     report.step = model.step
+    progress = progress or (lambda phase, done, total: None)
     labels = model.sample_labels(cfg.sample.n)
     if cfg.sample.classifier_scale and classifier is None:
+        progress("classifier", 0, 1)
         classifier = fit_noisy_classifier(data, model.process, model.device, seed=cfg.seed,
                                           steps=cfg.sample.classifier_steps)[0]
-    samples = _draw(model, cfg, labels, classifier if cfg.sample.classifier_scale else None, vae, report)
+    progress("sample", 0, 1)
+    samples = _draw(model, cfg, labels, classifier if cfg.sample.classifier_scale else None, vae, report,
+                    lambda done, total: progress("sample", done, total))
     finite = torch.isfinite(samples).all().item()
     report.tags["samples_finite"] = str(bool(finite))
     if cfg.sample.grid:
@@ -91,18 +101,22 @@ def evaluate(model, data: Dataset, cfg: TrialConfig, *, vae: Optional[torch.nn.M
     if cfg.eval.fid:
         if not finite:
             raise RuntimeError("samples contain NaN or infinite values: FID cannot be computed")
+        progress("fid", 0, 1)
         _sample_quality(samples, labels, data, cfg, model.device, report)
     if cfg.eval.bpd:
+        progress("bpd", 0, 1)
         _bits_per_dim(model, cfg, likelihood, report)
     if cfg.eval.inverse:
-        _inverse_problems(model, data, cfg, report)
+        _inverse_problems(model, data, cfg, report, progress)
     return report
 
 
-def _draw(model, cfg: TrialConfig, labels, classifier, vae, report: Report) -> torch.Tensor:
+def _draw(model, cfg: TrialConfig, labels, classifier, vae, report: Report,
+          progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """``sample.n`` samples (decoded to images for a latent model), with ``sample_seconds`` and ``sample_nfe``."""
     started = time.perf_counter()
-    samples, nfe = model.sample(cfg.sample.n, seed=cfg.seed + 1, labels=labels, classifier=classifier)
+    samples, nfe = model.sample(cfg.sample.n, seed=cfg.seed + 1, labels=labels, classifier=classifier,
+                                progress=progress)
     samples = _decode(model, cfg, vae, samples)
     report.metrics.update({"sample_seconds": time.perf_counter() - started, "sample_nfe": float(nfe)})
     return samples
@@ -206,7 +220,7 @@ def _bits_per_dim(model, cfg: TrialConfig, likelihood: Optional[Likelihood], rep
         report.files[ELBO_FILE] = stored["elbo_curve"]
 
 
-def _inverse_problems(model, data: Dataset, cfg: TrialConfig, report: Report) -> None:
+def _inverse_problems(model, data: Dataset, cfg: TrialConfig, report: Report, progress: Progress) -> None:
     """The ``eval.inverse`` stages on the first ``eval.inverse_n`` test images with the EMA model: per stage its
     metrics (``diffusion.inverse.solve_heldout``, plus ``<stage>_seconds``), a grid ``<stage>.png`` of observed /
     restored / true images, and tags naming the solver and the measurement (added once every stage is done)."""
@@ -215,6 +229,7 @@ def _inverse_problems(model, data: Dataset, cfg: TrialConfig, report: Report) ->
     timesteps = make_timesteps(model.process, cfg.sample, device)
     tags = {}
     for index, stage in enumerate(cfg.eval.inverse):
+        progress(stage, 0, 1)
         generator = torch.Generator(device=device).manual_seed(cfg.seed + 10 + index)
         started = time.perf_counter()
         result = solve_heldout(stage, model.ema_denoiser(), images, timesteps, generator,

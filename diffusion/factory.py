@@ -15,7 +15,7 @@ from .denoiser import Denoiser
 from .process_families import PROCESS_FAMILIES, validate
 from .processes import CONTINUOUS, GaussianProcess, LearnedProcess
 from .registry import options_for
-from .samplers import SAMPLERS, SPACINGS, in_batches
+from .samplers import SAMPLERS, SPACINGS, Progress, in_batches, step_callback
 
 LIMIT_TOLERANCE = 0.25  # largest |log-SNR difference| on the grid for a continuous limit to stand in
 
@@ -68,6 +68,7 @@ def draw_samples(
     device: torch.device,
     variance: str = "beta_tilde",
     process: Optional[GaussianProcess] = None,
+    progress: Progress = None,
 ) -> tuple[Tensor, int]:
     """n samples of per-example ``shape`` in batches of ``options.batch_size`` with the configured
     sampler. ``denoiser`` is one Denoiser, or a function ``(start, size) -> Denoiser`` for the batch of
@@ -75,7 +76,8 @@ def draw_samples(
     the process). Returns (samples on CPU [n, *shape], NFE per sample: the sampler's count of
     denoiser calls times the network evaluations per call, ``Denoiser.cost``, 2 with guidance). A per-dimension
     process (blur) is sampled in its basis and the samples returned as data. The sampler gets the keyword options
-    it declares, read from ``options`` by name, and ``variance`` (the model's reverse variance) if it takes one."""
+    it declares, read from ``options`` by name, and ``variance`` (the model's reverse variance) if it takes one.
+    ``progress(done, total)``: called after every sampler step and batch (``samplers.step_callback``)."""
     sampler = SAMPLERS.get(options.sampler)
     keywords = options_for(sampler, options, variance=variance)
     denoiser_for = (lambda start, size: denoiser) if isinstance(denoiser, Denoiser) else denoiser
@@ -85,7 +87,8 @@ def draw_samples(
     def draw(start: int, size: int) -> tuple[Tensor, int]:
         x_T = process.prior_sample((size, *shape), generator, device)
         model = denoiser_for(start, size)
-        x, calls = sampler(model, x_T, timesteps, generator=generator, **keywords)
+        callback = step_callback(progress, start, options.batch_size, n, len(timesteps))
+        x, calls = sampler(model, x_T, timesteps, generator=generator, callback=callback, **keywords)
         return process.from_basis(x.float()), calls * model.cost
 
     return in_batches(n, options.batch_size, draw)

@@ -38,7 +38,7 @@ from .bpd import heldout_likelihood
 from .losses import WEIGHTINGS, TimeSampler, diffusion_loss, weighting_options
 from .parameterizations import PARAMETERIZATIONS
 from .registry import options_for
-from .samplers import in_batches
+from .samplers import Progress, in_batches, step_callback
 from .validation import RESTORATION_PROCESSES
 
 
@@ -163,10 +163,11 @@ class GaussianFamily(Family):
         return round_robin_labels(n, self.dataset.num_classes)
 
     def sample(self, network: torch.nn.Module, n: int, generator: torch.Generator, labels: Optional[Tensor] = None,
-               classifier: Optional[torch.nn.Module] = None) -> tuple[Tensor, int]:
+               classifier: Optional[torch.nn.Module] = None, progress: Progress = None) -> tuple[Tensor, int]:
         """n samples by ``samplers.draw_samples``; ``labels [n]``: the class of each (default
         :meth:`sample_labels`); ``classifier``: the noise-conditional classifier of classifier guidance
-        (``sample.classifier_scale`` > 0; Dhariwal & Nichol 2021)."""
+        (``sample.classifier_scale`` > 0; Dhariwal & Nichol 2021); ``progress(done, total)``: told after every
+        sampler step."""
         labels = self.sample_labels(n) if labels is None else labels
         options, scale = self.cfg.sample, self.cfg.sample.classifier_scale
         if scale > 0 and classifier is None:
@@ -180,7 +181,7 @@ class GaussianFamily(Family):
             return model
 
         return draw_samples(denoiser_for, options, self.dataset.shape, n, generator, self.device,
-                            variance=self.cfg.model.variance, process=self.process)
+                            variance=self.cfg.model.variance, process=self.process, progress=progress)
 
     # --- likelihood --------------------------------------------------------------------------
     def ode_denoiser(self, network: torch.nn.Module) -> tuple[Denoiser, str]:
@@ -295,9 +296,10 @@ class RestorationFamily(Family):
         return self.degradation.prior_noise if chosen is None else float(chosen)
 
     def sample(self, network: torch.nn.Module, n: int, generator: torch.Generator, labels: Optional[Tensor] = None,
-               classifier: Optional[torch.nn.Module] = None) -> tuple[Tensor, int]:
+               classifier: Optional[torch.nn.Module] = None, progress: Progress = None) -> tuple[Tensor, int]:
         """n samples by the cold sampler ``sample.sampler`` from draws of the degradation's prior, each start
-        perturbed by noise of std :attr:`prior_noise` (``labels`` and ``classifier`` do not apply)."""
+        perturbed by noise of std :attr:`prior_noise` (``labels`` and ``classifier`` do not apply);
+        ``progress(done, total)``: told after every sampler step."""
         sampler = COLD_SAMPLERS.get(self.cfg.sample.sampler)
         restore = self.restorer(network)
 
@@ -306,8 +308,10 @@ class RestorationFamily(Family):
             perturbation = None
             if self.prior_noise > 0:
                 perturbation = self.prior_noise * torch.randn(x_T.shape, generator=generator, device=x_T.device)
+            callback = step_callback(progress, start, self.cfg.sample.batch_size, n,
+                                     len(range(self.degradation.T, 0, -self.step_size())))
             x, nfe = sampler(restore, self.degradation, x_T, generator=generator, step=self.step_size(),
-                             perturbation=perturbation)
+                             perturbation=perturbation, callback=callback)
             return x.float(), nfe
 
         with torch.no_grad():

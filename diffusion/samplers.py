@@ -395,6 +395,9 @@ def karras_spacing(process: GaussianProcess, steps: int, rho: float = 7.0) -> Te
     return process.time_of_log_snr(target).double()
 
 
+Progress = Optional[Callable[[int, int], None]]  # progress(done, total): how far sampling has got
+
+
 def in_batches(n: int, batch_size: int, draw: Callable[[int, int], tuple[Tensor, int]]) -> tuple[Tensor, int]:
     """The one sampling loop: n samples drawn ``batch_size`` at a time, ``draw(start, size) -> (samples [size, ...],
     NFE per sample)`` for the samples start..start+size; returns (every sample, on CPU, the NFE per sample)."""
@@ -403,3 +406,20 @@ def in_batches(n: int, batch_size: int, draw: Callable[[int, int], tuple[Tensor,
         x, nfe = draw(start, min(batch_size, n - start))
         batches.append(x.cpu())
     return torch.cat(batches), nfe
+
+
+def step_callback(progress: Progress, start: int, batch_size: int, n: int, steps: int) -> Callback:
+    """A sampler ``callback`` that tells ``progress(done, total)`` how far the sampling of n samples has got, the
+    batch starting at ``start`` taking ``steps`` callback calls (the visited times; a sampler calling back less
+    often, as ``ode_rk45`` does, jumps ahead): ``total`` = batches x ``steps``. It only counts its calls (no
+    random numbers, nothing of x read); None without ``progress``."""
+    if progress is None:
+        return None
+    batches, batch = -(-n // batch_size), start // batch_size
+    calls = [0]
+
+    def callback(k, t, x) -> None:
+        calls[0] += 1
+        progress(batch * steps + min(calls[0], steps), batches * steps)
+
+    return callback

@@ -212,15 +212,17 @@ class Trainer:
         return self.family.sample_labels(n)
 
     def sample(self, n: int, seed: int, labels: Optional[torch.Tensor] = None,
-               classifier: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
+               classifier: Optional[torch.nn.Module] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, int]:
         """n samples from the EMA network; returns (samples on CPU, NFE per sample). ``labels [n]``: the
         class of each sample (default :meth:`sample_labels`); ``classifier``: the noise-conditional
         classifier of classifier guidance (``sample.classifier_scale`` > 0). A latent model's samples are
-        codes: :meth:`decode` makes images of them."""
+        codes: :meth:`decode` makes images of them. ``progress(done, total)``: told after every sampler step
+        (it changes nothing drawn)."""
         self.ema.module.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.family.sample(self.ema.module, n, generator, labels, classifier)
+            return self.family.sample(self.ema.module, n, generator, labels, classifier, progress=progress)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples as data: a latent model's codes decoded by its VAE (given to the Trainer), others unchanged."""

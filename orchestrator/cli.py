@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         except SubmitError as error:
             print(f"orchestrator: error: {error}", file=sys.stderr)
             return 1
+    from .preflight import quiet_env
     from .sweepfile import load_sweep
 
+    quiet_env()  # before anything imports Ray, which reads some of it then
     try:
         sweep = load_sweep(args.file, args.overrides)
     except ConfigError as error:

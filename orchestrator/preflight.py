@@ -6,12 +6,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Iterator, Optional
 
 from diffusion.errors import ConfigError
 
 from .sweepfile import Sweep, Trial, key_origin
 from .tracking import SECRET_ENV, check_tracking_uri_credentials
+
+
+# What Ray, Tune and MLflow would print beside the sweep's own view (``liveview.sweep_display``), turned off; a value
+# the user set wins. Set in the driver before Ray starts, so a local instance's workers inherit them; a joined
+# cluster's workers get MLflow's through ``tracking.worker_env``.
+QUIET_ENV = {
+    # Tune's older reporter, silent at verbose=0: no configuration table, results path or TensorBoard hint
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # no "[repeated Nx across cluster]" notes (read when Ray is imported: ``cli`` sets it before)
+    "RAY_DEDUP_LOGS": "0",
+    # no "View run ... at http://127.0.0.1:PORT" links to the sweep's tracking server, gone once it ends
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+
+
+def quiet_env() -> None:
+    """``QUIET_ENV`` into the environment (values already set stay), and Ray's worker-log prefixes uncoloured when
+    stdout is not a terminal."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 @contextlib.contextmanager
@@ -43,7 +66,7 @@ def start_ray(sweep: Sweep, address: Optional[str]) -> bool:
 
     remote = address is not None or bool(os.environ.get("RAY_ADDRESS"))
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C raises KeyboardInterrupt here
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    quiet_env()
     # Ray's notice that it turned token authentication on for a local instance (docs/SECURITY.md) is not news
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=True,

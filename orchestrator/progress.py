@@ -1,5 +1,5 @@
-"""What the driver of a sweep shows and how it stops: Ctrl-C (``graceful_stop``, ``InterruptWatch``), one line
-per Tune result (``progress_printer``)."""
+"""How the driver of a sweep stops: the first Ctrl-C gracefully (``graceful_stop``), a stop that hangs or a second
+Ctrl-C at once (``InterruptWatch``). What it shows meanwhile is ``liveview``'s."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from . import EXIT_INTERRUPTED
+from .liveview import ACTIVE_VIEWS
 from .tracking import ACTIVE_SERVERS, end_unfinished_runs
 
 STOP_GRACE_SECONDS = float(os.environ.get("ORCHESTRATOR_STOP_GRACE", "30"))
@@ -57,6 +58,9 @@ class InterruptWatch:
                 first = time.monotonic()
             if interrupts >= 2 or (first is not None and time.monotonic() - first > self.grace):
                 why = "Ctrl-C again" if interrupts >= 2 else f"still stopping {self.grace:.0f} s after Ctrl-C"
+                for view in list(ACTIVE_VIEWS):  # the terminal left sane: live lines stopped, cursor shown
+                    with contextlib.suppress(Exception):
+                        view.stop()
                 print(f"\n{why}: marking the runs KILLED and exiting without waiting for Ray", flush=True)
                 try:
                     self.stop()
@@ -107,35 +111,3 @@ def graceful_stop(client, experiment_id: str, parent_id: str) -> Iterator[Stop]:
             ray.shutdown()
         stop.killed = end_unfinished_runs(client, experiment_id, parent_id, "KILLED")
         watch.close()
-
-
-def progress_printer(tune, total: int, stage: str):
-    """One line per reported result and per finished task (instead of Tune's large tables)."""
-
-    class ProgressPrinter(tune.Callback):
-        def __init__(self):
-            self.done = 0
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            task = trial.config["task"]
-            print(f"[{task['name']}] started ({'training, then evaluation' if task['train'] else 'evaluation'})",
-                  flush=True)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            name = trial.config["task"]["name"]
-            if "fid" in result:
-                print(f"[{name}] fid {result['fid']:.3f} (reference {result['fid_reference']:.3f}), "
-                      f"nfe {result['sample_nfe']:.0f}", flush=True)
-            elif "train_loss" in result:
-                print(f"[{name}] step {result['step']} train_loss {result['train_loss']:.4f}", flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            outcome = "FAILED" if (trial.last_result or {}).get("failed") else "finished"
-            print(f"[{trial.config['task']['name']}] {outcome} ({self.done}/{total} {stage} tasks)", flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            print(f"[{trial.config['task']['name']}] FAILED ({self.done}/{total} {stage} tasks)", flush=True)
-
-    return ProgressPrinter()

@@ -41,6 +41,11 @@ class SweepReport:
     summary: str = ""  # what the terminal shows at the end of a sweep
     path: str = ""  # of report.html, once written
 
+    @property
+    def view(self) -> str:
+        """The MLflow UI's comparison view of this sweep run, as a path after the server's address."""
+        return view_url("", self.results.experiment_id, self.results.parent_run_id)
+
 
 def build(results: SweepResults, plots: bool = True) -> SweepReport:
     variants = aggregate(results.records)

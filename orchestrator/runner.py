@@ -20,7 +20,8 @@ from .keys import training_key
 from .collect import collect
 from .parentrun import comparison_view, create_experiment, finished_trials, new_parent, parent_guard, reopen_parent
 from .preflight import keep_credentials_out_of_tune, preflight
-from .progress import graceful_stop, progress_printer
+from .liveview import results_hint, sweep_display
+from .progress import graceful_stop
 from .report import SweepReport, build, publish
 from .sweepfile import Sweep, Trial
 from .tracking import tracking_server, worker_env
@@ -102,6 +103,7 @@ class SweepRun:
     groups: list[TrainingGroup]
     done: set[str] = field(default_factory=set)  # resumed: the trials that finished earlier
     suffix: str = ""  # of the Tune experiments' names: "-resume<time>" when resumed
+    display: Any = None  # what the driver shows while the stages run (``liveview.sweep_display``)
 
 
 def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: bool = False,
@@ -126,10 +128,14 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
                 with graceful_stop(run.client, run.context.experiment_id, run.context.parent_run_id) as stop:
                     prepare(run)
                     pending = pending_trials(run)
-                    trained_here = train_stage(run, pending)
-                    evaluate_stage(run, pending, trained_here)
+                    with sweep_display([t.name for _, trials in pending for t in trials], sweep.max_concurrent,
+                                       sweep.name) as run.display:
+                        trained_here = train_stage(run, pending)
+                        evaluate_stage(run, pending, trained_here)
                 status, sweep_report = summarize(run, stop.status)
-    return report(sweep_report, status, stop.killed, time.time() - started)
+    code = report(sweep_report, status, stop.killed, time.time() - started)
+    print(results_hint(workdir, os.environ.get("MLFLOW_TRACKING_URI"), sweep_report.view), flush=True)
+    return code
 
 
 def open_tracking(uri: str, sweep: Sweep, cache: ModelCache, workdir: str, use_cache: bool, resume: bool,
@@ -258,6 +264,8 @@ def _fit(run: SweepRun, tasks: list[dict], stage: str) -> None:
     handed over through Ray's object store (``tune.with_parameters``)."""
     from ray import tune
 
+    if run.display is not None:
+        run.display.stage(tasks, last=stage == "evaluate")
     if not tasks:
         return
     sweep = run.sweep
@@ -282,7 +290,7 @@ def _fit(run: SweepRun, tasks: list[dict], stage: str) -> None:
             **_tune_storage(sweep.storage, run.workdir),
             # a task whose worker died runs again and continues where it stopped (trial.execute_task)
             failure_config=tune.FailureConfig(max_failures=max(t["max_failures"] for t in tasks)),
-            callbacks=[progress_printer(tune, len(tasks), "training" if tasks[0]["train"] else "evaluation")],
+            callbacks=[run.display.callback(tune)] if run.display is not None else [],
             verbose=0,
         ),
     )

@@ -46,6 +46,7 @@ TRACKING_ENV = (
     "MLFLOW_S3_ENDPOINT_URL",
     "GOOGLE_APPLICATION_CREDENTIALS",
     "ORCHESTRATOR_CACHE_STAGING",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",  # set by preflight.quiet_env: no "View run ... at" lines from workers
 )
 # The secrets among them: never sent with a Ray Job (``orchestrator submit``), whose runtime_env Ray logs.
 SECRET_ENV = (

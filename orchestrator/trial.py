@@ -105,6 +105,23 @@ def execute_task(task: dict, context: TrialContext, report: Optional[Callable[[d
         return []
 
 
+class PhaseReporter:
+    """Tells Tune how far a task has got: ``report({"phase", "phase_step", "phase_total", **extra})`` at every
+    phase change, at a phase's last step, and otherwise at most every ``every`` seconds (a sampler calls back at
+    every step; each report is a round trip to Tune and a line in its result files). Phases: ``prepare``,
+    ``train`` and those of ``diffusion.evaluation.PHASES``; the driver's view reads them (``progress``)."""
+
+    def __init__(self, report: Callable[[dict], None], every: float = 1.0, clock=time.monotonic):
+        self.report, self.every, self.clock = report, every, clock
+        self.phase, self.last = None, -float("inf")
+
+    def __call__(self, phase: str, done: int, total: int, **extra) -> None:
+        now = self.clock()
+        if phase != self.phase or done >= total or now - self.last >= self.every or extra:
+            self.phase, self.last = phase, now
+            self.report({"phase": phase, "phase_step": int(done), "phase_total": int(total), **extra})
+
+
 def _transient(error: BaseException) -> bool:
     """Lost contact with the tracking server (after the MLflow client's own retries): worth a retry."""
     import requests
@@ -282,6 +299,7 @@ def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialCont
             client.log_text(run_id, OmegaConf.to_yaml(spec), "config.yaml")
         device = select_device(cfg.resources.device)
         _where(client, run_id, device)
+        report({"phase": "prepare", "phase_step": 0, "phase_total": 1})
         model_data, _, _ = stages.model_data(cfg, cache, client, run_id, device)
         trainer, restored, damaged = resume_trainer(cfg, key, cache, model_data, device, previous is not None)
         if restored:
@@ -292,7 +310,8 @@ def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialCont
         def on_log(step: int, loss: float) -> None:
             if step > logged:  # a resumed run repeats the steps after its checkpoint: log them once
                 client.log_metric(run_id, "train_loss", loss, step=step)
-            report({"train_loss": loss, "step": step})
+            report({"train_loss": loss, "step": step, "phase": "train", "phase_step": step,
+                    "phase_total": cfg.train.steps})
 
         def on_checkpoint(step: int) -> None:
             cache.save_checkpoint(key, trainer.save)
@@ -374,21 +393,24 @@ def evaluate_trial(trial: dict, key: str, context: TrialContext, client: MlflowC
     try:
         if model is None:
             raise RuntimeError(f"no trained model with training key {key} in {cache.root}")
-        _evaluate(cfg, key, model, client, run_id, cache, outcome)
+        _evaluate(cfg, key, model, client, run_id, cache, outcome, PhaseReporter(report))
     except BaseException as error:  # recorded, then re-raised so Ray marks the trial as errored
         _fail(client, run_id, error)
         raise
     client.set_terminated(run_id, status="FINISHED")
-    report({**outcome.metrics, "step": outcome.step})
+    report({**outcome.metrics, "step": outcome.step, "phase": "done"})
     return outcome
 
 
 def _evaluate(cfg: SweepTrialConfig, key: str, model: dict, client: MlflowClient, run_id: str, cache: ModelCache,
-              outcome: TrialOutcome) -> None:
+              outcome: TrialOutcome, progress: Optional[PhaseReporter] = None) -> None:
     """The model of ``key`` loaded from the cache with what its evaluation keeps there (``orchestrator.stages``: the
     VAE, the guidance classifier, the held-out likelihood), measured by ``diffusion.evaluation.evaluate``, and its
     report recorded on the run with the model's training summary. When the evaluation fails, what it measured
-    before (tags, images, files; no metrics) is recorded all the same."""
+    before (tags, images, files; no metrics) is recorded all the same. ``progress(phase, done, total)``: told of
+    each phase (``prepare``, then the evaluation's)."""
+    progress = progress or (lambda phase, done, total: None)
+    progress("prepare", 0, 1)
     device = select_device(cfg.resources.device)
     _where(client, run_id, device)
     model_data, dataset, vae = stages.model_data(cfg, cache, client, run_id, device)
@@ -397,11 +419,12 @@ def _evaluate(cfg: SweepTrialConfig, key: str, model: dict, client: MlflowClient
     # obtained before evaluate: neither drawing the labels nor the classifier's training consume shared random state
     classifier = None
     if cfg.sample.classifier_scale:
+        progress("classifier", 0, 1)
         classifier = stages.guidance_classifier(cfg, dataset, trainer, cache, client, run_id)
     report = Report()
     try:
         evaluate(trainer, dataset, cfg, vae=vae, classifier=classifier,
-                 likelihood=stages.likelihood_memo(cfg, key, cache, run_id), report=report)
+                 likelihood=stages.likelihood_memo(cfg, key, cache, run_id), report=report, progress=progress)
     except BaseException:
         with contextlib.suppress(Exception):  # the evaluation's own error is the one to record
             record_report(client, run_id, report, metrics=False)

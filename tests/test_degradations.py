@@ -170,3 +170,6 @@ def test_a_small_restorer_trains_and_samples(name):
         trainer.cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler=sampler))
         x, nfe = trainer.sample(8, seed=1)
         assert x.shape == (8, *dataset.shape) and torch.isfinite(x).all() and nfe == 4
+        told = []  # told after each of the 4 visited levels; the same samples
+        again, _ = trainer.sample(8, seed=1, progress=lambda done, total: told.append((done, total)))
+        assert told == [(1, 4), (2, 4), (3, 4), (4, 4)] and torch.equal(again, x)

@@ -213,3 +213,18 @@ def test_latent_samples_are_decoded_and_have_no_bits_per_dim(features):
     assert report.tags == {"samples_finite": "True", "bpd.skipped": LIKELIHOOD_NOTE}
     side = 4 * (4 * 9 + 1)  # 16 images of 8x8 (codes are 4x4)
     assert report.images[SAMPLES_IMAGE].size == (side, side)
+
+
+def test_progress_is_told_each_phase_and_every_sampler_step_and_changes_nothing(moons):
+    """``evaluate(progress=)``: sample (every one of the 10 ancestral steps), FID, bits/dim, in that order; the report
+    is the one without it, number for number and pixel for pixel (no random number drawn, nothing reordered)."""
+    cfg, trainer, dataset = moons
+    told = []
+    with_progress = evaluate(trainer, dataset, cfg, progress=lambda *event: told.append(event))
+    without = evaluate(trainer, dataset, cfg)
+    assert measured(with_progress) == measured(without) and with_progress.tags == without.tags
+    assert list(with_progress.images[SAMPLES_IMAGE].getdata()) == list(without.images[SAMPLES_IMAGE].getdata())
+    phases = [phase for phase, _, _ in told]
+    assert list(dict.fromkeys(phases)) == ["sample", "fid", "bpd"]
+    sampling = [(done, total) for phase, done, total in told if phase == "sample"]
+    assert sampling == [(0, 1)] + [(k, 10) for k in range(1, 11)]

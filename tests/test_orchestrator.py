@@ -1,6 +1,7 @@
 """End to end with real Ray and a real MLflow tracking server on loopback."""
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,8 +69,8 @@ def smoke(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("smoke")
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's sockets live there: a short path
     try:
-        result = orchestrator(["sweep", SMOKE, f"base.eval.cache_dir={cache_dir}"], cwd=workdir,
-                              env_extra={**SENTINELS, "RAY_TMPDIR": ray_tmp})
+        result = orchestrator(["sweep", SMOKE, f"base.eval.cache_dir={cache_dir}", "base.train.log_every=1"],
+                              cwd=workdir, env_extra={**SENTINELS, "RAY_TMPDIR": ray_tmp})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert glob.glob(os.path.join(ray_tmp, "ray", "session_*", "logs", "*.log"))  # Ray's logs were searched
         assert files_holding([workdir, ray_tmp, cache_dir], SENTINELS) == []
@@ -84,6 +85,7 @@ def test_smoke_sweep_with_its_own_server(smoke):
     result, tmp_path = smoke
     assert "fid_reference" in result.stdout  # the summary table
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
+    check_plain_output(result.stdout + result.stderr, ["ddpm", "ncsn"], loss_reports=2 * 30, workdir=tmp_path)
 
     reader = LocalServer(str(tmp_path)).start()
     try:
@@ -119,7 +121,7 @@ def test_smoke_sweep_with_its_own_server(smoke):
             assert f"(#/experiments/{run.info.experiment_id}/runs/{training.info.run_id})" in \
                 run.data.tags["mlflow.note.content"]
             history = client.get_metric_history(training.info.run_id, "train_loss")
-            assert [m.step for m in history] == [10, 20, 30]
+            assert [m.step for m in history] == list(range(1, 31))  # base.train.log_every=1
             assert run.data.metrics["train_loss"] == history[-1].value
             assert training.data.params["train.steps"] == "30" and "sample.sampler" not in training.data.params
             assert "ema.pt" in {a.path for a in client.list_artifacts(training.info.run_id)}
@@ -132,6 +134,32 @@ def test_smoke_sweep_with_its_own_server(smoke):
         assert nfe == {"ddpm": 20.0, "ncsn": 5 * 5 + 1}
     finally:
         reader.stop()
+
+
+def check_plain_output(output: str, trials: list[str], loss_reports: int, workdir) -> None:
+    """What a sweep prints when stdout is not a terminal: no escape codes and none of Ray's, Tune's or MLflow's
+    chatter; per trial its start, timestamped phase lines (sample, FID, bits/dim) and its end; the sweep's counts;
+    far fewer lines than loss reports; and at the end the command that opens the results once the sweep is gone."""
+    assert "\x1b" not in output
+    for noise in ("tensorboard", "View run", "View experiment", "repeated", "RAY_DEDUP_LOGS", "Configuration for "
+                  "experiment", "View detailed results"):
+        assert noise.lower() not in output.lower(), noise
+    stamped = [line[9:] for line in output.splitlines() if re.match(r"^\d\d:\d\d:\d\d ", line)]
+    for trial in trials:
+        mine = [line for line in stamped if line.startswith(f"[{trial}] ")]
+        assert mine[0] == f"[{trial}] started (training, then evaluation)", mine
+        phases = [line.split()[1] for line in mine]
+        assert {"train", "sample", "FID", "bits/dim"} <= set(phases), mine
+        assert phases.index("sample") < phases.index("FID") < phases.index("bits/dim")
+        assert re.match(rf"\[{trial}\] finished in \d+s: fid [0-9.]+ \(reference [0-9.]+\), bits/dim [0-9.]+, nfe "
+                        r"\d+$", mine[-1]), mine[-1]
+    sweeps = [line for line in stamped if line.startswith("sweep smoke: ")]
+    assert re.match(r"sweep smoke: 2/2 finished, 0 running, 0 failed, 0 pending \(\d+(s|m\d\ds)\)$", sweeps[-1])
+    assert len(sweeps) == 2 * len(trials)  # at every start and every end
+    assert len([line for line in stamped if " train " in line]) < loss_reports / 5
+    assert output.rstrip().splitlines()[-1].startswith(
+        f"results: mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db --artifacts-destination "
+        f"{workdir}/mlartifacts")
 
 
 def test_nan_trial_fails_while_other_finishes(tmp_path, server, cache_dir):
@@ -150,6 +178,9 @@ def test_nan_trial_fails_while_other_finishes(tmp_path, server, cache_dir):
     result = orchestrator(["sweep", str(path)], cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": server.uri})
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FAILED: diverges" in result.stdout
+    assert re.search(r"^\d\d:\d\d:\d\d \[diverges\] FAILED after \d+s", result.stdout, re.M), result.stdout
+    last = result.stdout.rstrip().splitlines()[-1]  # the configured server's comparison view of the sweep
+    assert last.startswith(f"results: {server.uri}/#/experiments/") and "viewStateShareKey=sweep-" in last, last
     assert not (tmp_path / "mlflow.db").exists()  # the configured server was used
     client = MlflowClient(server.uri)
     parents, children = child_runs(client, "nan_check")
