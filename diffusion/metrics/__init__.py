@@ -15,7 +15,7 @@ kernel on the same features. Both use clean-fid's numerics. The package's module
 - :mod:`~diffusion.metrics.fid`: ``compute_fid`` (FID and KID with their ``fid_reference`` and
   ``kid_reference`` floors), ``available_examples`` and ``conditional_metrics`` (per-class accuracy and FID).
 - :mod:`~diffusion.metrics.uncertainty`: ``fid_jackknife`` and ``fid_bootstrap`` (FID's standard error over
-  the samples) and
+  the samples), ``kid_jackknife`` (KID's, over the samples and the reference features) and
   ``fid_infinity`` (FID extrapolated to infinitely many samples, Chong & Forsyth 2020).
 - :mod:`~diffusion.metrics.common`: batched feature extraction and tensor digests they share.
 
@@ -68,10 +68,13 @@ from .uncertainty import (
     FID_BOOTSTRAP_RESAMPLES,
     FID_INF_POINTS,
     FIDInfinity,
+    KID_JACKKNIFE_MAX_REFERENCE,
     FrechetToReference,
+    KIDJackknife,
     fid_bootstrap,
     fid_infinity,
     fid_jackknife,
+    kid_jackknife,
 )
 
 __all__ = [
@@ -91,6 +94,8 @@ __all__ = [
     "INCEPTION_DIR",
     "INCEPTION_FILE",
     "INCEPTION_URL",
+    "KIDJackknife",
+    "KID_JACKKNIFE_MAX_REFERENCE",
     "KID_SEED",
     "KID_SUBSETS",
     "KID_SUBSET_SIZE",
@@ -116,6 +121,7 @@ __all__ = [
     "get_extractor",
     "inception_weights_path",
     "kernel_distance",
+    "kid_jackknife",
     "load_or_train_classifier",
     "reference_features",
     "reference_key",

@@ -24,7 +24,7 @@ from .common import _batched_features, _device, _is_image, _num_classes
 from .distances import KID_SUBSET_SIZE, KID_SUBSETS, feature_stats, frechet_from_stats, kernel_distance
 from .extractors import get_extractor
 from .reference import reference_features
-from .uncertainty import FID_INF_POINTS, FIDInfinity, fid_infinity, fid_jackknife
+from .uncertainty import FID_INF_POINTS, FIDInfinity, fid_infinity, fid_jackknife, kid_jackknife
 
 if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
     from ..data import Dataset
@@ -40,6 +40,8 @@ class FIDResult:
     kid_reference: float | None = None  # KID of the same n held-out real examples (the floor)
     fid_stderr: float | None = None  # jackknife standard error of fid over the samples (stderr=True)
     fid_reference_stderr: float | None = None  # the same for fid_reference over the held-out examples
+    kid_stderr: float | None = None  # jackknife standard error of kid over the samples and the reference (kid and stderr)
+    kid_reference_stderr: float | None = None  # the same for kid_reference over the held-out examples and the reference
     fid_inf: Optional[FIDInfinity] = None  # FID-infinity of the samples, with its fit (fid_inf=True)
     fid_inf_reference: Optional[FIDInfinity] = None  # FID-infinity of the held-out examples (the floor at N = inf)
 
@@ -68,7 +70,9 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
     statistics: the first n test examples when the reference is the train split; a fixed seeded choice of
     n train examples when it is the test split. ``kid`` and ``kid_reference``: the same two sets against
     the reference split's features (:func:`kernel_distance`). With ``stderr``, ``fid_stderr`` and
-    ``fid_reference_stderr``: the standard errors of both FIDs over their examples (:func:`fid_jackknife`);
+    ``fid_reference_stderr``: the standard errors of both FIDs over their examples (:func:`fid_jackknife`), and
+    with ``kid`` also ``kid_stderr`` and ``kid_reference_stderr``, both KIDs' over their examples and the
+    reference features (:func:`kid_jackknife`, computed after both KIDs);
     with ``fid_inf``, FID-infinity of both sets (:func:`fid_infinity`; where there are too few samples for the
     feature dimension, the tag ``fid_inf.skipped`` says so instead). The reference features (and the classifier)
     are cached under ``cache_dir`` (:func:`reference_features`). ValueError naming the parameter for a
@@ -115,6 +119,10 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
         result.fid_stderr = fid_jackknife(sample_features, reference.mu, reference.sigma)[0]
         result.fid_reference_stderr = fid_jackknife(held_out_features, reference.mu, reference.sigma)[0]
         tags["fid.stderr"] = "delete-1 jackknife over the examples, reference fixed"
+        if kid:
+            result.kid_stderr = kid_jackknife(reference.features, sample_features).stderr
+            result.kid_reference_stderr = kid_jackknife(reference.features, held_out_features).stderr
+            tags["kid.stderr"] = "two-sample delete-1 jackknife of the MMD^2 of all examples: examples and reference"
     if fid_inf:
         try:
             result.fid_inf = fid_infinity(sample_features, reference.mu, reference.sigma)
