@@ -10,7 +10,10 @@ samples come from):
 2. moons: 1,600 test points against 6,400 train points in raw 2-d coordinates (both extras computed).
 
 For each: seconds of compute_fid without the extras (``stderr=False, fid_inf=False``; the reference features
-cached, as in a trial after the first), with them, and the ratio, best of ``--repeats``. The extras' absolute
+cached, as in a trial after the first), with them, and the ratio, best of ``--repeats``. A second table: the
+seconds of KID itself (``kernel_distance``, kid and kid_reference) and of its two jackknife standard errors
+(``kid_jackknife``: kid_stderr and kid_reference_stderr, against the whole reference split), which compute_fid
+adds with ``kid=True, stderr=True``. The extras' absolute
 seconds are what a trial pays on top of its training and sampling (minutes): see docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from diffusion.config import DataConfig  # noqa: E402
 from diffusion.data import load_dataset  # noqa: E402
-from diffusion.metrics import compute_fid  # noqa: E402
+from diffusion.metrics import (compute_fid, get_extractor, kernel_distance, kid_jackknife,  # noqa: E402
+                               reference_features)
 
 
 def best_seconds(call, repeats: int) -> float:
@@ -62,6 +66,20 @@ def main() -> None:
         dim = "128-d classifier" if name == "digits" else "2-d raw"
         print(f"| {name} | {full_result.n} | {dim} | {plain:.3f} | {full:.3f} | {full / plain:.2f} | "
               f"{full - plain:.3f} | {full_result.fid:.4f} | {full_result.fid_stderr:.4f} | {fid_inf} |")
+    print("\n| case | n | reference rows | features | KID s (kid, kid_reference) | kid_stderr + kid_reference_stderr s "
+          "| kid | kid_stderr | of which the samples' |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, extractor in (("digits", "classifier"), ("moons", "raw")):
+        dataset = load_dataset(DataConfig(name=name))
+        extractor, extract, info = get_extractor(extractor, dataset, cache_dir=args.cache_dir)
+        reference = reference_features(dataset, "train", extractor, extract, info, args.cache_dir).features
+        samples = extract(dataset.test)
+        kid = best_seconds(lambda: [kernel_distance(reference, samples) for _ in range(2)], args.repeats)
+        stderr = best_seconds(lambda: [kid_jackknife(reference, samples) for _ in range(2)], args.repeats)
+        result = kid_jackknife(reference, samples)
+        print(f"| {name} | {len(samples)} | {len(reference)} | {samples.shape[1]}-d {extractor} | {kid:.3f} | "
+              f"{stderr:.3f} | {kernel_distance(reference, samples):.5f} | {result.stderr:.5f} | "
+              f"{result.stderr_samples:.5f} |")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ def _sample_quality(samples: torch.Tensor, labels, data: Dataset, cfg: TrialConf
         report.metrics.update({"kid": result.kid, "kid_reference": result.kid_reference})
     if result.fid_stderr is not None:
         report.metrics.update({"fid_stderr": result.fid_stderr, "fid_reference_stderr": result.fid_reference_stderr})
+    if result.kid_stderr is not None:
+        report.metrics.update({"kid_stderr": result.kid_stderr, "kid_reference_stderr": result.kid_reference_stderr})
     if result.fid_inf is not None:
         report.metrics.update({"fid_inf": result.fid_inf.fid_inf, "fid_inf_reference": result.fid_inf_reference.fid_inf})
         report.files["fid_inf.json"] = {"samples": result.fid_inf.as_dict(),

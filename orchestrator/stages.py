@@ -35,6 +35,11 @@ def model_data(cfg: SweepTrialConfig, cache: ModelCache, client: MlflowClient, r
     return latent_dataset(dataset, vae), dataset, vae
 
 
+def stage_entry(prefix: str, spec: dict) -> str:
+    """The model-cache entry of a cached stage: ``<prefix>-<hash of spec>``."""
+    return f"{prefix}-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def cached_stage(cache: ModelCache, prefix: str, spec: dict, run_id: str, fit: Callable[[], tuple],
                  build: Callable[[dict], torch.nn.Module], device, seconds_key: str) -> tuple:
     """A small network trained once per ``spec`` and kept in the model cache as ``<prefix>-<hash>``: the first
@@ -43,7 +48,7 @@ def cached_stage(cache: ModelCache, prefix: str, spec: dict, run_id: str, fit: C
     later callers load it into ``build(record)``. The record holds the checksum of ``<prefix>.pt`` (``files``); a
     weights file that does not match it, or does not load, is reported and the network trained again. Returns
     (module in eval mode, record, entry)."""
-    entry = f"{prefix}-" + hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    entry = stage_entry(prefix, spec)
     weights = f"{prefix}.pt"
     with cache.lock(entry, prefix, note=f"run {run_id}"):
         record = cache.read(entry, f"{prefix}.json")

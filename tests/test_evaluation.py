@@ -78,7 +78,9 @@ def test_points_report_fid_kid_bits_per_dim_and_the_scatter(moons):
     report = evaluate(trainer, dataset, cfg)
     assert report.step == trainer.step == 20
     assert {"sample_seconds", "sample_nfe", "fid", "fid_reference", "kid", "kid_reference", "bpd_ode", "bpd_elbo",
-            "bpd_seconds", "fid_stderr", "fid_reference_stderr", "fid_inf", "fid_inf_reference"} <= set(report.metrics)
+            "bpd_seconds", "fid_stderr", "fid_reference_stderr", "fid_inf", "fid_inf_reference", "kid_stderr",
+            "kid_reference_stderr"} <= set(report.metrics)
+    assert report.metrics["kid_stderr"] > 0 and report.metrics["kid_reference_stderr"] > 0
     assert "train_loss" not in report.metrics  # the training summary is the orchestrator's, from its cache
     assert report.metrics["sample_nfe"] == 10.0
     assert report.tags["samples_finite"] == "True"

@@ -328,6 +328,7 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
         "kid.subsets": "100",
         "kid.subset_size": str(len(digits.test)),  # min(n, reference examples, 1000)
         "fid.stderr": "delete-1 jackknife over the examples, reference fixed",
+        "kid.stderr": "two-sample delete-1 jackknife of the MMD^2 of all examples: examples and reference",
         # 359 samples of 128-d classifier features: too few for FID-infinity's line in 1/N
         "fid_inf.skipped": "fid_inf needs at least 640 samples of 128-d features (FID's bias is linear in 1/N "
                            f"only for N >> D), got {len(digits.test)}",
@@ -341,6 +342,15 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
     # KID of real test images against the train features is zero up to its sampling error (here
     # about -0.05; disjoint halves of the train split give 0.01 +- 0.03), far below that of noise
     assert noisy.kid > 20 * abs(noisy.kid_reference) and noisy.kid_reference == result.kid_reference
+    # KID's standard error: the jackknife's on the same features, computed after KID, which it leaves unchanged
+    name, extract, info = trained[0]
+    reference = metrics.reference_features(digits, "train", name, extract, info, classifier_cfg["cache_dir"])
+    jackknife = metrics.kid_jackknife(reference.features, extract(digits.test))
+    assert result.kid_stderr == result.kid_reference_stderr == pytest.approx(jackknife.stderr, rel=1e-9)
+    assert 0 < jackknife.stderr_samples < result.kid_stderr
+    assert noisy.kid_reference_stderr == result.kid_reference_stderr and noisy.kid_stderr > 0
+    plain = metrics.compute_fid(noise, digits, **classifier_cfg, stderr=False, fid_inf=False)
+    assert (plain.kid, plain.kid_reference, plain.kid_stderr) == (noisy.kid, noisy.kid_reference, None)
 
 
 def test_compute_fid_against_test_split(digits, classifier_cfg, trained):

@@ -21,7 +21,7 @@ kernel on the same features. Both use clean-fid's numerics. The package's module
   ``reference_refusal`` and ``missing_fid_files`` (what a config-level caller checks before it starts) and
   ``conditional_metrics`` (per-class accuracy and FID).
 - :mod:`~diffusion.metrics.uncertainty`: ``fid_jackknife`` and ``fid_bootstrap`` (FID's standard error over
-  the samples) and
+  the samples), ``kid_jackknife`` (KID's, over the samples and the reference features) and
   ``fid_infinity`` (FID extrapolated to infinitely many samples, Chong & Forsyth 2020).
 - :mod:`~diffusion.metrics.common`: batched feature extraction and tensor digests they share.
 
@@ -93,10 +93,13 @@ from .uncertainty import (
     FID_BOOTSTRAP_RESAMPLES,
     FID_INF_POINTS,
     FIDInfinity,
+    KID_JACKKNIFE_MAX_REFERENCE,
     FrechetToReference,
+    KIDJackknife,
     fid_bootstrap,
     fid_infinity,
     fid_jackknife,
+    kid_jackknife,
 )
 
 __all__ = [
@@ -133,6 +136,8 @@ __all__ = [
     "INCEPTION_DIR",
     "INCEPTION_FILE",
     "INCEPTION_URL",
+    "KIDJackknife",
+    "KID_JACKKNIFE_MAX_REFERENCE",
     "KID_SEED",
     "KID_SUBSETS",
     "KID_SUBSET_SIZE",
@@ -158,6 +163,7 @@ __all__ = [
     "get_extractor",
     "inception_weights_path",
     "kernel_distance",
+    "kid_jackknife",
     "load_or_train_classifier",
     "reference_features",
     "reference_key",

@@ -30,7 +30,7 @@ from .distances import KID_SUBSET_SIZE, KID_SUBSETS, feature_stats, frechet_from
 from .downloads import REFERENCES, MissingFile, load_published_stats, missing_inception_weights, missing_published_stats
 from .extractors import Refusal, get_extractor, resolve_extractor
 from .reference import reference_features
-from .uncertainty import FID_INF_POINTS, FIDInfinity, fid_infinity, fid_jackknife
+from .uncertainty import FID_INF_POINTS, FIDInfinity, fid_infinity, fid_jackknife, kid_jackknife
 
 if TYPE_CHECKING:  # the data module only provides the Dataset type; no import cycle at run time
     from ..data import Dataset
@@ -47,6 +47,8 @@ class FIDResult:
     kid_reference: float | None = None  # KID of the same n held-out real examples (the floor)
     fid_stderr: float | None = None  # jackknife standard error of fid over the samples (stderr=True)
     fid_reference_stderr: float | None = None  # the same for fid_reference over the held-out examples
+    kid_stderr: float | None = None  # jackknife standard error of kid over the samples and the reference (kid and stderr)
+    kid_reference_stderr: float | None = None  # the same for kid_reference over the held-out examples and the reference
     fid_inf: Optional[FIDInfinity] = None  # FID-infinity of the samples, with its fit (fid_inf=True)
     fid_inf_reference: Optional[FIDInfinity] = None  # FID-infinity of the held-out examples (the floor at N = inf)
 
@@ -122,7 +124,8 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
     floor). ``kid`` and ``kid_reference``: the same two sets against the reference split's features
     (:func:`kernel_distance`; published statistics hold none: tag ``kid.skipped``). With ``stderr``,
     ``fid_stderr`` and ``fid_reference_stderr``: the standard errors of both FIDs over their examples
-    (:func:`fid_jackknife`); with ``fid_inf``, FID-infinity of both sets (:func:`fid_infinity`; where there are
+    (:func:`fid_jackknife`), and with ``kid`` also ``kid_stderr`` and ``kid_reference_stderr``, both KIDs' over
+    their examples and the reference features (:func:`kid_jackknife`, computed after both KIDs); with ``fid_inf``, FID-infinity of both sets (:func:`fid_infinity`; where there are
     too few samples for the feature dimension, the tag ``fid_inf.skipped`` says so instead). The reference
     features (and the classifier, and clean-fid's files) are kept under ``cache_dir``
     (:func:`reference_features`). ValueError naming the parameter for a ``reference_split`` other than train or
@@ -198,6 +201,10 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
         result.fid_stderr = fid_jackknife(sample_features, mu_ref, sigma_ref)[0]
         result.fid_reference_stderr = fid_jackknife(held_out_features, mu_ref, sigma_ref)[0]
         tags["fid.stderr"] = "delete-1 jackknife over the examples, reference fixed"
+        if kid_value is not None:
+            result.kid_stderr = kid_jackknife(reference_feats, sample_features).stderr
+            result.kid_reference_stderr = kid_jackknife(reference_feats, held_out_features).stderr
+            tags["kid.stderr"] = "two-sample delete-1 jackknife of the MMD^2 of all examples: examples and reference"
     if fid_inf:
         try:
             result.fid_inf = fid_infinity(sample_features, mu_ref, sigma_ref)

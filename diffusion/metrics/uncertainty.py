@@ -19,7 +19,13 @@
   measures it), so the smallest subset holds at least 2.5 D samples and the largest at least twice as many;
   fewer samples than 5 D give no ``fid_inf`` (a ValueError saying so).
 
-Both take features and the reference's mean and covariance, and draw from their own seeded NumPy generator
+- :func:`kid_jackknife`: the standard error of KID (clean-fid's unbiased polynomial-kernel MMD^2), by the delete-1
+  jackknife over both feature sets. This is ``kid_stderr``. KID averages its estimate over 100 subsets of
+  min(N, 1,000) examples per side; with fewer than 1,000 samples every subset holds all of them, so the spread
+  across subsets says nothing about a rerun. The jackknife is taken instead of the estimate on all examples of
+  both sides, whose leave-one-out values follow in closed form from the kernel matrices' row sums (no refit).
+
+The FID functions take features and the reference's mean and covariance, and draw from their own seeded NumPy generator
 (equal inputs, equal outputs; no global random state touched). Each of their many Frechet distances against
 one reference goes through :class:`FrechetToReference`, which takes the reference covariance's square root
 once and then needs one symmetric eigenvalue problem per distance instead of a general matrix square root: a
@@ -37,6 +43,8 @@ FID_INF_POINTS = 8  # sample counts behind fid_inf, from FID_INF_MIN_FRACTION of
 FID_INF_MIN_FRACTION = 0.2  # the smallest subset: a fifth of the samples (Chong & Forsyth: a tenth) ...
 FID_INF_SAMPLES_PER_DIM = 2.5  # ... and at least 2.5 D samples, where the bias is linear in 1/N
 UNCERTAINTY_SEED = 0
+KID_JACKKNIFE_MAX_REFERENCE = 10_000  # reference rows kid_jackknife uses at most (a seeded subset beyond)
+KID_JACKKNIFE_BLOCK = 4_000_000  # kernel entries held in memory at once by kid_jackknife
 
 
 class FrechetToReference:
@@ -135,3 +143,96 @@ def fid_infinity(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray
     fids = [distance.of(features[rng.permutation(n)[:count]]) for count in counts]
     slope, intercept = np.polyfit(1.0 / np.asarray(counts, dtype=np.float64), np.asarray(fids), 1)
     return FIDInfinity(float(intercept), float(slope), counts, [float(f) for f in fids])
+
+
+@dataclass
+class KIDJackknife:
+    """What :func:`kid_jackknife` returns. ``value``: the unbiased MMD^2 of all samples against the reference rows
+    used (KID's subset average estimates it); ``stderr``: sqrt(``stderr_samples``^2 + ``stderr_reference``^2),
+    the standard error over redraws of both sets; ``stderr_samples``: over redraws of the samples alone, the
+    reference fixed (what a rerun of a trial against the same reference changes, as ``fid_stderr``);
+    ``stderr_reference``: the reference side's share; ``reference_used``: the reference rows the kernel sums
+    ran over (all of them, or a seeded subset of ``max_reference``)."""
+
+    value: float
+    stderr: float
+    stderr_samples: float
+    stderr_reference: float
+    reference_used: int
+    leave_out_samples: np.ndarray  # [N_samples]: the estimate without each sample
+    leave_out_reference: np.ndarray  # [reference_used]: the estimate without each reference row used
+
+
+def _kernel_sums(a: np.ndarray, b: np.ndarray, dim: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row sums [N_a], column sums [N_b]) of the polynomial kernel matrix k(a_i, b_j) = (a_i.b_j / dim + 1)^3,
+    computed ``block`` entries at a time."""
+    rows, cols = np.empty(len(a)), np.zeros(len(b))
+    step = max(1, block // max(1, len(b)))
+    for start in range(0, len(a), step):
+        kernel = (a[start:start + step] @ b.T / dim + 1) ** 3
+        rows[start:start + step] = kernel.sum(axis=1)
+        cols += kernel.sum(axis=0)
+    return rows, cols
+
+
+def _jackknife_se(values: np.ndarray) -> float:
+    n = len(values)
+    return float(np.sqrt((n - 1) / n * np.sum((values - values.mean()) ** 2)))
+
+
+def kid_jackknife(reference: np.ndarray, samples: np.ndarray, *, max_reference: int = KID_JACKKNIFE_MAX_REFERENCE,
+                  seed: int = UNCERTAINTY_SEED, block: int = KID_JACKKNIFE_BLOCK) -> KIDJackknife:
+    """The standard error of KID between ``reference`` [N_r, D] and ``samples`` [N, D] features: the two-sample
+    delete-1 jackknife (Arvesen 1969, "Jackknifing U-statistics") of the unbiased squared MMD with clean-fid's
+    kernel k(x, y) = (x.y / D + 1)^3 on all examples,
+
+        theta = S_rr / (N_r (N_r - 1)) + S_ss / (N (N - 1)) - 2 S_rs / (N_r N),
+
+    S_rr and S_ss the sums of k over pairs of distinct rows of one set, S_rs over all pairs across. Without
+    sample j, S_ss loses twice its kernel row sum b_j (diagonal excluded) and S_rs its cross column sum c_j, so
+    theta_(j) = S_rr / (N_r (N_r - 1)) + (S_ss - 2 b_j) / ((N - 1)(N - 2)) - 2 (S_rs - c_j) / (N_r (N - 1)),
+    and alike without reference row i: every leave-one-out value from the kernel matrices' row sums, in
+    O((N_r + N)^2 D) time and ``block`` entries of memory. Each side's jackknife variance is
+    (n - 1) / n sum (theta_(i) - mean)^2 over its n leave-one-out values; ``stderr`` adds both sides' variances.
+
+    Why both sides: KID estimates the population MMD^2 from two finite samples, and the reference split is one
+    of them; KID is nearly linear in each sample's empirical distribution, so the variance over redraws of both
+    is the sum of the two one-sided variances (``tests/test_uncertainty.py`` checks ``stderr`` against the
+    spread over independent redraws of both sets and ``stderr_samples`` against redraws of the samples with
+    the reference fixed). Comparing two trials evaluated against the same reference features, the reference
+    side is common to both and mostly cancels in the difference: ``stderr_samples`` is then the relevant one,
+    and ``stderr`` is conservative.
+
+    A reference of more than ``max_reference`` rows is replaced by a seeded subset of that many (its own
+    NumPy generator, ``seed``; no global random state touched) and its side's variance scaled by
+    max_reference / N_r, the first-order 1/N_r law of a U-statistic's variance. ValueError unless both are
+    [n >= 3, D] with the same D."""
+    reference = np.asarray(reference, dtype=np.float64)
+    samples = np.asarray(samples, dtype=np.float64)
+    if (reference.ndim != 2 or samples.ndim != 2 or reference.shape[1] != samples.shape[1]
+            or len(reference) < 3 or len(samples) < 3):
+        raise ValueError(f"kid_jackknife needs features [N_r >= 3, D] and [N >= 3, D], got {reference.shape} and "
+                         f"{samples.shape}")
+    if max_reference < 3:
+        raise ValueError(f"max_reference: invalid value {max_reference!r}; accepted: an integer >= 3")
+    total = len(reference)
+    if total > max_reference:
+        reference = reference[np.sort(np.random.default_rng(seed).choice(total, max_reference, replace=False))]
+    dim, n_r, n = reference.shape[1], len(reference), len(samples)
+
+    def pairs(x: np.ndarray) -> np.ndarray:  # kernel row sums over the other rows
+        return _kernel_sums(x, x, dim, block)[0] - (np.einsum("ij,ij->i", x, x) / dim + 1) ** 3
+
+    a, b = pairs(reference), pairs(samples)
+    r, c = _kernel_sums(reference, samples, dim, block)
+    s_rr, s_ss, s_rs = a.sum(), b.sum(), r.sum()
+    value = s_rr / (n_r * (n_r - 1)) + s_ss / (n * (n - 1)) - 2 * s_rs / (n_r * n)
+    without_sample = (s_rr / (n_r * (n_r - 1)) + (s_ss - 2 * b) / ((n - 1) * (n - 2))
+                      - 2 * (s_rs - c) / (n_r * (n - 1)))
+    without_reference = ((s_rr - 2 * a) / ((n_r - 1) * (n_r - 2)) + s_ss / (n * (n - 1))
+                         - 2 * (s_rs - r) / ((n_r - 1) * n))
+    se_samples = _jackknife_se(without_sample)
+    se_reference = _jackknife_se(without_reference) * math.sqrt(n_r / total)
+    return KIDJackknife(value=float(value), stderr=float(math.hypot(se_samples, se_reference)),
+                        stderr_samples=se_samples, stderr_reference=se_reference, reference_used=n_r,
+                        leave_out_samples=without_sample, leave_out_reference=without_reference)
