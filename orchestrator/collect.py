@@ -39,9 +39,9 @@ class SweepResults:
     tracking_uri: str = ""
 
 
-def find_parent(client, name_or_id: str):
-    """The parent run a report is about: the run of id ``name_or_id``, else the latest parent run of the sweep (the
-    MLflow experiment) named ``name_or_id``; ConfigError naming what exists when neither is found."""
+def find_parent(client, name_or_id: str, key: str = "report"):
+    """The parent run of a sweep: the run of id ``name_or_id``, else the latest parent run of the sweep (the MLflow
+    experiment) named ``name_or_id``; a ConfigError under ``key`` naming the sweeps there when neither is found."""
     from mlflow.exceptions import MlflowException
 
     if RUN_ID.match(name_or_id):
@@ -51,20 +51,20 @@ def find_parent(client, name_or_id: str):
             run = None
         if run is not None:
             if PARENT_TAG in run.data.tags:
-                raise ConfigError("report", name_or_id, "a sweep's parent run id or a sweep name",
+                raise ConfigError(key, name_or_id, "a sweep's name or its parent run's id",
                                   detail=f"run {name_or_id} is a trial's run; its parent run is "
                                          f"{run.data.tags[PARENT_TAG]}")
             return run
     experiment = client.get_experiment_by_name(name_or_id)
     if experiment is not None:
-        runs = client.search_runs([experiment.experiment_id], "tags.sweep_digest != ''",
-                                  order_by=["attributes.start_time DESC"], max_results=50)
+        runs = client.search_runs([experiment.experiment_id], "", order_by=["attributes.start_time DESC"],
+                                  max_results=200)
         parents = [r for r in runs if PARENT_TAG not in r.data.tags]
         if parents:
             return parents[0]
     names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-    raise ConfigError("report", name_or_id, f"a sweep name ({', '.join(names) or 'none recorded'}) or a parent run id",
-                      detail="no such sweep or parent run in the tracking server")
+    raise ConfigError(key, name_or_id, f"a sweep's name ({', '.join(names) or 'none recorded'}) or its parent run's id",
+                      detail=f"no sweep or parent run of that name or id in {getattr(client, 'tracking_uri', '')}")
 
 
 def collect(client, parent_run_id: str, trials: Optional[list] = None, images: bool = True) -> SweepResults:

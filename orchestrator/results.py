@@ -89,26 +89,6 @@ def _value(text: Optional[str]) -> Any:
 # results
 
 
-def _parent(client: MlflowClient, sweep: str, uri: str):
-    """The parent run of ``sweep``: the latest parent run of the experiment of that name, or the run of that id."""
-    experiment = client.get_experiment_by_name(sweep)
-    if experiment is not None:
-        parents = [r for r in _search(client, experiment.experiment_id) if PARENT_TAG not in r.data.tags]
-        if not parents:
-            raise ValueError(f"sweep: experiment {sweep!r} in {uri} holds no sweep run")
-        return max(parents, key=lambda r: r.info.start_time)
-    try:
-        run = client.get_run(sweep)
-    except MlflowException:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"sweep: no experiment named {sweep!r} and no run of that id in {uri}; accepted: a sweep's "
-                         f"name ({', '.join(names) or 'none recorded'}) or its parent run's id") from None
-    if PARENT_TAG in run.data.tags:
-        raise ValueError(f"sweep: run {sweep!r} is a trial's run, not a sweep's; accepted: a sweep's name or its "
-                         f"parent run's id ({run.data.tags[PARENT_TAG]})")
-    return run
-
-
 def _search(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
     runs, token = [], None
     while True:
@@ -128,10 +108,11 @@ def results(sweep: str, tracking_uri: Optional[str] = None):
     server needed for the local ``mlflow.db``."""
     import pandas as pd
 
+    from .collect import find_parent
     from .trial import EVALUATE, STAGE_TAG, TRAINING_HASH_TAG, TRAINING_RUN_TAG
 
     client, uri = _client(tracking_uri)
-    parent = _parent(client, sweep, uri)
+    parent = find_parent(client, sweep, key="sweep")
     runs = [r for r in _search(client, parent.info.experiment_id, f"tags.{PARENT_TAG} = '{parent.info.run_id}'")
             if r.data.tags.get(STAGE_TAG) == EVALUATE]
     rows = []

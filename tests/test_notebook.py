@@ -138,7 +138,7 @@ def test_errors_name_the_bad_value(in_sweep_dir, tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"run .* has no artifact 'nope.png' .*accepted: .*samples\.png"):
         artifact_path(run_id, "nope.png")
-    with pytest.raises(ValueError, match=r"sweep: no experiment named 'nope' .*accepted: a sweep's name "
+    with pytest.raises(ValueError, match=r"sweep: invalid value 'nope'; accepted: a sweep's name "
                                          r"\(.*ddpm_vs_ncsn"):
         results("nope")
     with pytest.raises(TypeError, match=r"sample options \['stepz'\] do not exist; accepted: .*steps"):
