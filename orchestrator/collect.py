@@ -69,7 +69,7 @@ def find_parent(client, name_or_id: str, key: str = "report"):
 
 def collect(client, parent_run_id: str, trials: Optional[list] = None, images: bool = True) -> SweepResults:
     """The sweep of parent run ``parent_run_id`` as recorded. ``trials``: the sweep's ``Trial``s when known (their
-    order kept, those without a run listed KILLED "never started"); ``images``: fetch the sample grids."""
+    order kept, those without a run listed KILLED "never started"; else the recorded ones by name); ``images``: fetch the sample grids."""
     parent = client.get_run(parent_run_id)
     experiment_id = parent.info.experiment_id
     runs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10_000,
@@ -77,7 +77,7 @@ def collect(client, parent_run_id: str, trials: Optional[list] = None, images: b
     varying = [v for v in parent.data.tags.get("varying", "").split(",") if v]
     evaluations = {r.data.tags.get("trial"): r for r in runs if r.data.tags.get(STAGE_TAG) != TRAIN}
     training = {r.info.run_id: r for r in runs if r.data.tags.get(STAGE_TAG) == TRAIN}
-    names = [t.name for t in trials] if trials is not None else list(evaluations)
+    names = [t.name for t in trials] if trials is not None else sorted(evaluations)
     records = [_record(evaluations.get(name), name, varying) for name in names]
     results = SweepResults(parent.data.tags.get("sweep", parent.info.run_name), experiment_id, parent_run_id,
                            parent.info.status, varying, int(parent.data.tags.get("trials", len(records))), records,

@@ -20,6 +20,7 @@ Pure functions over ``TrialRecord``s: the report (``orchestrator.report``) reads
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Optional
@@ -160,7 +161,7 @@ def interval(values: list[float], stderr: Optional[float] = None, level: float =
         return None
     mean = sum(values) / n
     if n >= 2:
-        sem = stats.tstd(values) / math.sqrt(n)
+        sem = statistics.stdev(values) / math.sqrt(n)  # exactly 0 for equal values (scipy's tstd is not)
         half = stats.t.ppf(0.5 + level / 2, n - 1) * sem
         return Interval(mean, mean - half, mean + half, n, f"t interval over {n} seeds", sem)
     if stderr is not None and math.isfinite(stderr):
@@ -210,7 +211,7 @@ def compare_pair(a: VariantSummary, b: VariantSummary, metric: str, level: float
         diffs = [seeds_a[s] - seeds_b[s] for s in shared]
         n = len(diffs)
         mean = sum(diffs) / n
-        sd = stats.tstd(diffs)
+        sd = statistics.stdev(diffs)
         if sd > 0:
             sem = sd / math.sqrt(n)
             half = stats.t.ppf(0.5 + level / 2, n - 1) * sem

@@ -240,12 +240,7 @@ def _nfe_plot(results: SweepResults) -> Optional[bytes]:
     for label, points in lines.items():
         nfe = sorted(points)
         ax.plot(nfe, [sum(points[n]) / len(points[n]) for n in nfe], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per sample (NFE)")
-    ax.set_ylabel("FID (mean over seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(figure)
+    return _line_plot(figure, ax, "network evaluations per sample (NFE)", "FID (mean over seeds)", xscale="log")
 
 
 def _loss_plot(results: SweepResults) -> bytes:
@@ -260,9 +255,12 @@ def _loss_plot(results: SweepResults) -> bytes:
             name = variant_of.get(run_id, "?")
             ax.plot(*zip(*curve), color=colours.get(name, "k"), alpha=0.8,
                     label=f"{results.training_names.get(run_id, run_id)}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("train_loss")
-    ax.set_yscale("log")
+    return _line_plot(figure, ax, "training step", "train_loss", yscale="log")
+
+
+def _line_plot(figure, ax, xlabel: str, ylabel: str, xscale: str = "linear", yscale: str = "linear") -> bytes:
+    """The axes labelled, scaled, with a legend and a light grid; the figure as PNG."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, xscale=xscale, yscale=yscale)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _png(figure)
