@@ -215,7 +215,7 @@ def _trained(cfg: SweepTrialConfig, cache: ModelCache, key: str, weights: str, d
 def _from_run(client: MlflowClient, uri: str, run_id: str, storage: Optional[str],
               sample: Optional[dict]) -> tuple[SweepTrialConfig, ModelCache, str, str, str]:
     """(config, cache, key, weights file, source) of a training or evaluation run."""
-    from .trial import EVALUATE, STAGE_TAG, TRAIN, TRAINING_HASH_TAG, TRAINING_RUN_TAG
+    from .trial import EVALUATE, MODEL_CACHE_TAG, STAGE_TAG, TRAIN, TRAINING_HASH_TAG, TRAINING_RUN_TAG
 
     run = _get_run(client, run_id, uri, "source")
     tags = run.data.tags
@@ -232,10 +232,14 @@ def _from_run(client: MlflowClient, uri: str, run_id: str, storage: Optional[str
         evaluation = linked[0].info.run_id if linked else None
     with open(artifact_path(evaluation or training_run, "config.yaml", uri), encoding="utf-8") as handle:
         cfg = _config(yaml.safe_load(handle), sample)
-    if storage is None:
+    if storage is not None:
+        cache = ModelCache(f"{storage.rstrip('/')}/models" if is_uri(storage) else os.path.join(storage, "models"))
+    elif tags.get(MODEL_CACHE_TAG):  # where the sweep kept it
+        cache = ModelCache(tags[MODEL_CACHE_TAG])
+    else:  # runs recorded before the tag: the default storage beside the store
         database = _sqlite_file(uri)
         storage = os.path.join(os.path.dirname(database) if database else os.getcwd(), DEFAULT_STORAGE)
-    cache = ModelCache(f"{storage.rstrip('/')}/models" if is_uri(storage) else os.path.join(storage, "models"))
+        cache = ModelCache(os.path.join(storage, "models"))
     if cache.model(key) is not None:
         return cfg, cache, key, cache.fetch(key, "ema.pt"), f"cache entry {key} of run {run_id}"
     return cfg, cache, key, artifact_path(training_run, "ema.pt", uri), f"ema.pt of training run {training_run}"
@@ -248,8 +252,9 @@ def load_model(source: str, *, tracking_uri: Optional[str] = None, storage: Opti
 
     - an MLflow run id: an evaluation run gives its trial's config (its ``config.yaml``: the trial's sampler);
       a training run, the config of the first trial evaluated on it. The weights are the model-cache entry of its
-      tag ``training_hash`` under ``storage`` (default ``ray_results`` beside the tracking store's ``mlflow.db``,
-      else in the working directory; a sweep's ``storage`` key), checksums verified, or else the training run's
+      tag ``training_hash`` in the model cache under ``storage`` (a sweep's ``storage`` key; default: where the
+      sweep kept it, the run's tag ``model_cache``, and for runs without it ``ray_results`` beside the tracking
+      store's ``mlflow.db``, else in the working directory), checksums verified, or else the training run's
       ``ema.pt`` artifact. The store: ``tracking_uri``, ``$MLFLOW_TRACKING_URI``, ``sqlite:///mlflow.db``.
     - a model-cache path (``<storage>/models/<hash>`` or a file in it): the entry's ``spec.json`` (the training
       config) with the sample section's defaults, and its verified ``ema.pt``; no tracking store is read.

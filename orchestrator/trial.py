@@ -40,7 +40,7 @@ from .tracking import PARENT_TAG
 
 FAILURE_TAG = "failure_reason"
 STAGE_TAG, TRAIN, EVALUATE = "stage", "train", "evaluate"
-TRAINING_RUN_TAG, TRAINING_HASH_TAG = "training_run_id", "training_hash"
+TRAINING_RUN_TAG, TRAINING_HASH_TAG, MODEL_CACHE_TAG = "training_run_id", "training_hash", "model_cache"
 
 
 @dataclass
@@ -156,7 +156,10 @@ def _fail(client: MlflowClient, run_id: str, error: BaseException) -> None:
 
 
 def _base_tags(context: TrialContext, stage: str, key: str) -> dict:
-    return {PARENT_TAG: context.parent_run_id, "sweep": context.sweep_name, STAGE_TAG: stage, TRAINING_HASH_TAG: key}
+    """Every child run's tags; ``model_cache``: where its model is kept (``orchestrator.results.load_model`` finds
+    the weights there)."""
+    return {PARENT_TAG: context.parent_run_id, "sweep": context.sweep_name, STAGE_TAG: stage, TRAINING_HASH_TAG: key,
+            MODEL_CACHE_TAG: context.cache_root}
 
 
 def find_run(client: MlflowClient, context: TrialContext, stage: str, **tags: str):
