@@ -178,10 +178,11 @@ def _sample_quality(samples: torch.Tensor, labels, data: Dataset, cfg: TrialConf
         report.metrics.update({"fid_stderr": result.fid_stderr, "fid_reference_stderr": result.fid_reference_stderr})
     if result.kid_stderr is not None:
         report.metrics.update({"kid_stderr": result.kid_stderr, "kid_reference_stderr": result.kid_reference_stderr})
-    if result.fid_inf is not None:
-        report.metrics.update({"fid_inf": result.fid_inf.fid_inf, "fid_inf_reference": result.fid_inf_reference.fid_inf})
-        report.files["fid_inf.json"] = {"samples": result.fid_inf.as_dict(),
-                                        "reference": result.fid_inf_reference.as_dict()}
+    fits = {"samples": (result.fid_inf, "fid_inf"), "reference": (result.fid_inf_reference, "fid_inf_reference")}
+    fits = {side: fit for side, fit in fits.items() if fit[0] is not None}
+    report.metrics.update({metric: fit.fid_inf for fit, metric in fits.values()})
+    if fits:
+        report.files["fid_inf.json"] = {side: fit.as_dict() for side, (fit, _) in fits.items()}
     report.tags.update({k: str(v) for k, v in result.tags.items()})
     if labels is not None and data.is_image:
         class_metrics, tags = conditional_metrics(samples, labels, data, **options_for(conditional_metrics, cfg.eval,

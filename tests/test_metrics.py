@@ -330,8 +330,11 @@ def test_compute_fid_on_digits(digits, classifier_cfg, trained):
         "fid.stderr": "delete-1 jackknife over the examples, reference fixed",
         "kid.stderr": "two-sample delete-1 jackknife of the MMD^2 of all examples: examples and reference",
         # 359 samples of 128-d classifier features: too few for FID-infinity's line in 1/N
+        "fid_inf.n": str(len(digits.test)),
         "fid_inf.skipped": "fid_inf needs at least 640 samples of 128-d features (FID's bias is linear in 1/N "
                            f"only for N >> D), got {len(digits.test)}",
+        "fid_inf_reference.skipped": "fid_inf needs at least 640 samples of 128-d features (FID's bias is linear in "
+                                     f"1/N only for N >> D), got {len(digits.test)}",
     }
     assert result.kid == result.kid_reference  # the same images and the same subsets
     assert result.fid_stderr == result.fid_reference_stderr > 0 and result.fid_inf is None
@@ -555,7 +558,7 @@ def test_raw_on_points(tmp_path):
     assert result.tags == {"fid.extractor": "raw", "fid.reference": "split:train", "fid.reference_split": "train",
                            "fid.n": str(len(points.test)),
                            "fid.stderr": "delete-1 jackknife over the examples, reference fixed",
-                           "fid_inf.points": "8"}
+                           "fid_inf.points": "8", "fid_inf.n": str(len(points.test))}
     assert result.kid is None and result.kid_reference is None  # eval.kid = false
     assert result.fid == pytest.approx(result.fid_reference, rel=1e-12)
     assert result.fid < 0.05
@@ -569,6 +572,14 @@ def test_raw_on_points(tmp_path):
     without = metrics.compute_fid(points.test + 1.0, points, **options, stderr=False, fid_inf=False)
     assert without.fid == shifted.fid and without.fid_stderr is None and without.fid_inf is None
     assert "fid.stderr" not in without.tags and "fid_inf.points" not in without.tags
+    # more samples than the floor's count: FID, its stderr and KID on the first n, FID-infinity on every sample
+    more = torch.cat([points.test, points.train[:800]]) + 1.0
+    beyond = metrics.compute_fid(more, points, **options, device=CPU)
+    assert (beyond.n, beyond.fid, beyond.fid_stderr) == (shifted.n, shifted.fid, shifted.fid_stderr)
+    assert beyond.fid_inf.counts[-1] == len(more) and beyond.tags["fid_inf.n"] == str(len(more))
+    everything = metrics.frechet_distance(more.double().numpy(), points.train.double().numpy())
+    assert beyond.fid_inf.fids[-1] == pytest.approx(everything, rel=1e-9)
+    assert beyond.fid_inf_reference.counts == shifted.fid_inf_reference.counts  # the held-out side: n examples
     with_kid = metrics.compute_fid(points.test + 1.0, points, **{**options, "kid": True}, device=CPU)
     assert with_kid.fid == shifted.fid and with_kid.kid > 20 * abs(with_kid.kid_reference)
     assert with_kid.tags["kid.subsets"] == "100" and with_kid.tags["kid.subset_size"] == str(len(points.test))

@@ -125,8 +125,10 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
     (:func:`kernel_distance`; published statistics hold none: tag ``kid.skipped``). With ``stderr``,
     ``fid_stderr`` and ``fid_reference_stderr``: the standard errors of both FIDs over their examples
     (:func:`fid_jackknife`), and with ``kid`` also ``kid_stderr`` and ``kid_reference_stderr``, both KIDs' over
-    their examples and the reference features (:func:`kid_jackknife`, computed after both KIDs); with ``fid_inf``, FID-infinity of both sets (:func:`fid_infinity`; where there are
-    too few samples for the feature dimension, the tag ``fid_inf.skipped`` says so instead). The reference
+    their examples and the reference features (:func:`kid_jackknife`, computed after both KIDs); with ``fid_inf``, FID-infinity of every sample (all of ``samples``, not
+    only the first n: it removes the bias in the count) and of the held-out examples (:func:`fid_infinity`; where
+    there are too few for the feature dimension, the tag ``fid_inf.skipped`` or ``fid_inf_reference.skipped``
+    says so instead; ``fid_inf.n``: the samples it used). The reference
     features (and the classifier, and clean-fid's files) are kept under ``cache_dir``
     (:func:`reference_features`). ValueError naming the parameter for a ``reference_split`` other than train or
     test, an ``n`` out of range, an ``extractor`` that cannot serve the data set and a ``reference`` that cannot
@@ -206,12 +208,17 @@ def compute_fid(samples: Tensor, dataset: "Dataset", *, extractor: str = "auto",
             result.kid_reference_stderr = kid_jackknife(reference_feats, held_out_features).stderr
             tags["kid.stderr"] = "two-sample delete-1 jackknife of the MMD^2 of all examples: examples and reference"
     if fid_inf:
-        try:
-            result.fid_inf = fid_infinity(sample_features, mu_ref, sigma_ref)
-            result.fid_inf_reference = fid_infinity(held_out_features, mu_ref, sigma_ref)
-            tags["fid_inf.points"] = str(FID_INF_POINTS)
-        except ValueError as error:  # too few samples for the feature dimension
-            tags["fid_inf.skipped"] = str(error)
+        # every sample drawn: FID-infinity takes out the bias in the count, so it need not stop at the n of the floor
+        extra = extract(samples[n:]) if len(samples) > n else sample_features[:0]
+        all_features = np.concatenate([sample_features, extra])
+        tags["fid_inf.n"] = str(len(all_features))
+        for attribute, features, key in ((("fid_inf", all_features, "fid_inf")),
+                                         ("fid_inf_reference", held_out_features, "fid_inf_reference")):
+            try:
+                setattr(result, attribute, fid_infinity(features, mu_ref, sigma_ref))
+                tags["fid_inf.points"] = str(FID_INF_POINTS)
+            except ValueError as error:  # too few samples for the feature dimension
+                tags[f"{key}.skipped"] = str(error)
     return result
 
 
