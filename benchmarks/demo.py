@@ -63,9 +63,9 @@ def main() -> int:
         f"Wall time of the whole sweep (Ray and MLflow start-up included): **{wall / 60:.1f} min** "
         f"for {len(sweep.trials)} trials ({len(training)} model(s) trained), exit status {result.returncode}.",
         "",
-        "| trial | status | train steps | train img/s | train s | sample s | NFE | FID | fid_reference | FID / floor "
-        "| KID | bpd_ode | bpd_elbo | bpd s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trial | status | train steps | train img/s | train s | sample s | NFE | FID ± stderr | fid_reference "
+        "| FID / floor | fid_inf | KID ± stderr | bpd_ode ± stderr | bpd_elbo | bpd s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         trained = training.get(run.data.tags.get("training_run_id"))
@@ -73,9 +73,10 @@ def main() -> int:
         ratio = m["fid"] / m["fid_reference"] if m.get("fid") and m.get("fid_reference") else None
         cells = [run.data.tags["trial"], run.info.status, p.get("train.steps"),
                  _number(m.get("train_examples_per_second"), 0), _number(m.get("train_seconds"), 0),
-                 _number(m.get("sample_seconds"), 0), _number(m.get("sample_nfe"), 0), _number(m.get("fid"), 3),
-                 _number(m.get("fid_reference"), 3), _number(ratio, 1), _number(m.get("kid"), 4),
-                 _number(m.get("bpd_ode"), 3), _number(m.get("bpd_elbo"), 3), _number(m.get("bpd_seconds"), 0)]
+                 _number(m.get("sample_seconds"), 0), _number(m.get("sample_nfe"), 0),
+                 _pm(m, "fid", 3), _number(m.get("fid_reference"), 3), _number(ratio, 1), _number(m.get("fid_inf"), 3),
+                 _pm(m, "kid", 4), _pm(m, "bpd_ode", 3), _number(m.get("bpd_elbo"), 3),
+                 _number(m.get("bpd_seconds"), 0)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     extra = [name for name in EXTRA if any(name in run.data.metrics for run in runs)]
     if extra:  # what only some sweeps measure: guidance's class metrics, the VAE's record, inverse problems
@@ -88,6 +89,7 @@ def main() -> int:
     lines += ["", f"FID features: {tags.get('fid.extractor')} (test accuracy {tags.get('fid.classifier_accuracy')}), "
               f"{tags.get('fid.n')} samples against the {tags.get('fid.reference_split')} split; "
               "fid_reference is the FID of as many real test images against the same statistics."]
+    lines += _verdicts(os.path.join(workdir, "reports", sweep.name, "report.md"))
     report = "\n".join(lines)
     print(report)
     _write(report, sweep.name, sweep_file)
@@ -97,6 +99,23 @@ def main() -> int:
 EXTRA = ("class_accuracy", "class_accuracy_reference", "fid_class_mean", "fid_class_reference_mean", "vae_recon_psnr",
          "vae_kl", "inpaint_psnr", "inpaint_psnr_observed", "inpaint_ssim", "denoise_psnr", "denoise_psnr_observed",
          "denoise_ssim")
+
+
+def _verdicts(report_md: str) -> list[str]:
+    """The sweep report's verdicts (``orchestrator.report``), as it wrote them."""
+    if not os.path.exists(report_md):
+        return ["", f"(no report at {report_md})"]
+    text = open(report_md, encoding="utf-8").read()
+    if "## Verdicts" not in text:
+        return []
+    block = text.split("## Verdicts", 1)[1].strip().split("\n\n")[0]
+    return ["", "Verdicts of the sweep's report (`reports/<sweep>/report.md`):", "", block]
+
+
+def _pm(metrics: dict, name: str, digits: int) -> str:
+    """``3.497 ± 1.201``: a metric with its standard error where it has one."""
+    value, stderr = metrics.get(name), metrics.get(f"{name}_stderr")
+    return _number(value, digits) + ("" if stderr is None else f" ± {_number(stderr, digits)}")
 
 
 def _number(value, digits: int) -> str:
