@@ -52,9 +52,10 @@ def s3(s3_server, monkeypatch):
     return bucket
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """One classifier feature-extractor cache for every sweep of this module."""
+    """One classifier feature-extractor and reference-feature cache for every sweep of the session (of each xdist
+    worker): the classifier is trained once, not once per module (entries are keyed and written atomically)."""
     return str(tmp_path_factory.mktemp("cache"))
 
 
