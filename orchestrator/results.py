@@ -36,6 +36,7 @@ from diffusion.pretrained import TrainedModel, load_trained
 from diffusion.registry import options_for
 
 from .cache import MODEL_FILE, ModelCache, is_uri
+from .collect import RUN_ID, find_parent
 from .keys import classifier_spec, vae_spec
 from .schema import SweepTrialConfig
 from .tracking import PARENT_TAG
@@ -108,7 +109,6 @@ def results(sweep: str, tracking_uri: Optional[str] = None):
     server needed for the local ``mlflow.db``."""
     import pandas as pd
 
-    from .collect import find_parent
     from .trial import EVALUATE, STAGE_TAG, TRAINING_HASH_TAG, TRAINING_RUN_TAG
 
     client, uri = _client(tracking_uri)
@@ -262,8 +262,9 @@ def load_model(source: str, *, tracking_uri: Optional[str] = None, storage: Opti
     ``sample``: overrides of the sample section (``{"steps": 50}``), kept as the model's default; ``device``:
     default ``auto``. A latent model's VAE and classifier guidance's classifier come from the cache. ValueError
     naming a ``source`` that is neither, FileNotFoundError for weights that are nowhere."""
-    if os.path.exists(os.fspath(source)):
-        cache, key = _entry(os.fspath(source))
+    text = os.fspath(source)
+    if os.path.exists(text) and not RUN_ID.match(text):  # a bare run id is a run even where a file has its name
+        cache, key = _entry(text)
         if cache.model(key) is None:
             raise ValueError(f"source: the model-cache entry {os.path.join(cache.root, key)} is damaged (a file does "
                              f"not match its checksum; see the warning); accepted: {ACCEPTED_SOURCE}")

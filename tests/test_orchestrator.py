@@ -388,3 +388,14 @@ def test_mlflow_ui_shows_samples_fid_and_the_comparison(smoke):
     finally:
         browser.quit()
         reader.stop()
+
+
+# The notebook API on the same finished smoke sweep (tests/notebook_checks.py): one sweep for both.
+@pytest.fixture(scope="module")
+def finished(smoke):
+    return smoke[1]
+
+
+from notebook_checks import (in_sweep_dir, test_errors_name_the_bad_value,  # noqa: E402,F401 - collected here
+                             test_load_model_from_run_and_cache_path_and_the_evaluations_samples,
+                             test_readme_notebook_section_runs_with_no_server, test_results_are_what_mlflow_recorded)

@@ -1,41 +1,25 @@
 """The notebook API (orchestrator.results, diffusion.pretrained) on a real finished sweep (real Ray, real MLflow
 server while it runs), read afterwards with no tracking server running: the README's notebook section, results()
-against MLflow's client, load_model from a run id and from a cache path, and its errors."""
+against MLflow's client, load_model from a run id and from a cache path, and its errors.
+
+Run on the smoke sweep of tests/test_orchestrator.py, which imports these tests and gives the fixture ``finished``
+(the finished sweep's directory): one sweep for both modules. ``SWEEP`` is its name; the README's block, written
+for the demo, is run with the demo's name replaced by it."""
 import json
 import os
 import re
-import subprocess
-import sys
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from orchestrator.results import artifact_path, load_model, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache_dir):
-    """The smoke sweep's two models (no bits/dim), named as the demo so the README's block runs as printed, run
-    to the end by the CLI in its own directory with its own local server, which it stopped when it ended."""
-    directory = tmp_path_factory.mktemp("notebook")
-    sweep = yaml.safe_load(open(os.path.join(ROOT, "sweeps", "smoke.yaml")))
-    sweep["name"] = "ddpm_vs_ncsn"
-    sweep["base"]["eval"].update({"bpd": False, "cache_dir": cache_dir})
-    (directory / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "sweep.yaml"], cwd=directory, env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return directory
+SWEEP = "smoke"
 
 
 def assert_no_server(directory) -> None:
@@ -59,7 +43,7 @@ def in_sweep_dir(finished, monkeypatch):
 
 def evaluation_runs(directory) -> dict:
     client = MlflowClient(f"sqlite:///{directory}/mlflow.db")
-    experiment = client.get_experiment_by_name("ddpm_vs_ncsn")
+    experiment = client.get_experiment_by_name(SWEEP)
     runs = client.search_runs([experiment.experiment_id])
     return {r.info.run_id: r for r in runs if r.data.tags.get("stage") == "evaluate"}
 
@@ -71,6 +55,8 @@ def test_readme_notebook_section_runs_with_no_server(in_sweep_dir, capsys):
         readme = handle.read()
     block = re.search(r"<!-- notebook-sweep:begin -->\n```python\n(.*?)```\n<!-- notebook-sweep:end -->", readme,
                       re.S).group(1)
+    assert 'results("ddpm_vs_ncsn")' in block
+    block = block.replace('results("ddpm_vs_ncsn")', f'results("{SWEEP}")')
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
     assert "kid_stderr" in capsys.readouterr().out
@@ -83,7 +69,7 @@ def test_readme_notebook_section_runs_with_no_server(in_sweep_dir, capsys):
 
 def test_results_are_what_mlflow_recorded(in_sweep_dir):
     """One row per trial, every metric equal to what MLflow's client reports for its run, params as numbers."""
-    frame = results("ddpm_vs_ncsn")
+    frame = results(SWEEP)
     runs = evaluation_runs(in_sweep_dir)
     assert sorted(frame.run_id) == sorted(runs) and sorted(frame.trial) == sorted(frame.trial.unique())
     assert sorted(frame.variant) == ["ddpm", "ncsn"] and set(frame.status) == {"FINISHED"}
@@ -139,9 +125,9 @@ def test_errors_name_the_bad_value(in_sweep_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run .* has no artifact 'nope.png' .*accepted: .*samples\.png"):
         artifact_path(run_id, "nope.png")
     with pytest.raises(ValueError, match=r"sweep: invalid value 'nope'; accepted: a sweep's name "
-                                         r"\(.*ddpm_vs_ncsn"):
+                                         rf"\(.*{SWEEP}"):
         results("nope")
     with pytest.raises(TypeError, match=r"sample options \['stepz'\] do not exist; accepted: .*steps"):
         load_model(run_id, device="cpu").sample(2, stepz=3)
     with pytest.raises(FileNotFoundError, match=r"tracking store .*nothing\.db does not exist"):
-        results("ddpm_vs_ncsn", tracking_uri=f"sqlite:///{tmp_path}/nothing.db")
+        results(SWEEP, tracking_uri=f"sqlite:///{tmp_path}/nothing.db")
