@@ -429,10 +429,12 @@ def test_object_store_lock_is_taken_over_when_abandoned(s3, tmp_path, capsys):
     plant_lock(cache, {**live, "host": socket.gethostname(), "pid": dead.pid})  # fresh heartbeat, dead process
     with cache.lock("k", "train", timeout=10, stale=600):
         pass
-    with cache.lock("k", "train", stale=1.0):  # held for twice ``stale``: its heartbeat keeps it
-        time.sleep(2)
+    # held for twice ``stale``: its heartbeat (every stale / 4) keeps it; stale 3 s, not 1 s, so that a write to the
+    # object store delayed by a loaded machine does not let the heartbeat lapse (seen once at 1 s)
+    with cache.lock("k", "train", stale=3.0):
+        time.sleep(6)
         with pytest.raises(LockTimeout):
-            with other.lock("k", "train", timeout=1.0, stale=1.0):
+            with other.lock("k", "train", timeout=1.0, stale=3.0):
                 pass
 
 
