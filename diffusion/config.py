@@ -16,6 +16,7 @@ class DataConfig:
     name: str = "digits"  # data set: digits, swiss_roll, moons, gaussian_mixture, mnist, fashion_mnist, cifar10, image_folder
     root: str = "data"  # where torchvision data sets and image_folder images live
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into root
+    verify: bool = True  # cifar10: check the files' published MD5 checksums (false: read other files of the same format, e.g. a subset)
     image_size: int = 32  # image_folder only: images are resized to image_size x image_size
     n_points: int = 8000  # 2-D sets: number of points (train + test)
     test_fraction: float = 0.2  # share held out as the test split (digits and 2-D sets)
@@ -57,7 +58,10 @@ class ModelConfig:
     channels: int = 32  # unet: base channel count
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])  # unet: channels per resolution
     num_res_blocks: int = 1  # unet: ResNet blocks per resolution
-    attention: bool = True  # unet: self-attention at the lowest resolution
+    attention: bool = True  # unet: self-attention at the lowest resolution (layout ddpm: in the middle block)
+    attention_resolutions: list[int] = field(default_factory=list)  # unet: also self-attention after every ResNet block whose feature maps have one of these sides (Ho et al. 2020 on CIFAR-10: [16])
+    resample: str = "pool"  # unet: pool (2x2 average pooling down, nearest-neighbour up) or conv (stride-2 3x3 conv down, nearest neighbour and a 3x3 conv up; Ho et al. 2020)
+    layout: str = "lean"  # unet: lean (fast on a CPU: no middle ResNet blocks, one skip per upsampling block) or ddpm (Ho et al. 2020: a middle block, num_res_blocks + 1 upsampling blocks per level with skips from every downsampling stage)
     groups: int = 8  # unet: GroupNorm groups
     dropout: float = 0.0  # unet: dropout inside ResNet blocks
     hidden: int = 256  # mlp: hidden width

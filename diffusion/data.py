@@ -303,10 +303,12 @@ def load_gaussian_mixture(*, n_points: int = 8000, test_fraction: float = 0.2, s
 # --------------------------------------------------------------------------------------------
 
 
-def _torchvision_split(name: str, dataset_class, root: str, download: bool, expected_dir: str, expected_files: str):
+def _torchvision_split(name: str, dataset_class, root: str, download: bool, expected_dir: str, expected_files: str,
+                       unverified: str = ""):
     """Both official splits of a torchvision data set, or ConfigError saying where the files go.
 
-    expected_dir: the folder under root that torchvision reads; expected_files: what it holds.
+    expected_dir: the folder under root that torchvision reads; expected_files: what it holds; unverified: what to
+    say when files are there but fail torchvision's checksums.
     """
     root = os.path.expanduser(root)
     directory = os.path.abspath(os.path.join(root, expected_dir))
@@ -314,7 +316,10 @@ def _torchvision_split(name: str, dataset_class, root: str, download: bool, expe
         train = dataset_class(root=root, train=True, download=download)
         test = dataset_class(root=root, train=False, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found. You can use download=True ..."
-        if download:
+        if unverified and os.path.isdir(directory) and os.listdir(directory):
+            accepted = (f"the official {name} files ({expected_files}) in {directory}: the files there differ from "
+                        f"them (missing, corrupted, or other data); {unverified}")
+        elif download:
             accepted = f"{name} files ({expected_files}) in {directory}; the download failed, so put them there by hand"
         else:
             accepted = (
@@ -365,14 +370,29 @@ def load_fashion_mnist(*, root: str = "data", download: bool = False) -> Dataset
     return _mnist_like("fashion_mnist", FashionMNIST, root, download)
 
 
+def _unverified(dataset_class):
+    """torchvision's CIFAR class reading its files without their published MD5 checksums (``data.verify: false``):
+    the same format and code, for files that are not the official ones (a subset, a test's own)."""
+    return type(f"Unverified{dataset_class.__name__}", (dataset_class,), {
+        "train_list": [[name, None] for name, _ in dataset_class.train_list],
+        "test_list": [[name, None] for name, _ in dataset_class.test_list],
+        "meta": {**dataset_class.meta, "md5": None},
+    })
+
+
 @DATASETS.register("cifar10")
-def load_cifar10(*, root: str = "data", download: bool = False) -> Dataset:
-    """CIFAR-10 (Krizhevsky 2009) through torchvision: 50,000/10,000 images ``[N, 3, 32, 32]``."""
+def load_cifar10(*, root: str = "data", download: bool = False, verify: bool = True) -> Dataset:
+    """CIFAR-10 (Krizhevsky 2009) through torchvision: 50,000/10,000 images ``[N, 3, 32, 32]``; ``verify``: check
+    the files' published MD5 checksums (torchvision's default)."""
     from torchvision.datasets import CIFAR10
 
     # torchvision reads the extracted python batches from <root>/cifar-10-batches-py.
     expected_files = "data_batch_1..5, test_batch, batches.meta; the extracted cifar-10-python.tar.gz"
-    train, test = _torchvision_split("cifar10", CIFAR10, root, download, CIFAR10.base_folder, expected_files)
+    if not verify:
+        expected_files += " (any files of this format: data.verify is false)"
+    dataset_class = CIFAR10 if verify else _unverified(CIFAR10)
+    train, test = _torchvision_split("cifar10", dataset_class, root, download, CIFAR10.base_folder, expected_files,
+                                     unverified="data.verify: false reads them as they are" if verify else "")
 
     def images(split) -> Tensor:  # split.data: uint8 numpy [N, 32, 32, 3]
         return _uint8_to_unit_range(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous())
@@ -386,6 +406,20 @@ def load_cifar10(*, root: str = "data", download: bool = False) -> Dataset:
         num_classes=len(train.classes),
         levels=256,
     )
+
+
+# The example shape and class count of each torchvision data set, known without its files.
+TORCHVISION_SETS = {"mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+
+
+def not_downloaded(cfg: DataConfig) -> Dataset:
+    """What a torchvision data set that ``data.download`` would fetch looks like before it is fetched: no examples,
+    but its example shape and classes (what ``sweep --dry-run`` needs to size the networks without downloading)."""
+    shape, classes = TORCHVISION_SETS[cfg.name]
+    empty = torch.empty((0, *shape))
+    labels = torch.empty(0, dtype=torch.long)
+    return Dataset(name=cfg.name, train=empty, test=empty, train_labels=labels, test_labels=labels,
+                   num_classes=classes, levels=256)
 
 
 # --------------------------------------------------------------------------------------------

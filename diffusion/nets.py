@@ -18,6 +18,8 @@ from .errors import ConfigError
 from .registry import options_for
 
 ARCHITECTURES = ("auto", "unet", "mlp")
+UNET_LAYOUTS = ("lean", "ddpm")
+RESAMPLING = ("pool", "conv")
 
 # Frequencies of the sinusoidal time embedding, in radians per unit of t (t in [0, 1]). The fastest
 # channel turns by 1 rad per 1/1000 of t, so steps of 1/1000 (T = 1000) move it to a clearly
@@ -51,6 +53,13 @@ def validate(cfg: ModelConfig) -> None:
             "groups", cfg.groups,
             f"a divisor of every U-Net channel count (model.channels * model.channel_mult = {channel_counts})",
         )
+    if cfg.layout not in UNET_LAYOUTS:
+        raise _config_error("layout", cfg.layout, ", ".join(UNET_LAYOUTS))
+    if cfg.resample not in RESAMPLING:
+        raise _config_error("resample", cfg.resample, ", ".join(RESAMPLING))
+    sides = cfg.attention_resolutions
+    if not isinstance(sides, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
+        raise _config_error("attention_resolutions", sides, "a list of feature-map sides (integers >= 1), e.g. [16]")
     if not 0.0 <= cfg.dropout < 1.0:
         raise _config_error("dropout", cfg.dropout, "a number in [0, 1)")
     if not (isinstance(cfg.hidden, int) and cfg.hidden >= 1):
@@ -69,7 +78,13 @@ def build_network(cfg: ModelConfig, data_shape: Sequence[int], num_classes: Opti
     arch = {3: "unet", 1: "mlp"}.get(len(data_shape), "auto") if cfg.arch == "auto" else cfg.arch
     outputs = data_shape[0] * (2 if cfg.variance == "learned_range" else 1)
     if arch == "unet" and len(data_shape) == 3:
-        return UNet(data_shape[0], **options_for(UNet, cfg, out_channels=outputs, num_classes=num_classes))
+        sides = unet_resolutions(data_shape[-1], len(cfg.channel_mult))
+        if set(cfg.attention_resolutions) - set(sides):
+            raise ConfigError("model.attention_resolutions", list(cfg.attention_resolutions),
+                              f"sides of this U-Net's feature maps, {sides}",
+                              detail=f"data shape is {data_shape}, model.channel_mult has {len(cfg.channel_mult)} levels")
+        return UNet(data_shape[0], **options_for(UNet, cfg, out_channels=outputs, num_classes=num_classes,
+                                                 resolution=data_shape[-1]))
     if arch == "mlp" and len(data_shape) == 1:
         return MLP(data_shape[0], **options_for(MLP, cfg, out_dim=outputs, num_classes=num_classes))
     raise ConfigError(
@@ -216,44 +231,78 @@ def downsample(x: Tensor) -> Tensor:
     return F.avg_pool2d(x, kernel_size=2, ceil_mode=True)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour upsampling to a given size with a 1x1 conv that changes the channel count.
+class Downsample(nn.Module):
+    """Halve the resolution: 2x2 average pooling (``with_conv=False``, no parameters) or a 3x3 convolution of
+    stride 2 that keeps the channel count (Ho et al. 2020). Both round odd sizes up (7 -> 4)."""
 
-    ``[B, C_in, h, w] -> [B, C_out, H, W]``. The 1x1 conv commutes with nearest upsampling, so it is
-    applied first, at the low resolution, where it is four times cheaper. The target size is that of
-    the matching skip connection, so odd resolutions round-trip exactly (7 -> 4 -> 7).
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if with_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return downsample(x) if self.conv is None else self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to a given size, ``[B, C_in, h, w] -> [B, C_out, H, W]``, with a convolution:
+
+    - ``kernel_size=1`` (the lean U-Net): a 1x1 conv that changes the channel count. It commutes with nearest
+      upsampling, so it is applied first, at the low resolution, where it is four times cheaper;
+    - ``kernel_size=3`` (Ho et al. 2020): a 3x3 conv after upsampling;
+    - ``kernel_size=0``: no conv (the channel count must not change).
+
+    The target size is that of the matching skip connection, so odd resolutions round-trip exactly (7 -> 4 -> 7).
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1)
+        if kernel_size == 0 and in_channels != out_channels:
+            raise ValueError(f"upsampling without a conv cannot change {in_channels} channels into {out_channels}")
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2) if kernel_size else None
+        self.conv_first = kernel_size == 1
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
-        return F.interpolate(self.conv(x), size=tuple(size), mode="nearest")
+        if self.conv is not None and self.conv_first:
+            return F.interpolate(self.conv(x), size=tuple(size), mode="nearest")
+        x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+def unet_resolutions(resolution: int, levels: int) -> list[int]:
+    """The feature-map side at each level of a U-Net for inputs of side ``resolution`` (halved, rounding up)."""
+    sides = [resolution]
+    for _ in range(levels - 1):
+        sides.append(-(-sides[-1] // 2))
+    return sides
 
 
 class UNet(nn.Module):
-    """A small DDPM-style U-Net (Ho et al. 2020, Appendix B; Ronneberger et al. 2015),
-    ``(x [B, C, H, W], t [B]) -> [B, C, H, W]``.
+    """A DDPM-style U-Net (Ho et al. 2020, Appendix B; Ronneberger et al. 2015),
+    ``(x [B, C, H, W], t [B]) -> [B, C, H, W]``, in one of two layouts.
 
-    - a 3x3 input conv to ``channels``;
-    - downsampling path: one resolution level per entry of ``channel_mult``, each with
-      ``num_res_blocks`` ResBlocks of ``channels * mult`` channels, 2x2 average pooling between levels;
-    - at the lowest resolution, residual self-attention (if ``attention``);
-    - a mirror-image upsampling path: per level ``num_res_blocks`` ResBlocks, each taking the
-      concatenation of the current features and the output of the matching downsampling ResBlock
-      (the skip connection); nearest-neighbour upsampling between levels;
-    - GroupNorm, SiLU and a zero-initialised 3x3 output conv, so the untrained network outputs 0
-      (as in Ho et al.'s code).
+    Both have a 3x3 input conv to ``channels``; a downsampling path with one resolution level per entry of
+    ``channel_mult``, each of ``num_res_blocks`` ResBlocks of ``channels * mult`` channels; a mirror-image
+    upsampling path whose ResBlocks read their input concatenated with a skip connection from the downsampling
+    path; GroupNorm, SiLU and a zero-initialised 3x3 output conv, so the untrained network outputs 0 (as in Ho et
+    al.'s code). The time t in [0, 1] enters every ResBlock through a ``4 * channels`` wide embedding
+    (:class:`TimeEmbedding`; layout ddpm: of ``channels`` sinusoidal features, as Ho et al.). Residual self-attention follows every ResBlock at the feature-map sides listed in
+    ``attention_resolutions`` (Ho et al.: ``[16]`` on CIFAR-10), which needs the input side ``resolution``.
 
-    The time t in [0, 1] enters every ResBlock through a ``4 * channels`` wide embedding
-    (:class:`TimeEmbedding`, as Ho et al.).
+    ``layout="ddpm"`` is Ho et al.'s network: a middle block ResBlock, self-attention (if ``attention``),
+    ResBlock at the lowest resolution; ``num_res_blocks + 1`` ResBlocks per upsampling level, whose skips are the
+    outputs of the input conv, of every downsampling ResBlock and of every downsampler; the channel count changes
+    in the ResBlocks. With ``channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+    attention_resolutions=(16,), resample="conv", dropout=0.1`` on 32x32 images it is their CIFAR-10 model, with
+    35.7M parameters.
 
-    Leaner than Ho et al. so it trains fast on a CPU (about 2.5x fewer FLOPs at equal width):
-    no ResBlocks in the middle, ``num_res_blocks`` (not ``num_res_blocks + 1``) ResBlocks per
-    upsampling level with one skip each, parameter-free average-pool downsampling and a 1x1 conv
-    instead of a 3x3 conv at upsampling, attention only at the lowest resolution, and only the
-    output conv zero-initialised.
+    ``layout="lean"`` (the default) trains fast on a CPU (about 2.5x fewer FLOPs at equal width): no middle
+    ResBlocks (self-attention at the lowest resolution if ``attention``), ``num_res_blocks`` ResBlocks per
+    upsampling level with one skip each (the matching downsampling ResBlock's output), and the channel count
+    changed by the upsampler.
+
+    ``resample``: ``pool`` downsamples by 2x2 average pooling and upsamples by nearest neighbour (lean: with a 1x1
+    conv at the low resolution); ``conv`` downsamples by a stride-2 3x3 conv and upsamples by nearest neighbour
+    and a 3x3 conv (Ho et al.).
 
     The defaults are those of :class:`ModelConfig`: ``UNet(C)`` is the network that
     ``build_network(ModelConfig(), (C, H, W))`` builds, from the same random state.
@@ -261,39 +310,80 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, channels: int = 32, channel_mult: Sequence[int] = (1, 2),
                  num_res_blocks: int = 1, attention: bool = True, groups: int = 8, dropout: float = 0.0,
-                 attention_heads: int = 1, out_channels: int | None = None, num_classes: int | None = None):
+                 attention_heads: int = 1, out_channels: int | None = None, num_classes: int | None = None,
+                 attention_resolutions: Sequence[int] = (), resample: str = "pool", layout: str = "lean",
+                 resolution: int | None = None):
         super().__init__()
+        if layout not in UNET_LAYOUTS:
+            raise ValueError(f"layout must be one of {UNET_LAYOUTS}, got {layout!r}")
+        if resample not in RESAMPLING:
+            raise ValueError(f"resample must be one of {RESAMPLING}, got {resample!r}")
         level_channels = [channels * mult for mult in channel_mult]
+        levels = len(level_channels)
+        attention_resolutions = {int(side) for side in attention_resolutions}
+        if attention_resolutions and resolution is None:
+            raise ValueError("attention_resolutions needs the input side: pass resolution")
+        sides = unet_resolutions(resolution, levels) if resolution else [0] * levels
+        if attention_resolutions - set(sides):
+            raise ValueError(f"attention_resolutions {sorted(attention_resolutions)} are not all among this "
+                             f"U-Net's feature-map sides {sides}")
+        self.layout = layout
+        ddpm = layout == "ddpm"
         time_dim = 4 * channels
-        self.time_embedding = TimeEmbedding(time_dim)
+        # Ho et al. feed ``channels`` sinusoidal features to the time MLP; the lean U-Net TIME_SINUSOID_DIM.
+        self.time_embedding = TimeEmbedding(time_dim, max(2, channels - channels % 2) if ddpm else TIME_SINUSOID_DIM)
         self.label_embedding = LabelEmbedding(num_classes, time_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        def res_blocks(widths: list[tuple[int, int]]) -> nn.ModuleList:
-            return nn.ModuleList(ResBlock(c_in, c_out, time_dim, groups, dropout) for c_in, c_out in widths)
+        def res_block(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, time_dim, groups, dropout)
 
-        # Downsampling path: down_levels[l][j] is ResBlock j of level l (highest resolution first).
-        self.down_levels = nn.ModuleList()
+        def attention_blocks(side: int, width: int, count: int) -> nn.ModuleList:
+            """Self-attention after each of ``count`` ResBlocks of a level with feature maps of this side."""
+            wanted = side in attention_resolutions
+            return nn.ModuleList(SelfAttention(width, groups, attention_heads) if wanted else nn.Identity()
+                                 for _ in range(count))
+
+        # Downsampling path: down_levels[l][j] is ResBlock j of level l (highest resolution first), followed by
+        # down_attention[l][j]; downsamplers[l] goes from level l to level l + 1. skip_widths: what each stage
+        # hands the upsampling path, in order.
+        self.down_levels, self.down_attention, self.downsamplers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        skip_widths = [channels] if ddpm else []
         current = channels
-        for width in level_channels:
-            self.down_levels.append(res_blocks([(current, width)] + [(width, width)] * (num_res_blocks - 1)))
+        for level, width in enumerate(level_channels):
+            self.down_levels.append(nn.ModuleList(
+                res_block(c_in, width) for c_in in [current] + [width] * (num_res_blocks - 1)))
+            self.down_attention.append(attention_blocks(sides[level], width, num_res_blocks))
+            skip_widths += [width] * num_res_blocks
             current = width
+            if level < levels - 1:
+                self.downsamplers.append(Downsample(width, with_conv=resample == "conv"))
+                skip_widths += [width] if ddpm else []
 
+        self.middle: Optional[nn.ModuleList] = (
+            nn.ModuleList([res_block(current, current), res_block(current, current)]) if ddpm else None)
         self.attention: Optional[SelfAttention] = (
             SelfAttention(current, groups, attention_heads) if attention else None
         )
 
-        # Upsampling path: up_levels[0] is the lowest resolution. Every ResBlock reads its input
-        # concatenated with the skip from the mirrored downsampling ResBlock (same level, same width).
-        self.up_levels = nn.ModuleList()
-        self.upsamplers = nn.ModuleList()  # upsamplers[i] goes from up_levels[i] to up_levels[i + 1]
-        for level in reversed(range(len(level_channels))):
+        # Upsampling path: up_levels[0] is the lowest resolution. Every ResBlock reads its input concatenated
+        # with a skip (lean: the mirrored downsampling ResBlock's output, of the same width).
+        self.up_levels, self.up_attention, self.upsamplers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        up_blocks = num_res_blocks + 1 if ddpm else num_res_blocks
+        for level in reversed(range(levels)):
             width = level_channels[level]
-            self.up_levels.append(res_blocks([(current + width, width)] + [(2 * width, width)] * (num_res_blocks - 1)))
-            current = width
-            if level > 0:
-                self.upsamplers.append(Upsample(current, level_channels[level - 1]))
-                current = level_channels[level - 1]
+            blocks = nn.ModuleList()
+            for _ in range(up_blocks):
+                blocks.append(res_block(current + skip_widths.pop(), width))
+                current = width
+            self.up_levels.append(blocks)
+            self.up_attention.append(attention_blocks(sides[level], width, up_blocks))
+            if level > 0:  # upsamplers[i] goes from up_levels[i] to up_levels[i + 1]
+                if ddpm:
+                    self.upsamplers.append(Upsample(current, current, 3 if resample == "conv" else 0))
+                else:
+                    self.upsamplers.append(Upsample(current, level_channels[level - 1], 3 if resample == "conv" else 1))
+                    current = level_channels[level - 1]
 
         self.norm_out = nn.GroupNorm(groups, current)
         self.conv_out = nn.Conv2d(current, out_channels or in_channels, 3, padding=1)
@@ -305,23 +395,31 @@ class UNet(nn.Module):
         networks; None or ``num_classes``: unconditional) -> ``[B, C, H, W]``."""
         time_embedding = self.time_embedding(_batch_times(t, x.shape[0]))  # [B, 4 * channels]
         time_embedding = _conditioning(time_embedding, labels, self.label_embedding)
+        ddpm = self.layout == "ddpm"
         h = self.conv_in(x)
-        skips = []  # outputs of the downsampling ResBlocks, consumed in reverse order
-        for level, blocks in enumerate(self.down_levels):
-            if level > 0:
-                h = downsample(h)
-            for block in blocks:
-                h = block(h, time_embedding)
+        skips = [h] if ddpm else []  # what the upsampling path concatenates, consumed in reverse order
+        for level, (blocks, attention) in enumerate(zip(self.down_levels, self.down_attention)):
+            if level > 0 and not ddpm:
+                h = self.downsamplers[level - 1](h)
+            for block, attend in zip(blocks, attention):
+                h = attend(block(h, time_embedding))
+                skips.append(h)
+            if ddpm and level < len(self.downsamplers):
+                h = self.downsamplers[level](h)
                 skips.append(h)
 
+        if self.middle is not None:
+            h = self.middle[0](h, time_embedding)
         if self.attention is not None:
             h = self.attention(h)
+        if self.middle is not None:
+            h = self.middle[1](h, time_embedding)
 
-        for level, blocks in enumerate(self.up_levels):
+        for level, (blocks, attention) in enumerate(zip(self.up_levels, self.up_attention)):
             if level > 0:
                 h = self.upsamplers[level - 1](h, size=skips[-1].shape[-2:])
-            for block in blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), time_embedding)
+            for block, attend in zip(blocks, attention):
+                h = attend(block(torch.cat([h, skips.pop()], dim=1), time_embedding))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     use_cache = not getattr(args, "no_cache", False)
     try:
         if args.command == "validate" or getattr(args, "dry_run", False):
-            check_data(sweep)
+            datasets = check_data(sweep, fetch=False)
+            cache = model_cache(sweep)
+            # the plan first: a sweep sized for a cluster is described even where this machine cannot run it
+            print(describe(sweep, plan(sweep, cache, use_cache), cache, datasets), flush=True)
             if args.address:
                 start_ray(sweep, args.address)  # checks the cluster's resources
                 import ray
@@ -196,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
                 ray.shutdown()
             else:
                 check_resources(sweep, local_resources(), "this machine")
-            cache = model_cache(sweep)
-            print(describe(sweep, plan(sweep, cache, use_cache), cache))
             return 0
         resume = args.command == "resume" or args.resume
         return run_sweep(sweep, use_cache=use_cache, resume=resume, address=args.address)

@@ -4,6 +4,7 @@ set up safely."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -106,21 +107,70 @@ def keep_credentials_out_of_tune() -> None:
         class_cache.ENV_VARS_TO_PROPAGATE.discard(name)
 
 
-def check_data(sweep: Sweep) -> None:
+def check_data(sweep: Sweep, fetch: bool = True) -> dict:
     """Load each data set the sweep uses once (ConfigError naming the trial's key when its files are missing), and
-    check what FID needs of it (``check_fid``)."""
-    from diffusion.data import load_dataset
+    check what FID needs of it (``check_fid``) and that its networks can be built (``check_networks``). Returns each
+    data config's ``repr`` -> its loaded data set.
 
-    datasets = {}
+    ``fetch=False`` (``--dry-run``, ``validate``): nothing is downloaded; a torchvision data set that
+    ``data.download`` would fetch stands in by its shape (``diffusion.data.not_downloaded``), its FID unchecked."""
+    from diffusion.data import TORCHVISION_SETS, load_dataset, not_downloaded
+
+    datasets, pending = {}, set()
     for trial in sweep.trials:
-        if repr(trial.config.data) in datasets:
+        data = trial.config.data
+        if repr(data) in datasets:
             continue
         try:
-            datasets[repr(trial.config.data)] = load_dataset(trial.config.data)
+            if fetch or not data.download:
+                datasets[repr(data)] = load_dataset(data)
+                continue
+            try:
+                datasets[repr(data)] = load_dataset(dataclasses.replace(data, download=False))
+            except ConfigError:
+                if data.name not in TORCHVISION_SETS:
+                    raise
+                datasets[repr(data)] = not_downloaded(data)
+                pending.add(repr(data))
         except ConfigError as error:
             raise ConfigError(_origin(sweep, trial, error.key), error.value, error.accepted,
                               detail=error.detail) from None
-    check_fid(sweep, datasets)
+    check_fid(sweep, {key: value for key, value in datasets.items() if key not in pending})
+    check_networks(sweep, datasets)
+    return datasets
+
+
+def network_shape(cfg, dataset) -> tuple[int, ...]:
+    """The shape of the examples a trial's diffusion network sees: the data's, or a latent model's codes'."""
+    shape = tuple(dataset.shape)
+    if cfg.model.latent:
+        shape = (cfg.model.latent_channels, *(side // cfg.model.latent_factor for side in shape[1:]))
+    return shape
+
+
+def check_networks(sweep: Sweep, datasets: dict) -> None:
+    """Build each distinct network of the sweep on the ``meta`` device (shapes only, no memory): a network its data
+    cannot have (``model.attention_resolutions`` that are no side of its feature maps, say) is a ConfigError naming
+    the trial's key, here rather than in every trial."""
+    import torch
+
+    from diffusion.nets import build_network
+
+    seen = set()
+    for trial in sweep.trials:
+        cfg = trial.config
+        dataset = datasets[repr(cfg.data)]
+        key = (repr(cfg.model), repr(cfg.data))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with torch.device("meta"):
+                build_network(cfg.model, network_shape(cfg, dataset),
+                              dataset.num_classes if cfg.model.class_conditional else None)
+        except ConfigError as error:
+            raise ConfigError(_origin(sweep, trial, error.key), error.value, error.accepted,
+                              detail=error.detail) from None
 
 
 def check_fid(sweep: Sweep, datasets: dict) -> None:
@@ -134,7 +184,7 @@ def check_fid(sweep: Sweep, datasets: dict) -> None:
     for trial in sweep.trials:
         cfg = trial.config
         key = (repr(cfg.data), cfg.eval.extractor, cfg.eval.reference, cfg.eval.cache_dir, cfg.eval.download)
-        if not cfg.eval.fid or key in seen:
+        if not cfg.eval.fid or key in seen or repr(cfg.data) not in datasets:
             continue
         seen.add(key)
         try:

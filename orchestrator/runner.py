@@ -19,7 +19,7 @@ from .cache import ModelCache, filesystem, is_uri, local_path
 from .keys import training_key
 from .collect import collect
 from .parentrun import comparison_view, create_experiment, finished_trials, new_parent, parent_guard, reopen_parent
-from .preflight import keep_credentials_out_of_tune, preflight
+from .preflight import keep_credentials_out_of_tune, network_shape, preflight
 from .liveview import results_hint, sweep_display
 from .progress import graceful_stop
 from .report import SweepReport, build, publish
@@ -60,17 +60,52 @@ def plan_line(groups: list[TrainingGroup], cache: ModelCache) -> str:
             f"{evaluations} evaluation(s)")
 
 
-def describe(sweep: Sweep, groups: Optional[list[TrainingGroup]] = None, cache: Optional[ModelCache] = None) -> str:
-    """The trial list that ``validate`` and ``sweep --dry-run`` print (with the training plan when given)."""
+def describe(sweep: Sweep, groups: Optional[list[TrainingGroup]] = None, cache: Optional[ModelCache] = None,
+             datasets: Optional[dict] = None) -> str:
+    """The trial list that ``validate`` and ``sweep --dry-run`` print (with the training plan when given, and each
+    model's size when the data sets are: ``preflight.check_data``'s)."""
     lines = [f"sweep {sweep.name}: {len(sweep.trials)} trial(s); varying: {', '.join(sweep.varying) or 'nothing'}"]
     keys = {t.name: g.key for g in groups or [] for t in g.trials}
     for trial in sweep.trials:
         res = trial.config.resources
         model = f"  model={keys[trial.name][:8]}" if trial.name in keys else ""
         lines.append(f"  {trial.name:<40} cpu={res.cpu:g} gpu={res.gpu:g}  {_trial_line(trial)}{model}")
+    if groups is not None and datasets is not None:
+        lines += model_lines(groups, datasets)
     if groups is not None and cache is not None:
         lines.append(plan_line(groups, cache))
     return "\n".join(lines)
+
+
+def model_lines(groups: list[TrainingGroup], datasets: dict) -> list[str]:
+    """One line per model: its parameters, the FLOPs of a training step and of all its steps
+    (``diffusion.modelsize``; a latent model's network on its codes, the VAE not counted)."""
+    from diffusion.modelsize import human, model_size
+
+    described: dict[str, list[str]] = {}  # what is said of a model -> the models it is said of
+    sizes: dict[tuple, object] = {}
+    for group in groups:
+        cfg = group.trials[0].config
+        dataset = datasets[repr(cfg.data)]
+        shape = network_shape(cfg, dataset)
+        classes = dataset.num_classes if cfg.model.class_conditional else None
+        key = (repr(cfg.model), shape, classes)
+        if key not in sizes:
+            sizes[key] = model_size(cfg.model, shape, classes)
+        size = sizes[key]
+        step = size.step_flops(cfg.train.batch_size)
+        text = (f"{human(size.parameters)} parameters ({size.parameters:,}); {human(step, 'FLOP')} per training step "
+                f"of {cfg.train.batch_size} x {'x'.join(map(str, shape))}; {human(step * cfg.train.steps, 'FLOP')} "
+                f"in {cfg.train.steps:,} steps")
+        described.setdefault(text, []).append(group.key[:8])
+    lines = ["models (the diffusion network; FLOPs of forward and backward passes: matmuls, convolutions, attention):"]
+    lines += [f"  model={','.join(keys)}  {text}" for text, keys in described.items()]
+    for group in groups:  # diffusion.data.not_downloaded: a data set data.download fetches when the sweep runs
+        data = group.trials[0].config.data
+        note = f"data {data.name}: not in {data.root} yet; the sweep downloads it first (data.download: true)"
+        if len(datasets[repr(data)].train) == 0 and note not in lines:
+            lines.append(note)
+    return lines
 
 
 def _trial_line(trial: Trial) -> str:

@@ -74,6 +74,10 @@ def test_mlp_output_shape_and_auto_arch():
      ModelConfig(channels=16, channel_mult=[1, 2, 2], num_res_blocks=2, attention=False, groups=4, dropout=0.1,
                  variance="learned_range"), DIGITS, 10),
     (lambda: MLP(2, hidden=32, depth=2, num_classes=8), ModelConfig(hidden=32, depth=2), (2,), 8),
+    (lambda: UNet(3, channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, groups=4, layout="ddpm", resample="conv",
+                  attention_resolutions=(8,), resolution=16),
+     ModelConfig(channels=16, channel_mult=[1, 2, 2], num_res_blocks=2, groups=4, layout="ddpm", resample="conv",
+                 attention_resolutions=[8]), (3, 16, 16), None),
 ])
 def test_networks_built_from_keywords_equal_build_network(keywords_net, cfg, data_shape, num_classes):
     torch.manual_seed(0)
@@ -196,6 +200,10 @@ def test_default_config_is_valid():
     ("dropout", -0.1),
     ("hidden", 0),
     ("depth", 0),
+    ("layout", "adm"),
+    ("resample", "stride"),
+    ("attention_resolutions", [16, 0]),
+    ("attention_resolutions", 16),
 ])
 def test_validate_names_the_bad_key(key, value):
     with pytest.raises(ConfigError) as info:
@@ -208,3 +216,128 @@ def test_groups_error_lists_the_channel_counts():
     with pytest.raises(ConfigError) as info:
         nets.validate(ModelConfig(channels=12, groups=8, channel_mult=[1, 2]))
     assert info.value.key == "model.groups" and "[12, 24]" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Ho et al. (2020)'s layout and the options of the papers' networks
+# --------------------------------------------------------------------------------------------
+
+HO_CIFAR10 = ModelConfig(arch="unet", layout="ddpm", channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
+                         attention=True, attention_resolutions=[16], resample="conv", groups=32, dropout=0.1)
+
+
+def _ho_parameter_count(ch: int, mult: list[int], blocks: int, attention_sides: set[int], side: int, c_in: int) -> int:
+    """The parameter count of Ho et al.'s U-Net, added up layer by layer from their Appendix B and code (a second
+    way of computing it: by hand, not from the modules)."""
+    def conv(a, b, k):
+        return a * b * k * k + b
+
+    def linear(a, b):
+        return a * b + b
+
+    temb = 4 * ch
+
+    def res(a, b):
+        return 2 * a + conv(a, b, 3) + linear(temb, b) + 2 * b + conv(b, b, 3) + (conv(a, b, 1) if a != b else 0)
+
+    def attn(c):
+        return 2 * c + 4 * conv(c, c, 1)  # GroupNorm; q, k, v and the output projection as 1x1 convs
+
+    total = linear(ch, temb) + linear(temb, temb) + conv(c_in, ch, 3)
+    skips, current, sides = [ch], ch, [side // 2 ** level for level in range(len(mult))]
+    for level, m in enumerate(mult):
+        for _ in range(blocks):
+            total += res(current, ch * m) + (attn(ch * m) if sides[level] in attention_sides else 0)
+            current = ch * m
+            skips.append(current)
+        if level < len(mult) - 1:
+            total += conv(current, current, 3)
+            skips.append(current)
+    total += 2 * res(current, current) + attn(current)
+    for level in reversed(range(len(mult))):
+        for _ in range(blocks + 1):
+            total += res(current + skips.pop(), ch * mult[level]) + (attn(ch * mult[level]) if sides[level] in attention_sides else 0)
+            current = ch * mult[level]
+        if level > 0:
+            total += conv(current, current, 3)
+    return total + 2 * current + conv(current, c_in, 3)
+
+
+def test_ho_et_al_cifar10_network_has_the_papers_parameter_count():
+    """Ho et al. (2020), Sec. 4: "Our CIFAR10 model has 35.7 million parameters"."""
+    with torch.device("meta"):
+        net = build_network(HO_CIFAR10, (3, 32, 32))
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count - 35.7e6) / 35.7e6 < 0.01
+    assert count == _ho_parameter_count(128, [1, 2, 2, 2], 2, {16}, 32, 3) == 35_746_307
+    # 2 attention blocks down and 3 up at 16x16, and one in the middle block at 4x4
+    attention = [m for m in net.modules() if isinstance(m, SelfAttention)]
+    assert sorted(block.norm.num_channels for block in attention) == [256] * 6
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in net.modules()) == 2 * 4 + 2 + 3 * 4
+
+
+@pytest.mark.parametrize("data_shape, cfg", [
+    ((3, 16, 16), ModelConfig(channels=8, channel_mult=[1, 2, 2], num_res_blocks=2, groups=4, layout="ddpm",
+                              resample="conv", attention_resolutions=[8])),
+    ((1, 28, 28), ModelConfig(channels=8, channel_mult=[1, 2, 2, 2], groups=4, layout="ddpm",
+                              attention_resolutions=[14, 4])),  # 28 -> 14 -> 7 -> 4 and back
+    ((1, 7, 7), ModelConfig(channels=8, channel_mult=[1, 1, 2], groups=4, layout="ddpm", resample="conv")),
+    (DIGITS, ModelConfig(channels=8, channel_mult=[1, 2], groups=4, resample="conv", attention_resolutions=[8])),
+])
+def test_papers_layouts_keep_shapes_and_train_every_parameter(data_shape, cfg):
+    torch.manual_seed(0)
+    net = build_network(cfg, data_shape)
+    assert torch.count_nonzero(net(torch.randn(2, *data_shape), torch.rand(2))) == 0  # zero-initialised output
+    randomised = _randomise_output_layer(net)
+    out = randomised(torch.randn(3, *data_shape), torch.rand(3))
+    assert out.shape == (3, *data_shape) and out.abs().mean() > 0
+    assert all(_nonzero_grads(randomised, data_shape).values())
+
+
+def test_attention_follows_every_block_at_the_chosen_sides():
+    cfg = ModelConfig(channels=8, channel_mult=[1, 2, 2], num_res_blocks=2, groups=4, attention=False,
+                      attention_resolutions=[8])
+    lean = build_network(cfg, (1, 16, 16))  # sides 16, 8, 4: level 1 has 2 blocks down and 2 up
+    assert [m.norm.num_channels for m in lean.modules() if isinstance(m, SelfAttention)] == [16] * 4
+    ddpm = build_network(replace(cfg, layout="ddpm"), (1, 16, 16))  # 2 down, 3 up
+    assert [m.norm.num_channels for m in ddpm.modules() if isinstance(m, SelfAttention)] == [16] * 5
+
+
+def test_attention_resolutions_must_be_sides_of_the_network():
+    with pytest.raises(ConfigError) as info:
+        build_network(ModelConfig(channel_mult=[1, 2], attention_resolutions=[16]), (1, 28, 28))
+    assert info.value.key == "model.attention_resolutions"
+    assert "[28, 14]" in str(info.value) and "[16]" in str(info.value)
+
+
+def test_convolutional_resampling_halves_and_restores_odd_sides():
+    down = nets.Downsample(4, with_conv=True)
+    assert down(torch.randn(1, 4, 7, 7)).shape == (1, 4, 4, 4)
+    assert nets.Downsample(4, with_conv=False)(torch.randn(1, 4, 7, 7)).shape == (1, 4, 4, 4)
+    up = nets.Upsample(4, 6, kernel_size=3)
+    assert up(torch.randn(1, 4, 4, 4), size=(7, 7)).shape == (1, 6, 7, 7)
+    # kernel 3 convolves after upsampling: a 4x4 map of one non-zero pixel spreads into a 3x3 patch of each copy
+    torch.nn.init.ones_(up.conv.weight)
+    torch.nn.init.zeros_(up.conv.bias)
+    x = torch.zeros(1, 4, 4, 4)
+    x[..., 1, 1] = 1.0
+    assert torch.count_nonzero(up(x, size=(8, 8))[0, 0]) == 16  # the 2x2 copy dilated by the 3x3 kernel
+
+
+def test_model_size_counts_parameters_and_training_flops():
+    from diffusion.modelsize import human, model_size
+
+    size = model_size(HO_CIFAR10, (3, 32, 32))
+    assert size.parameters == 35_746_307 and human(size.parameters) == "35.7M"
+    # a second way: the FLOPs of the convolutions and linear layers of one small network added up by hand
+    cfg = ModelConfig(channels=4, channel_mult=[1], groups=2, attention=False)
+    small = model_size(cfg, (1, 4, 4))
+    pixels = 16
+    convs = [(1, 4, 9), (4, 4, 9), (4, 4, 9), (8, 4, 9), (4, 4, 9), (8, 4, 1), (4, 1, 9)]  # (in, out, taps)
+    conv_flops = sum(2 * a * b * k * pixels for a, b, k in convs)
+    linear_flops = 2 * (64 * 16 + 16 * 16 + 16 * 4 + 16 * 4)  # time MLP and each ResBlock's projection
+    assert small.forward_flops == conv_flops + linear_flops
+    # backward costs twice the forward (the gradients of inputs and of weights), less the input gradients of the two
+    # layers that read inputs that need none: conv_in (of x) and the time MLP's first layer (of the sinusoids)
+    assert small.train_flops == 3 * small.forward_flops - 2 * 1 * 4 * 9 * pixels - 2 * 64 * 16
+    assert size.step_flops(128) == 128 * size.train_flops
