@@ -112,7 +112,7 @@ def check_tracking_access(uri: Optional[str], key: str = "MLFLOW_TRACKING_URI") 
     server = f"the MLflow server at {uri}"
     try:
         response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
-                                max_retries=2, backoff_factor=1, timeout=30)
+                                max_retries=2, backoff_factor=1, timeout=30, raise_on_status=False)
     except MlflowException:
         raise ConfigError(key, uri, "the URI of a running MLflow tracking server",
                           detail="nothing answers there: start the server, or correct the URI") from None
@@ -137,7 +137,7 @@ def check_tracking_access(uri: Optional[str], key: str = "MLFLOW_TRACKING_URI") 
                                  "the URI or a sweep file; nothing was started")
     if status == 403:
         answer = " ".join(response.text.split())[:200]
-        raise ConfigError(key, uri, f"a server that lets this account read experiments",
+        raise ConfigError(key, uri, "a server that lets this account read experiments",
                           detail=f"{server} refused it (HTTP 403: {answer}); nothing was started")
 
 

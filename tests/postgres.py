@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -98,13 +97,14 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
-            try:
-                self._run(os.path.join(self.bin, "pg_ctl"), "stop", "--wait", "--timeout", "30", "--pgdata",
-                          self.data, "--mode", "fast")
-            except (RuntimeError, subprocess.TimeoutExpired):
-                self._run(os.path.join(self.bin, "pg_ctl"), "stop", "--pgdata", self.data, "--mode", "immediate")
-        deadline = time.monotonic() + 10
-        while os.path.exists(os.path.join(self.data, "postmaster.pid")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Stop the server (fast shutdown: open connections are ended) and remove the directory. Idempotent."""
+        try:
+            if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+                try:
+                    self._run(os.path.join(self.bin, "pg_ctl"), "stop", "--wait", "--timeout", "30", "--pgdata",
+                              self.data, "--mode", "fast")
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    self._run(os.path.join(self.bin, "pg_ctl"), "stop", "--wait", "--timeout", "30", "--pgdata",
+                              self.data, "--mode", "immediate")
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -11,7 +11,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +19,8 @@ from importlib.util import find_spec
 
 import pytest
 
-from composefile import (LOOPBACK, PLACEHOLDER, REFERENCE, MissingVariable, dot_env, environment,  # noqa: F401
-                         interpolate, load_compose, mlflow_service, option, read_env_example, references, set_option,
-                         strings)
+from composefile import (LOOPBACK, PLACEHOLDER, REFERENCE, dot_env, environment, interpolate, load_compose,
+                         mlflow_service, option, read_env_example, references, strings)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

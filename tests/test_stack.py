@@ -18,6 +18,7 @@ directories), in any param or tag, in any artifact or in the sweep's output."""
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,8 +90,7 @@ def serve(command: list, env: dict, directory, uri: str) -> subprocess.Popen:
 
 
 def stop(process: subprocess.Popen) -> None:
-    import signal
-
+    """SIGTERM to the process group, SIGKILL after 20 s."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -112,7 +112,8 @@ def stack(s3_server, tmp_path_factory):
     bucket = f"stack-{uuid.uuid4().hex[:12]}"
     # One MLflow worker (the compose file's own knob); the rest of .env as an operator makes it.
     variables = dot_env(MLFLOW_ARTIFACTS_BUCKET=bucket, MLFLOW_WORKERS="1")
-    database = {name: interpolate(value, variables) for name, value in environment(compose["services"]["postgres"]).items()}
+    database = {name: interpolate(value, variables)
+                for name, value in environment(compose["services"]["postgres"]).items()}
     cluster = Cluster(database["POSTGRES_USER"], database["POSTGRES_PASSWORD"], database["POSTGRES_DB"])
     # minio-init: the bucket, and MLflow's own keys (the S3 server takes any key)
     s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1",
@@ -121,8 +122,8 @@ def stack(s3_server, tmp_path_factory):
     s3.create_bucket(Bucket=bucket)
     s3_port = urlsplit(s3_server["AWS_ENDPOINT_URL"]).port
     process = None
-    cluster.start()
     try:
+        cluster.start()
         port = free_port()
         command, env = mlflow_service(
             compose, variables, directory, port,
@@ -136,8 +137,9 @@ def stack(s3_server, tmp_path_factory):
         researcher = (RESEARCHER, f"researcher-{uuid.uuid4().hex}")
         with signed_in(*admin):  # as docs/CLUSTER.md: the admin makes an account per researcher
             get_app_client("basic-auth", tracking_uri=uri).create_user(username=researcher[0], password=researcher[1])
-        secrets = {name: variables[name] for name in ("POSTGRES_PASSWORD", "MLFLOW_S3_ACCESS_KEY", "MLFLOW_S3_SECRET_KEY",
-                                                      "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")}
+        secrets = {name: variables[name] for name in (
+            "POSTGRES_PASSWORD", "MLFLOW_S3_ACCESS_KEY", "MLFLOW_S3_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY")}
         secrets["researcher's password"] = researcher[1]
         yield types.SimpleNamespace(uri=uri, admin=admin, researcher=researcher, bucket=bucket, s3=s3,
                                     cluster=cluster, secrets=secrets, directories=[str(directory), cluster.directory])
