@@ -127,7 +127,7 @@ def check_tracking_access(uri: Optional[str], key: str = "MLFLOW_TRACKING_URI") 
                               f"the password of the account {creds.username!r} on {server}",
                               detail="the server refused this user name and password (HTTP 401): set the right "
                                      "password, or ask the server's admin for an account; nothing was started")
-        if creds.token and not creds.username and not creds.password:
+        if creds.token:  # sent when the user name or the password is missing
             raise ConfigError("MLFLOW_TRACKING_TOKEN", _Shown("(not shown)"), f"a token {server} accepts",
                               detail="the server refused this token (HTTP 401); nothing was started")
         missing = "MLFLOW_TRACKING_PASSWORD" if creds.username else "MLFLOW_TRACKING_USERNAME"

@@ -184,6 +184,8 @@ def test_tracking_server_refusals_name_what_to_set(monkeypatch, tmp_path):
         assert refused(uri).startswith("MLFLOW_TRACKING_TOKEN: invalid value (not shown); accepted: a token the MLflow "
                                        f"server at {uri} accepts")
         assert seen[-1] == f"Bearer {secret}"
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # no password: the token is what was sent
+        assert refused(uri).startswith("MLFLOW_TRACKING_TOKEN: ") and seen[-1] == f"Bearer {secret}"
     with answering(403, b"Invalid Host header") as (uri, _):
         assert refused(uri).startswith(f"MLFLOW_TRACKING_URI: invalid value '{uri}'; accepted: a server that lets "
                                        "this account read experiments (the MLflow server at")
