@@ -13,7 +13,8 @@
     orchestrator logs JOB [--address URL] [--follow]
 
 Bad input (a missing or unparsable file, an unknown key, a wrong type, an unknown choice, an
-out-of-range value, a data set whose files are missing, resources no node has) prints one message
+out-of-range value, a data set whose files are missing, resources no node has, a tracking server that does
+not answer or refuses the credentials) prints one message
 naming the key, the value and what is accepted, and exits with status 2 before MLflow starts and
 before anything is written.
 """

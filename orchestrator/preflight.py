@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 from diffusion.errors import ConfigError
 
 from .sweepfile import Sweep, Trial, key_origin
-from .tracking import SECRET_ENV, check_tracking_uri_credentials
+from .tracking import SECRET_ENV, check_tracking_access, check_tracking_uri_credentials
 
 
 # What Ray, Tune and MLflow would print beside the sweep's own view (``liveview.sweep_display``), turned off; a value
@@ -40,7 +40,8 @@ def quiet_env() -> None:
 
 @contextlib.contextmanager
 def preflight(sweep: Sweep, workdir: str, resume: bool, address: Optional[str]) -> Iterator[bool]:
-    """Check the sweep (``--resume`` has something to resume, the tracking URI holds no credentials, the data
+    """Check the sweep (``--resume`` has something to resume, the tracking URI holds no credentials and its server
+    answers and accepts the credentials of the environment, the data
     sets load and FID's extractor, reference and files can serve them), then start or join Ray (``start_ray``, which checks the resources); yields whether the workers
     are on a joined cluster. Ray is shut down when the body ends, however it ends."""
     import ray
@@ -49,6 +50,7 @@ def preflight(sweep: Sweep, workdir: str, resume: bool, address: Optional[str]) 
         raise ConfigError("--resume", sweep.name, "a sweep run earlier from this directory (or with this "
                           "MLFLOW_TRACKING_URI)", detail=f"there is no mlflow.db in {workdir}")
     check_tracking_uri_credentials(os.environ.get("MLFLOW_TRACKING_URI"))
+    check_tracking_access(os.environ.get("MLFLOW_TRACKING_URI"))
     check_data(sweep)
     remote = start_ray(sweep, address)
     try:

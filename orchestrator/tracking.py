@@ -79,6 +79,68 @@ def check_tracking_uri_credentials(uri: Optional[str], key: str = "MLFLOW_TRACKI
                                  "MLFLOW_TRACKING_TOKEN), which are never recorded")
 
 
+class _Shown:
+    """A value an error message describes instead of showing (a credential)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def check_tracking_access(uri: Optional[str], key: str = "MLFLOW_TRACKING_URI") -> None:
+    """With ``uri`` an http(s) tracking server: one read (the first experiment) made as every trial's client makes
+    it, through MLflow's own request code (basic auth from MLFLOW_TRACKING_USERNAME and _PASSWORD or
+    ~/.mlflow/credentials, else MLFLOW_TRACKING_TOKEN; MLflow's TLS variables). A server that does not answer,
+    that asks for credentials none are given for, or that refuses the ones given (HTTP 401, 403) is a ConfigError
+    naming what to set, raised before Ray starts and before anything is created; no credential is shown. Other
+    answers are left to the sweep."""
+    from urllib.parse import urlsplit
+
+    try:
+        scheme = urlsplit(uri or "").scheme
+    except ValueError:
+        return
+    if scheme not in ("http", "https"):
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    server = f"the MLflow server at {uri}"
+    try:
+        response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
+                                max_retries=2, backoff_factor=1, timeout=30, raise_on_status=False)
+    except MlflowException:
+        raise ConfigError(key, uri, "the URI of a running MLflow tracking server",
+                          detail="nothing answers there: start the server, or correct the URI") from None
+    status = response.status_code
+    if status == 401:
+        username_from = "MLFLOW_TRACKING_USERNAME" if os.environ.get("MLFLOW_TRACKING_USERNAME") else \
+            "the username of ~/.mlflow/credentials"
+        password_from = "MLFLOW_TRACKING_PASSWORD" if os.environ.get("MLFLOW_TRACKING_PASSWORD") else \
+            "the password of ~/.mlflow/credentials"
+        if creds.username and creds.password:
+            raise ConfigError(password_from, _Shown(f"(not shown; {username_from} is {creds.username!r})"),
+                              f"the password of the account {creds.username!r} on {server}",
+                              detail="the server refused this user name and password (HTTP 401): set the right "
+                                     "password, or ask the server's admin for an account; nothing was started")
+        if creds.token:  # sent when the user name or the password is missing
+            raise ConfigError("MLFLOW_TRACKING_TOKEN", _Shown("(not shown)"), f"a token {server} accepts",
+                              detail="the server refused this token (HTTP 401); nothing was started")
+        missing = "MLFLOW_TRACKING_PASSWORD" if creds.username else "MLFLOW_TRACKING_USERNAME"
+        raise ConfigError(missing, _Shown("(not set)"),
+                          f"an account of {server}: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+                          detail="the server asks for credentials (HTTP 401): set both in the environment, never in "
+                                 "the URI or a sweep file; nothing was started")
+    if status == 403:
+        answer = " ".join(response.text.split())[:200]
+        raise ConfigError(key, uri, "a server that lets this account read experiments",
+                          detail=f"{server} refused it (HTTP 403: {answer}); nothing was started")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))

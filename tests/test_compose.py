@@ -11,7 +11,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,17 +18,15 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 
 import pytest
-import yaml
+
+from composefile import (LOOPBACK, PLACEHOLDER, REFERENCE, dot_env, environment, interpolate, load_compose,
+                         mlflow_service, option, read_env_example, references, strings)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPOSE = os.path.join(ROOT, "docker-compose.yml")
-ENV_EXAMPLE = os.path.join(ROOT, ".env.example")
 
 SERVICES = {"secrets-check", "postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker"}
 ONE_SHOT = {"secrets-check", "minio-init"}
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY|CREDENTIAL", re.IGNORECASE)
-PLACEHOLDER = "change-me"
-LOOPBACK = "127.0.0.1"
 CHECK_SERVICE = "secrets-check"
 CHECK_SCRIPT = os.path.join(ROOT, "docker", "check-secrets.sh")
 MIN_SECRET_LENGTH = 16
@@ -38,88 +35,10 @@ MIN_SECRET_LENGTH = 16
 REQUIRED_SECRETS = {"RAY_AUTH_TOKEN", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY",
                     "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"}
 
-# Compose interpolation: $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
-# ${VAR?error}, ${VAR:+alternative}, ${VAR+alternative}, and the bare $VAR.
-_REFERENCE = re.compile(
-    r"\$(?:(?P<escaped>\$)"
-    r"|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
-)
-
-
-class MissingVariable(Exception):
-    pass
-
-
-def interpolate(text: str, env: dict) -> str:
-    """What Docker Compose makes of ``text`` given the variables ``env``."""
-    def replace(match):
-        if match["escaped"]:
-            return "$"
-        name = match["name"] or match["bare"]
-        op, arg = match["op"], match["arg"] or ""
-        value = env.get(name)
-        is_set = value is not None
-        non_empty = bool(value)
-        if op in (":-", "-"):
-            return value if (non_empty if op == ":-" else is_set) else arg
-        if op in (":?", "?"):
-            if not (non_empty if op == ":?" else is_set):
-                raise MissingVariable(f"{name}: {arg}")
-            return value
-        if op in (":+", "+"):
-            return arg if (non_empty if op == ":+" else is_set) else ""
-        return value or ""
-    return _REFERENCE.sub(replace, text)
-
-
-def references(text: str) -> list[re.Match]:
-    return [m for m in _REFERENCE.finditer(text) if not m["escaped"]]
-
-
-def strings(node):
-    """Every string of a parsed YAML document, keys included."""
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from strings(key)
-            yield from strings(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from strings(item)
-
-
-def environment(service: dict) -> dict:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
-    return {str(k): (None if v is None else str(v)) for k, v in env.items()}
-
-
-def read_env_example() -> tuple[dict, dict]:
-    """(variables, the comment block right above each) of .env.example."""
-    values, comments, block = {}, {}, []
-    with open(ENV_EXAMPLE) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                block = []
-            elif line.startswith("#"):
-                block.append(line)
-            else:
-                name, sep, value = line.partition("=")
-                assert sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name), f".env.example: bad line {line!r}"
-                assert name not in values, f".env.example: {name} twice"
-                values[name], comments[name] = value, list(block)
-                block = []
-    return values, comments
-
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    with open(COMPOSE) as f:
-        return yaml.safe_load(f)
+    return load_compose()
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +133,7 @@ def test_no_literal_secret(compose, services):
                 f"{name}: {key} must be a required ${{VAR:?message}} reference, not {value!r}")
     for text in strings(compose):
         # No credentials inside a URI (scheme://user:password@host), whatever the variables hold.
-        bare = _REFERENCE.sub("VAR", text)
+        bare = REFERENCE.sub("VAR", text)
         assert not re.search(r"://[^/@\s]*:[^/@\s]*@", bare), f"a URI carries a password: {text!r}"
         for option in ("--password", "--token", "--secret"):
             assert option not in text, f"a secret on a command line: {text!r}"
@@ -545,39 +464,22 @@ def test_ray_head_command(services):
         assert flags <= known, f"unknown ray start options: {flags - known}"
 
 
-def _option(command: list[str], flag: str):
-    """The value of ``flag`` (``--flag value`` or ``--flag=value``) in ``command``, else None."""
-    for i, word in enumerate(command):
-        if word == flag:
-            return command[i + 1]
-        if word.startswith(flag + "="):
-            return word.split("=", 1)[1]
-    return None
-
-
-def _set_option(command: list[str], flag: str, value: str) -> list[str]:
-    out = list(command)
-    for i, word in enumerate(out):
-        if word == flag:
-            out[i + 1] = value
-            return out
-        if word.startswith(flag + "="):
-            out[i] = f"{flag}={value}"
-            return out
-    raise AssertionError(f"{flag} is not in the command")
 
 
 def test_mlflow_command(services):
     service = services["mlflow"]
     command = [str(word) for word in service["command"]]
     assert command[:2] == ["mlflow", "server"]
-    assert _option(command, "--app-name") == "basic-auth"
+    assert option(command, "--app-name") == "basic-auth"
     assert "--serve-artifacts" in command
-    assert _option(command, "--artifacts-destination").startswith("s3://${MLFLOW_ARTIFACTS_BUCKET")
+    assert option(command, "--artifacts-destination").startswith("s3://${MLFLOW_ARTIFACTS_BUCKET")
     values, _ = read_env_example()
-    backend = interpolate(_option(command, "--backend-store-uri"), values)
-    assert backend.startswith("postgresql://") and ":" not in backend.split("://", 1)[1].split("@")[0]
-    hosts = interpolate(_option(command, "--allowed-hosts"), values).split(",")
+    backend = interpolate(option(command, "--backend-store-uri"), values)
+    # the driver the image installs, named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3
+    assert backend.startswith("postgresql+psycopg2://") and ":" not in backend.split("://", 1)[1].split("@")[0]
+    with open(os.path.join(ROOT, "docker", "mlflow.Dockerfile")) as f:
+        assert '"psycopg2-binary==' in f.read()
+    hosts = interpolate(option(command, "--allowed-hosts"), values).split(",")
     assert "*" not in hosts and "mlflow:5000" in hosts, "workers reach MLflow as mlflow:5000"
     env = environment(service)
     assert env["MLFLOW_AUTH_CONFIG_PATH"] in [c["target"] for c in service["configs"]]
@@ -594,7 +496,7 @@ def test_mlflow_auth_config(compose):
     parser.read_string(interpolate(compose["configs"]["mlflow_auth"]["content"], {}))
     section = parser["mlflow"]
     assert section["default_permission"] == "READ"
-    assert section["database_uri"].startswith("postgresql://") and "@" in section["database_uri"]
+    assert section["database_uri"].startswith("postgresql+psycopg2://") and "@" in section["database_uri"]
     assert ":" not in section["database_uri"].split("://", 1)[1].split("@")[0], "a password in the auth ini"
     assert "admin_password" not in section
 
@@ -626,34 +528,12 @@ def mlflow_server(compose, tmp_path):
     """The compose file's MLflow command line and environment, with SQLite for PostgreSQL, a local
     directory for S3, 127.0.0.1 on a free port and one worker; yields (uri, admin credentials).
     The server runs in its own process group, killed on the way out."""
-    values, _ = read_env_example()
-    variables = dict(values)
-    variables.update({name: secrets.token_urlsafe(24) for name in values if values[name] == PLACEHOLDER})
-    service = compose["services"]["mlflow"]
-
     port = _free_port()
-    command = [interpolate(str(word), variables) for word in service["command"]]
-    assert command[:2] == ["mlflow", "server"]
-    command = [sys.executable, "-m", "mlflow", "server", *command[2:]]
-    for flag, value in {
-        "--host": LOOPBACK,
-        "--port": str(port),
-        "--workers": "1",
-        "--backend-store-uri": "sqlite:///" + str(tmp_path / "mlflow.db"),
-        "--artifacts-destination": str(tmp_path / "artifacts"),
-    }.items():
-        command = _set_option(command, flag, value)
-
-    auth = configparser.ConfigParser()
-    auth.read_string(interpolate(compose["configs"]["mlflow_auth"]["content"], variables))
-    auth["mlflow"]["database_uri"] = "sqlite:///" + str(tmp_path / "basic_auth.db")
-    ini = tmp_path / "basic_auth.ini"
-    with open(ini, "w") as f:
-        auth.write(f)
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update({k: interpolate(v, variables) for k, v in environment(service).items() if v is not None})
-    env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    command, env = mlflow_service(
+        compose, dot_env(), tmp_path, port,
+        command_options={"--workers": "1", "--backend-store-uri": "sqlite:///" + str(tmp_path / "mlflow.db"),
+                         "--artifacts-destination": str(tmp_path / "artifacts")},
+        auth_options={"database_uri": "sqlite:///" + str(tmp_path / "basic_auth.db")})
     admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
 
     log_path = tmp_path / "server.log"

@@ -1,9 +1,12 @@
 """What a sweep can know before it starts is checked before MLflow starts or anything is written (a data set
 whose files are missing, resources no node has, credentials in the tracking URI); a sweep that fails after it
 started ends its parent run FAILED with the reason; grid values holding '/' or quotes work like any other."""
+import http.server
 import os
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,7 +15,7 @@ from diffusion.errors import ConfigError
 from orchestrator.preflight import check_resources
 from orchestrator.runner import trial_dirname
 from orchestrator.sweepfile import load_sweep
-from orchestrator.tracking import LocalServer
+from orchestrator.tracking import LocalServer, check_tracking_access, free_port
 from smallsweep import small_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,3 +121,81 @@ def test_a_sweep_that_fails_after_it_started_ends_its_parent_failed(tmp_path):
         assert "a-file" in parent.data.tags["failure_reason"]
     finally:
         reader.stop()
+
+
+@contextmanager
+def answering(status: int, body: bytes = b""):
+    """An HTTP server on 127.0.0.1 that answers every request with ``status`` and ``body``: its URI, and the
+    Authorization header of each request it got."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tracking_server_refusals_name_what_to_set(monkeypatch, tmp_path):
+    """What the sweep's preflight makes of each answer of a tracking server (the same check against a real MLflow
+    server with basic auth: test_stack.py): the variable to set, never a credential's value."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
+    secret = "sentinel-password-2f8c41d6"
+
+    def refused(uri) -> str:
+        with pytest.raises(ConfigError) as caught:
+            check_tracking_access(uri)
+        assert secret not in str(caught.value)
+        return str(caught.value)
+
+    with answering(401, b"You are not authenticated.") as (uri, seen):
+        assert refused(uri).startswith(
+            f"MLFLOW_TRACKING_USERNAME: invalid value (not set); accepted: an account of the MLflow server at {uri}: "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        assert refused(uri).startswith("MLFLOW_TRACKING_PASSWORD: invalid value (not set)")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+        message = refused(uri)
+        assert message.startswith(
+            "MLFLOW_TRACKING_PASSWORD: invalid value (not shown; MLFLOW_TRACKING_USERNAME is 'alice'); accepted: the "
+            f"password of the account 'alice' on the MLflow server at {uri}")
+        assert "HTTP 401" in message and "set the right password" in message
+        assert seen[-1].startswith("Basic ")  # sent as every trial's client sends it
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
+        assert refused(uri).startswith("MLFLOW_TRACKING_TOKEN: invalid value (not shown); accepted: a token the MLflow "
+                                       f"server at {uri} accepts")
+        assert seen[-1] == f"Bearer {secret}"
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # no password: the token is what was sent
+        assert refused(uri).startswith("MLFLOW_TRACKING_TOKEN: ") and seen[-1] == f"Bearer {secret}"
+    with answering(403, b"Invalid Host header") as (uri, _):
+        assert refused(uri).startswith(f"MLFLOW_TRACKING_URI: invalid value '{uri}'; accepted: a server that lets "
+                                       "this account read experiments (the MLflow server at")
+        assert "HTTP 403: Invalid Host header" in refused(uri)
+    with answering(200, b'{"experiments": []}') as (uri, _):
+        check_tracking_access(uri)
+    with answering(404) as (uri, _):  # not MLflow's REST API, or an older server: left to the sweep
+        check_tracking_access(uri)
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert refused(closed).startswith(f"MLFLOW_TRACKING_URI: invalid value '{closed}'; accepted: the URI of a "
+                                      "running MLflow tracking server (nothing answers there")
+    check_tracking_access(None)  # a local server of the sweep's own
+    check_tracking_access(f"sqlite:///{tmp_path / 'mlflow.db'}")  # no server to ask
