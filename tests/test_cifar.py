@@ -85,11 +85,9 @@ def test_dry_run_sizes_the_papers_networks(tmp_path, monkeypatch, capsys):
         "feature maps, [32, 16, 8, 4]")
 
 
-@pytest.mark.integration
-def test_cifar10_configuration_runs_through_a_real_sweep(tmp_path, server):
-    """sweeps/cifar10_ddpm.yaml with 32 channels, 2 training steps and 10 sampling steps, through Ray and MLflow:
-    on CIFAR-10 files read by torchvision and on a folder of 32 x 32 PNGs; each trial logs FID and its stderr
-    against clean-fid's published CIFAR-10 training statistics (here: a stand-in network and statistics)."""
+def small_cifar10_sweep(tmp_path) -> str:
+    """sweeps/cifar10_ddpm.yaml with 32 channels, 2 training steps and 10 sampling steps, on CIFAR-10 files and
+    on a folder of PNGs written in ``tmp_path``, with a stand-in Inception network and published statistics."""
     write_cifar10(tmp_path / "data")
     write_pngs(tmp_path / "pngs", 30, seed=1, brightness=1.0)  # 16 x 16 PNGs, resized to 32 x 32 by image_folder
     inception = tmp_path / "cache" / "inception"
@@ -111,8 +109,16 @@ def test_cifar10_configuration_runs_through_a_real_sweep(tmp_path, server):
                                                             "image_size": 32}}}
     path = tmp_path / "cifar10_small.yaml"
     path.write_text(yaml.safe_dump({**sweep, "name": "cifar10_small"}))
+    return str(path)
 
-    result = orchestrator(["sweep", str(path)], cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": server.uri},
+
+@pytest.mark.integration
+def test_cifar10_configuration_runs_through_a_real_sweep(tmp_path, server):
+    """sweeps/cifar10_ddpm.yaml with 32 channels, 2 training steps and 10 sampling steps, through Ray and MLflow:
+    on CIFAR-10 files read by torchvision and on a folder of 32 x 32 PNGs; each trial logs FID and its stderr
+    against clean-fid's published CIFAR-10 training statistics (here: a stand-in network and statistics)."""
+    path = small_cifar10_sweep(tmp_path)
+    result = orchestrator(["sweep", path], cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": server.uri},
                           timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, runs = child_runs(MlflowClient(server.uri), "cifar10_small")

@@ -177,3 +177,47 @@ def test_kid_jackknife_refuses_bad_shapes():
         kid_jackknife(np.zeros((10, 3)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="max_reference: invalid value 2"):
         kid_jackknife(np.zeros((10, 3)), np.zeros((5, 3)), max_reference=2)
+
+
+def test_jackknife_leave_out_values_are_the_fids_of_the_kept_samples():
+    """Every leave-out value equals the FID of the kept rows computed from scratch (FrechetToReference.of), by
+    each route: the M x M Gram matrix when fewer samples than dimensions are kept (as with 2,048-d Inception
+    features and a small sample), the D x D downdate otherwise, and for groups as for single samples."""
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(40, 40)) / 6 + np.eye(40)
+    reference = (rng.normal(size=40) * 0.1, mix @ mix.T)
+    distance = FrechetToReference(*reference)
+    few = rng.normal(size=(24, 40)) * 1.1 + 0.05  # N < D: the Gram route
+    se, values = fid_jackknife(few, *reference)
+    brute = np.array([distance.of(np.delete(few, i, 0)) for i in range(24)])
+    # to 1e-7: from scratch, the 17 zero eigenvalues of a rank-23 40 x 40 matrix come out as round-off of about
+    # 1e-16, whose square roots add about 1e-8 each; the Gram route has none
+    np.testing.assert_allclose(values, brute, rtol=1e-7)
+    assert se == pytest.approx(np.sqrt(23 / 24 * np.sum((brute - brute.mean()) ** 2)), rel=1e-4)
+    many = rng.normal(size=(203, 40)) * 0.9  # N > D: the D x D route, 10 groups of 20 or 21
+    se, values = fid_jackknife(many, *reference, groups=10)
+    label = np.arange(203) * 10 // 203
+    assert sorted(np.bincount(label)) == [20] * 7 + [21] * 3
+    np.testing.assert_allclose(values, [distance.of(many[label != g]) for g in range(10)], rtol=1e-9)
+    with pytest.raises(ValueError, match="groups"):
+        fid_jackknife(many, *reference, groups=1)
+
+
+def test_jackknife_groups_keep_delete_1_where_affordable():
+    from diffusion.metrics.uncertainty import jackknife_groups
+
+    assert jackknife_groups(359, 128) == 359  # the demo: delete-1, as before
+    assert jackknife_groups(24, 2048) == 24  # a small sample of Inception features: 24 small Gram matrices
+    assert jackknife_groups(50_000, 2048) == 50  # Ho et al.'s 50,000 samples: 50 groups of 1,000
+    assert jackknife_groups(10_000, 64) == 10_000 and jackknife_groups(60, 2048) == 60
+
+
+def test_grouped_jackknife_stderr_matches_the_spread_over_independent_redraws():
+    """50 groups instead of 300 single samples: the same standard error on average (8-d features, N = 300),
+    within 20 %."""
+    n, reference = 300, (np.zeros(8), np.eye(8))
+    mean, std = np.full(8, 0.03), np.full(8, 1.05)
+    spread = _redraw_spread(8, n, mean, std, reference)
+    grouped = np.mean([fid_jackknife(_gaussian(n, mean, std, 2000 + seed), *reference, groups=50)[0]
+                       for seed in range(8)])
+    assert 0.8 < grouped / spread < 1.2, (grouped, spread)
