@@ -1,6 +1,7 @@
 """Benchmark the orchestration: trainings saved by train-once, overhead per trial, one node against two.
 
     python benchmarks/orchestration.py [--samplers 3] [--seeds 2] [--steps 300] [--trials 6] [--repeats 3] [--no-write]
+    python benchmarks/orchestration.py --launch [--before DIR] [--repeats 3] [--no-write]
 
 Every sweep here is real (`orchestrator sweep`, Ray Tune, a real MLflow server on loopback) on small digits
 models (the smoke sweep's network, --steps training steps, no FID or bits/dim, 16 samples), so what is
@@ -19,6 +20,14 @@ measured is the orchestration around the training rather than the models:
    median wall time, and the mean time of the models' own training loops (what contention would slow).
 
 The Markdown report is printed and written into docs/BENCHMARKS.md between the orchestration markers.
+
+4. ``--launch`` (its own section, between the launch markers): the fixed cost of a sweep. The smoke sweep
+   (sweeps/smoke.yaml, ``base.train.log_every=1``) run as a user runs it: a fresh directory (its own MLflow server,
+   no model in the cache), ``--repeats`` times each, cold (an empty FID classifier cache: ``eval.cache_dir``) and
+   warm (the cache the cold run filled). Figures: launch (the CLI process started) -> first training step (the
+   timestamp of the first ``train_loss``, logged after step 1), and the wall time divided by the trials' own work
+   (the training loops' ``train_seconds`` plus each evaluation's ``sample_seconds`` and ``bpd_seconds``).
+   ``--before DIR``: the same measured on another checkout's code (PYTHONPATH=DIR), alternating with this one.
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ from orchestrator.tracking import LocalServer  # noqa: E402
 from report import write_section  # noqa: E402  (benchmarks/report.py)
 
 BEGIN, END = "<!-- orchestration:begin -->", "<!-- orchestration:end -->"
+LAUNCH_BEGIN, LAUNCH_END = "<!-- launch:begin -->", "<!-- launch:end -->"
 SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "dpm_solver_2m")
 
 
@@ -96,6 +106,70 @@ def describe(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} (max {max(values):.2f}, n = {len(values)})"
 
 
+def smoke_once(code: str, cache_dir: str, env: dict) -> dict:
+    """The smoke sweep in a fresh directory with the code of ``code``, its FID classifier cache in ``cache_dir``:
+    {"first_step": launch -> first training step (s), "wall": s, "work": the trials' own work (s)}."""
+    workdir = tempfile.mkdtemp(prefix="bench-launch-")
+    env = {**env, "PYTHONPATH": code}
+    args = ["sweep", os.path.join(ROOT, "sweeps", "smoke.yaml"), f"base.eval.cache_dir={cache_dir}",
+            "base.train.log_every=1"]
+    launched = time.time()
+    wall = run(args, workdir, env)
+    client = MlflowClient(f"sqlite:///{os.path.join(workdir, 'mlflow.db')}")
+    found = runs(client, "smoke")
+    first = min(min(m.timestamp for m in client.get_metric_history(r.info.run_id, "train_loss"))
+                for r in found["train"])
+    work = sum(r.data.metrics["train_seconds"] for r in found["train"])
+    work += sum(r.data.metrics.get(k, 0.0) for r in found["evaluate"] for k in ("sample_seconds", "bpd_seconds"))
+    return {"first_step": first / 1000 - launched, "wall": wall, "work": work}
+
+
+def launch(args, argv: list[str]) -> int:
+    """Part 4 (``--launch``): launch -> first training step, warm and cold, and wall / own work, per code tree."""
+    total = time.perf_counter()
+    trees = {"this tree": ROOT, **({"before": os.path.abspath(args.before)} if args.before else {})}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    measured = {(tree, kind): [] for tree in trees for kind in ("cold", "warm")}
+    for repeat in range(args.repeats):
+        order = list(trees) if repeat % 2 == 0 else list(reversed(trees))
+        for tree in order:
+            cache_dir = tempfile.mkdtemp(prefix="bench-launch-cache-")
+            for kind in ("cold", "warm"):  # the warm run uses the classifier the cold one trained
+                figures = smoke_once(trees[tree], cache_dir, env)
+                measured[(tree, kind)].append(figures)
+                print(f"{tree} {kind}: first step {figures['first_step']:.1f} s, wall {figures['wall']:.1f} s, "
+                      f"own work {figures['work']:.1f} s", file=sys.stderr, flush=True)
+
+    def cell(tree: str, kind: str, figure) -> str:
+        values = [figure(m) for m in measured[(tree, kind)]]
+        return f"{statistics.median(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+
+    command = " ".join(["python benchmarks/orchestration.py", *argv])
+    lines = [
+        f"Command: `{command}`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, no GPU, {platform.machine()}; "
+        f"whole run {(time.perf_counter() - total) / 60:.1f} min (5-min load average {os.getloadavg()[1]:.1f} at the "
+        f"end). The smoke sweep (2 trials, 30 training steps each, `base.train.log_every=1`), each run in a fresh "
+        "directory (its own MLflow server, local Ray, no model cached); cold: an empty FID classifier cache, warm: the "
+        f"one the cold run filled. Median of {args.repeats} (each run's figure in brackets)"
+        + (f"; before: the code of `{args.before}`." if args.before else "."),
+        "",
+        "| code | cache | launch -> first training step (s) | wall time (s) | trials' own work (s) | wall / own work |",
+        "|---|---|---|---|---|---|",
+    ]
+    for tree in trees:
+        for kind in ("warm", "cold"):
+            lines.append(f"| {tree} | {kind} | {cell(tree, kind, lambda m: m['first_step'])} | "
+                         f"{cell(tree, kind, lambda m: m['wall'])} | {cell(tree, kind, lambda m: m['work'])} | "
+                         f"{cell(tree, kind, lambda m: m['wall'] / m['work'])} |")
+    section = "\n".join(lines)
+    print(section)
+    if not args.no_write:
+        write_section(section, LAUNCH_BEGIN, LAUNCH_END, "The fixed cost of a sweep: launch to first training step "
+                      "(`python benchmarks/orchestration.py --launch`)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samplers", type=int, default=3, help=f"S: samplers from {', '.join(SAMPLERS)}")
@@ -105,7 +179,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="throughput runs per cluster size, in alternating order (1, 2, 2, 1, 1, 2, ...)")
     parser.add_argument("--no-write", action="store_true", help="print the report only")
+    parser.add_argument("--launch", action="store_true",
+                        help="measure the fixed cost of a sweep instead (part 4): launch -> first training step, "
+                             "warm and cold, and wall time / the trials' own work, on the smoke sweep")
+    parser.add_argument("--before", default=None,
+                        help="with --launch: also measure the code of this checkout (PYTHONPATH=BEFORE)")
     args = parser.parse_args(argv)
+    if args.launch:
+        return launch(args, argv)
     total = time.perf_counter()
     samplers, seeds = list(SAMPLERS[: args.samplers]), list(range(args.seeds))
     work = tempfile.mkdtemp(prefix="bench-orchestration-")

@@ -92,6 +92,10 @@ class SweepProgress:
             planned = {task["name"] for task in tasks}
             self.unrun = {name for name in self.names if name not in self.trials and name not in planned}
 
+    def drop(self, names: list[str]) -> None:
+        """Trials that will not run (their model failed to train, so they are recorded FAILED): counted failed."""
+        self.unrun |= {name for name in names if name not in self.trials}
+
     def start(self, name: str, train: bool) -> TrialProgress:
         now = self.clock()
         trial = self.trials.get(name)
@@ -359,6 +363,10 @@ class SweepDisplay:
     def stage(self, tasks: list[dict], last: bool = False) -> None:
         """A stage of ``tasks`` starts (``last``: the sweep's last stage; see ``SweepProgress.stage``)."""
         self.progress.stage(tasks, last)
+
+    def drop(self, names: list[str]) -> None:
+        """Trials that will not run (see ``SweepProgress.drop``)."""
+        self.progress.drop(names)
 
     def callback(self, tune):
         """The Tune callback that feeds the display Tune's events. Tune pickles its callbacks with the experiment's

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import sys
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from diffusion.errors import ConfigError
 
@@ -39,21 +39,34 @@ def quiet_env() -> None:
 
 
 @contextlib.contextmanager
-def preflight(sweep: Sweep, workdir: str, resume: bool, address: Optional[str]) -> Iterator[bool]:
+def preflight(sweep: Sweep, workdir: str, resume: bool, address: Optional[str],
+              meanwhile: Optional[Callable[[], None]] = None) -> Iterator[bool]:
     """Check the sweep (``--resume`` has something to resume, the tracking URI holds no credentials and its server
     answers and accepts the credentials of the environment, the data
-    sets load and FID's extractor, reference and files can serve them), then start or join Ray (``start_ray``, which checks the resources); yields whether the workers
-    are on a joined cluster. Ray is shut down when the body ends, however it ends."""
-    import ray
+    sets load and FID's extractor, reference and files can serve them, and for a local Ray instance this machine
+    has every trial's resources), then start or join Ray (``start_ray``, which checks the resources); yields whether
+    the workers are on a joined cluster. Ray is shut down when the body ends, however it ends.
 
+    ``meanwhile()`` (quick: it starts something in the background, e.g. the tracking server) is called once
+    everything is checked that can be: before a local Ray instance starts (so that both start at once), after a
+    joined cluster's resources are checked."""
     if resume and not os.environ.get("MLFLOW_TRACKING_URI") and not os.path.exists(os.path.join(workdir, "mlflow.db")):
         raise ConfigError("--resume", sweep.name, "a sweep run earlier from this directory (or with this "
                           "MLFLOW_TRACKING_URI)", detail=f"there is no mlflow.db in {workdir}")
     check_tracking_uri_credentials(os.environ.get("MLFLOW_TRACKING_URI"))
     check_tracking_access(os.environ.get("MLFLOW_TRACKING_URI"))
     check_data(sweep)
-    remote = start_ray(sweep, address)
+    joined = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    if not joined:
+        check_resources(sweep, local_resources(), "this machine")
+        if meanwhile is not None:
+            meanwhile()
+    import ray
+
     try:
+        remote = start_ray(sweep, address)
+        if joined and meanwhile is not None:
+            meanwhile()
         yield remote
     finally:
         if ray.is_initialized():

@@ -1,15 +1,18 @@
 """Run a sweep on Ray Tune and record it in MLflow: one parent run, one child run per trial.
 
-``run_sweep`` is a sequence of named steps: the preflight (``preflight``), the parent run (``open_tracking``,
-``parentrun``), the driver's preparation (``prepare``), the training and evaluation stages on Ray Tune
-(``train_stage``, ``evaluate_stage``, ``_fit``) under Ctrl-C handling (``progress.graceful_stop``), and the
-summary (``summarize``, ``report``)."""
+``run_sweep`` is a sequence of named steps: the preflight (``preflight``; the tracking server starts in the
+background while Ray does), the parent run (``open_tracking``, ``parentrun``), the driver's preparation
+(``prepare``: FID's extractor started in a Ray task of its own, ``start_fid_tasks``), the trials in one Ray Tune
+experiment (``run_trials``, ``_fit``: each evaluation starts once its own model is trained, ``taskqueue.TaskQueue``)
+under Ctrl-C handling (``progress.graceful_stop``), and the summary (``summarize``, ``report``)."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,15 +20,16 @@ from typing import Any, Optional
 from . import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIAL_FAILED
 from .cache import ModelCache, filesystem, is_uri, local_path
 from .keys import training_key
-from .collect import collect
-from .parentrun import comparison_view, create_experiment, finished_trials, new_parent, parent_guard, reopen_parent
 from .preflight import keep_credentials_out_of_tune, network_shape, preflight
-from .liveview import results_hint, sweep_display
-from .progress import graceful_stop
-from .report import SweepReport, build, publish
 from .sweepfile import Sweep, Trial
-from .tracking import tracking_server, worker_env
-from .trial import TRAIN, TrialContext, find_run, record_unevaluated, run_task
+from .tracking import starting_tracking_server, worker_env
+
+# MLflow, Ray, scipy and the trial's modules (``trial``, ``collect``, ``report``, ``parentrun``, ``progress``) are
+# imported in the functions that use them: ``run_sweep`` starts the tracking server and Ray first, and imports them
+# while those start (``_heavy_imports``); ``validate`` and ``--dry-run`` need none of them.
+
+
+DRIVER_TAG = "driver"  # the parent run's: host:pid of the process that runs the sweep (the CLI)
 
 
 @dataclass
@@ -134,18 +138,20 @@ class SweepRun:
     resume: bool
     env: dict  # the credentials a joined cluster's workers are handed (``tracking.worker_env``); {} for a local Ray
     client: Any  # an MlflowClient of the tracking server
-    context: TrialContext  # the tracking server, experiment and parent run the tasks record themselves in
+    context: "TrialContext"  # the tracking server, experiment and parent run the tasks record themselves in
     groups: list[TrainingGroup]
     done: set[str] = field(default_factory=set)  # resumed: the trials that finished earlier
     suffix: str = ""  # of the Tune experiments' names: "-resume<time>" when resumed
-    display: Any = None  # what the driver shows while the stages run (``liveview.sweep_display``)
+    display: Any = None  # what the driver shows while the trials run (``liveview.sweep_display``)
+    fid_tasks: list = field(default_factory=list)  # the FID preparations' Ray tasks (``start_fid_tasks``)
 
 
 def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: bool = False,
               address: Optional[str] = None) -> int:
-    """Run every trial: train each distinct model once (stage 1: a training run, then the first of its
-    trials evaluated on it), then evaluate the other trials on the trained or cached models (stage 2);
-    print a summary table; return the exit status (0 all finished, 1 a trial failed, 130 interrupted).
+    """Run every trial: train each distinct model once (a training run, then the first of its trials evaluated on
+    it), and evaluate the other trials on their trained or cached model as soon as it is there, all in one Ray
+    Tune experiment (``run_trials``); print a summary table; return the exit status (0 all finished, 1 a trial
+    failed, 130 interrupted).
 
     ``resume``: continue the latest unfinished run of this sweep (same sweep digest) under its parent
     run: trials that finished are not run again, unfinished ones continue (training from the last
@@ -154,23 +160,36 @@ def run_sweep(sweep: Sweep, workdir: str = ".", use_cache: bool = True, resume: 
     workdir = os.path.abspath(workdir)
     started = time.time()
     cache = model_cache(sweep, workdir)
-    with preflight(sweep, workdir, resume, address) as remote:  # Ray is up until the end of this block
-        env = worker_env() if remote else {}  # a local instance's workers inherit this environment
-        with tracking_server(workdir, log_path=os.path.join(workdir, "mlflow-server.log")) as uri:
-            run = open_tracking(uri, sweep, cache, workdir, use_cache, resume, env)
+    with starting_tracking_server(workdir, log_path=os.path.join(workdir, "mlflow-server.log")) as tracking:
+        # the local tracking server starts in the background once the checks passed, while Ray starts
+        with preflight(sweep, workdir, resume, address, meanwhile=tracking.start) as remote:  # Ray is up in here
+            env = worker_env() if remote else {}  # a local instance's workers inherit this environment
+            _heavy_imports()  # while the tracking server starts
+            from .liveview import results_hint, sweep_display
+            from .parentrun import parent_guard
+            from .progress import graceful_stop
+
+            run = open_tracking(tracking.uri(), sweep, cache, workdir, use_cache, resume, env)
             with parent_guard(run.client, run.context.experiment_id, run.context.parent_run_id):
                 announce(run)
                 with graceful_stop(run.client, run.context.experiment_id, run.context.parent_run_id) as stop:
-                    prepare(run)
                     pending = pending_trials(run)
+                    prepare(run, pending)
                     with sweep_display([t.name for _, trials in pending for t in trials], sweep.max_concurrent,
                                        sweep.name) as run.display:
-                        trained_here = train_stage(run, pending)
-                        evaluate_stage(run, pending, trained_here)
+                        run_trials(run, pending)
+                    fid_outcome(run)
                 status, sweep_report = summarize(run, stop.status)
     code = report(sweep_report, status, stop.killed, time.time() - started)
     print(results_hint(workdir, os.environ.get("MLFLOW_TRACKING_URI"), sweep_report.view), flush=True)
     return code
+
+
+def _heavy_imports() -> None:
+    """The modules the rest of ``run_sweep`` needs (MLflow's client, Ray Tune, the trial's and the report's modules),
+    imported in the driver while the tracking server starts rather than before it."""
+    from . import collect, parentrun, progress, report, taskqueue, trial  # noqa: F401
+    from ray import tune  # noqa: F401
 
 
 def open_tracking(uri: str, sweep: Sweep, cache: ModelCache, workdir: str, use_cache: bool, resume: bool,
@@ -178,6 +197,9 @@ def open_tracking(uri: str, sweep: Sweep, cache: ModelCache, workdir: str, use_c
     """The MLflow experiment and parent run on the tracking server at ``uri``, with the training plan: a new
     parent run, or (``resume``) the latest unfinished one of this sweep reopened, with the trials it finished."""
     from mlflow.tracking import MlflowClient
+
+    from .parentrun import comparison_view, create_experiment, finished_trials, new_parent, reopen_parent
+    from .trial import TrialContext
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(sweep.name)
@@ -192,6 +214,7 @@ def open_tracking(uri: str, sweep: Sweep, cache: ModelCache, workdir: str, use_c
     if not resume:
         parent_id = new_parent(client, experiment_id, sweep, len(groups), sum(g.cached for g in groups))
     comparison_view(client, experiment_id, parent_id, sweep)
+    client.set_tag(parent_id, DRIVER_TAG, f"{socket.gethostname()}:{os.getpid()}")  # this run's (resumed: latest)
     context = TrialContext(uri, experiment_id, parent_id, sweep.name, cache.root)
     suffix = f"-resume{time.strftime('%Y%m%d-%H%M%S')}" if resume else ""
     return SweepRun(sweep, workdir, cache, use_cache, resume, env, client, context, groups, done, suffix)
@@ -207,11 +230,14 @@ def announce(run: SweepRun) -> None:
     print(plan_line(run.groups, run.cache), flush=True)
 
 
-def prepare(run: SweepRun) -> None:
-    """The driver's part before any task: the FID feature extractors and reference features prepared once;
-    with ``--no-cache`` the plan's models dropped from the cache; when resumed, a model published just before
-    the driver died has its training run marked FINISHED too."""
-    prepare_extractors(run.sweep)
+def prepare(run: SweepRun, pending: list[tuple["TrainingGroup", list[Trial]]]) -> None:
+    """The driver's part before any trial: the FID feature extractors and reference features the pending trials
+    need prepared by Ray tasks of their own (``start_fid_tasks``; not awaited here); with ``--no-cache`` the plan's
+    models dropped from the cache; when resumed, a model published just before the driver died has its training run
+    marked FINISHED too."""
+    from .trial import TRAIN, find_run
+
+    run.fid_tasks = start_fid_tasks(run, [trial for _, trials in pending for trial in trials])
     if not run.use_cache:
         for group in run.groups:
             run.cache.invalidate(group.key)
@@ -228,36 +254,55 @@ def pending_trials(run: SweepRun) -> list[tuple[TrainingGroup, list[Trial]]]:
     return [(group, trials) for group, trials in pending if trials]
 
 
-def train_stage(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]]]) -> set[str]:
-    """Stage 1: every model not in the cache trained, then its group's first pending trial evaluated on it (one
-    Tune task each); returns the training keys of the models trained here."""
-    training = [_task(group, trials[:1], train=True) for group, trials in pending if not run.cache.has(group.key)]
-    trained_here = {task["key"] for task in training}
-    _fit(run, training, "train")
-    return trained_here
-
-
-def evaluate_stage(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]]], trained_here: set[str]) -> None:
-    """Stage 2: every other pending trial evaluated on its model, trained or cached (one Tune task each); the
-    trials of a model that failed to train are recorded FAILED, not evaluated."""
-    evaluations = []
+def plan_tasks(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]]]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The sweep's Tune tasks: (those that can start now, the evaluations waiting for a model, by training key).
+    A model not in the cache is trained by a task that then evaluates its group's first pending trial; the group's
+    other trials wait for that task. A cached model's trials are evaluated at once, one task each. Training tasks
+    come first: they are the longest, and the others wait for them."""
+    training, ready, waiting = [], [], {}
     for group, trials in pending:
-        rest = trials[1:] if group.key in trained_here else trials
         if run.cache.has(group.key):
-            evaluations += [_task(group, [trial], train=False) for trial in rest]
+            ready += [_task(group, [trial], train=False) for trial in trials]
             continue
-        training = (run.cache.training_run(group.key) or {}).get("run_id", "none")
-        for trial in rest:
-            record_unevaluated(run.client, run.context, trial.as_dict(), group.key,
-                               f"training failed (training run {training}): not evaluated")
-    _fit(run, evaluations, "evaluate")
+        training.append(_task(group, trials[:1], train=True))
+        if trials[1:]:
+            waiting[group.key] = [_task(group, [trial], train=False) for trial in trials[1:]]
+    return training + ready, waiting
 
 
-def summarize(run: SweepRun, status: str) -> tuple[str, SweepReport]:
+def run_trials(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]]]) -> None:
+    """Every pending trial in one Tune experiment (``_fit``): the trainings and the evaluations on cached models
+    start at once; the other evaluations of a model start as soon as its training task ends, not when every training
+    has (``TaskQueue``). The trials of a model that failed to train are recorded FAILED, not evaluated."""
+    from .trial import record_unevaluated
+
+    ready, waiting = plan_tasks(run, pending)
+
+    def model_ready(key: str) -> bool:
+        return run.cache.has(key)
+
+    def not_evaluated(key: str, tasks: list[dict]) -> None:
+        training = (run.cache.training_run(key) or {}).get("run_id", "none")
+        for task in tasks:
+            for trial in task["trials"]:
+                record_unevaluated(run.client, run.context, trial, key,
+                                   f"training failed (training run {training}): not evaluated")
+        if run.display is not None:
+            run.display.drop([task["name"] for task in tasks])
+
+    from .taskqueue import TaskQueue  # Ray Tune: imported by the commands that run trials only
+
+    _fit(run, TaskQueue(ready, waiting, dataclasses.asdict(run.context), model_ready, not_evaluated))
+
+
+def summarize(run: SweepRun, status: str) -> tuple[str, "SweepReport"]:
     """Each trial's outcome from its evaluation run, compared across variants in the sweep's report (written to
     ``reports/<sweep>/`` and logged on the parent run), and the parent run ended with the sweep's status: ``status``
     (FINISHED, or KILLED by Ctrl-C), FAILED when a trial did not finish. A report that cannot be made is said and
     tagged (``report.error``); the sweep's status stands."""
+    from .collect import collect
+    from .report import build, publish
+
     context = run.context
     results = collect(run.client, context.parent_run_id, run.sweep.trials)
     if status != "KILLED" and any(r.status != "FINISHED" for r in results.records):
@@ -275,7 +320,7 @@ def summarize(run: SweepRun, status: str) -> tuple[str, SweepReport]:
     return status, sweep_report
 
 
-def report(sweep_report: SweepReport, status: str, killed: list[str], seconds: float) -> int:
+def report(sweep_report: "SweepReport", status: str, killed: list[str], seconds: float) -> int:
     """Print the summary (trials, variants with their intervals, verdicts), where the report is and the runs Ctrl-C
     marked KILLED; the exit status for the sweep's status."""
     print(sweep_report.summary)
@@ -293,14 +338,17 @@ def _task(group: TrainingGroup, trials: list[Trial], train: bool) -> dict:
             "trials": [t.as_dict() for t in trials], "max_failures": trials[0].config.resources.max_failures}
 
 
-def _fit(run: SweepRun, tasks: list[dict], stage: str) -> None:
-    """Run ``tasks`` on Ray Tune, each with the resources of its trials, as the Tune experiment
-    ``<sweep>-<parent run>-<stage><suffix>``. ``run.env``: the credentials workers of a joined cluster need,
-    handed over through Ray's object store (``tune.with_parameters``)."""
+def _fit(run: SweepRun, queue) -> None:
+    """Run the tasks of ``queue`` (a ``taskqueue.TaskQueue``) on Ray Tune, each with the resources of its trials, as the Tune experiment
+    ``<sweep>-<parent run>-trials<suffix>``. ``run.env``: the credentials workers of a joined cluster need,
+    handed over through Ray's object store (``tune.with_parameters``), never in Tune's config."""
     from ray import tune
 
+    from .trial import run_task
+
+    tasks = queue.tasks
     if run.display is not None:
-        run.display.stage(tasks, last=stage == "evaluate")
+        run.display.stage(tasks, last=True)
     if not tasks:
         return
     sweep = run.sweep
@@ -310,18 +358,24 @@ def _fit(run: SweepRun, tasks: list[dict], stage: str) -> None:
         return {"cpu": wanted["cpu"], "gpu": wanted["gpu"], **dict(wanted["custom"])}
 
     keep_credentials_out_of_tune()
+    # Tune keeps one trial pending at a time for a search algorithm of its own (TaskQueue): every task that can start
+    # may be pending at once, so that the first trials' workers start together
+    pending_set = "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # a value the user set wins
+    if pending_set:
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(len(tasks))
     trainable = tune.with_resources(tune.with_parameters(run_task, env=run.env), resources)
     tuner = tune.Tuner(
         trainable,
-        param_space={"task": tune.grid_search(tasks), "context": dataclasses.asdict(run.context)},
         tune_config=tune.TuneConfig(
+            search_alg=queue,
+            num_samples=len(tasks),  # one trial per task; fewer when a model fails to train (TaskQueue)
             max_concurrent_trials=sweep.max_concurrent,
-            reuse_actors=True,
+            reuse_actors=True,  # a trial's worker process (its imports, its data) serves the next trial
             trial_name_creator=lambda t: t.config["task"]["name"],
             trial_dirname_creator=lambda t: trial_dirname(t.config["task"]["name"]),
         ),
         run_config=tune.RunConfig(
-            name=f"{sweep.name}-{run.context.parent_run_id[:8]}-{stage}{run.suffix}",
+            name=f"{sweep.name}-{run.context.parent_run_id[:8]}-trials{run.suffix}",
             **_tune_storage(sweep.storage, run.workdir),
             # a task whose worker died runs again and continues where it stopped (trial.execute_task)
             failure_config=tune.FailureConfig(max_failures=max(t["max_failures"] for t in tasks)),
@@ -329,7 +383,11 @@ def _fit(run: SweepRun, tasks: list[dict], stage: str) -> None:
             verbose=0,
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if pending_set:
+            os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
 
 
 _UNSAFE_IN_PATH = re.compile(r"[^A-Za-z0-9_.,=+-]")
@@ -344,41 +402,51 @@ def trial_dirname(name: str) -> str:
     return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def prepare_extractors(sweep: Sweep) -> None:
-    """Train (or load) each FID feature extractor the sweep needs once, in the driver, and extract the
-    reference split's features into the cache (or, for published statistics, read them, and with
-    ``eval.download`` fetch clean-fid's files), so that concurrent trials load them from the cache instead of
-    each computing (or downloading) its own copy. The preflight has checked what can be checked before Ray
-    starts (``preflight.check_fid``); ConfigError naming the key here too (``diffusion.evaluation.check_fid``)."""
-    import torch
+def start_fid_tasks(run: SweepRun, trials: list[Trial]) -> list:
+    """One Ray task per FID preparation the ``trials`` need (``stages.fid_spec``: the data set, the extractor, the
+    reference): each trains (or loads) the feature extractor, e.g. the ``classifier`` on the digits, and extracts the
+    reference features into ``eval.cache_dir`` (``stages.fid_features``), under the model cache's lock of its entry.
+    Only work that takes long is started ahead (``stages.fid_work_ahead``: a classifier to train, files to fetch);
+    what is on disk the evaluations load. Nothing waits for the tasks here: the trainings run meanwhile, and the first
+    evaluation that needs one waits for its lock (a task that has not started by then leaves the work to that evaluation, which takes the lock first; the
+    others then load what it made). The tasks ask for no CPU: the evaluation that waits for one holds the CPU it
+    uses. Returns [(the trial it was started for, its ObjectRef)] (``fid_outcome``)."""
+    import ray
 
     from diffusion.data import load_dataset
-    from diffusion.evaluation import check_fid
-    from diffusion.metrics import REFERENCES, get_extractor, load_published_stats, reference_features
-    from diffusion.registry import options_for
 
-    seen = set()
-    for trial in sweep.trials:
-        cfg = trial.config
-        key = (repr(cfg.data), cfg.eval.extractor, cfg.eval.reference, cfg.eval.reference_split,
-               cfg.eval.classifier_steps, cfg.eval.cache_dir, cfg.eval.download)
-        if not cfg.eval.fid or key in seen:
+    from .stages import fid_spec, fid_task, fid_work_ahead
+
+    specs = {}
+    for trial in trials:
+        spec = fid_spec(trial.config)
+        if spec is not None:
+            specs.setdefault(json.dumps(spec, sort_keys=True, default=str), trial)
+    for trial in specs.values():  # a directory that cannot be made fails the sweep here, once, not every evaluation
+        os.makedirs(os.path.expanduser(trial.config.eval.cache_dir), exist_ok=True)
+    specs = {key: trial for key, trial in specs.items() if fid_work_ahead(trial.config, load_dataset(trial.config.data))}
+    if not specs:
+        return []
+    task = ray.remote(num_cpus=0, max_retries=0)(fid_task)
+    env = ray.put(run.env)  # a joined cluster's credentials (object store access), never in the task's spec
+    return [(trial, task.remote(trial.as_dict(), run.cache.root, env)) for trial in specs.values()]
+
+
+def fid_outcome(run: SweepRun) -> None:
+    """What the FID preparation tasks did (trained or loaded, where, how long), said once they are done."""
+    import ray
+
+    for trial, ref in run.fid_tasks:
+        ready, _ = ray.wait([ref], timeout=0)
+        if not ready:
             continue
-        seen.add(key)
-        dataset = load_dataset(cfg.data)
-        check_fid(dataset, cfg)
-        name, extract, info = get_extractor(cfg.eval.extractor, dataset,
-                                            **options_for(get_extractor, cfg.eval, device=torch.device("cpu")))
-        published = REFERENCES.get(cfg.eval.reference)
-        if published is None:
-            reference_features(dataset, cfg.eval.reference_split, name, extract, info, cfg.eval.cache_dir)
-        else:
-            stats = load_published_stats(published, cfg.eval.cache_dir, download=cfg.eval.download)
-            print(f"FID reference for {cfg.data.name}: {published.label} from {stats.path}", flush=True)
-        if name == "classifier":
-            origin = "loaded from cache" if info.get("loaded_from_cache") else "trained"
-            print(f"FID features for {cfg.data.name}: classifier {origin}, test accuracy {info['accuracy']:.4f}",
-                  flush=True)
+        try:
+            record = ray.get(ref)
+        except Exception as error:  # noqa: BLE001 - the evaluations prepared it themselves, and said so
+            print(f"FID features for {trial.config.data.name}: the preparation task failed ({type(error).__name__}: "
+                  f"{str(error)[:300]})", flush=True)
+            continue
+        print(f"FID features for {trial.config.data.name}: {record['summary']}", flush=True)
 
 
 def _tune_storage(storage: str, workdir: str) -> dict:

@@ -1,13 +1,17 @@
 """What an evaluation keeps in the model cache besides the model: the VAE of latent diffusion, the noise-conditional
 classifier of classifier guidance (each a small network trained once, :func:`cached_stage`) and the held-out
-likelihood of a model (:func:`likelihood_memo`). ``orchestrator.trial`` hands them to
+likelihood of a model (:func:`likelihood_memo`); and FID's feature extractor and reference features, prepared once
+under the cache's lock, by a Ray task of their own or the first evaluation that needs them (:func:`fid_features`). ``orchestrator.trial`` hands them to
 ``diffusion.evaluation.evaluate``; their records are logged on the run that uses them."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import socket
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from mlflow.entities import Metric, RunTag
@@ -131,3 +135,81 @@ def likelihood_memo(cfg: SweepTrialConfig, key: str, cache: ModelCache, run_id: 
         return stored
 
     return memo
+
+
+FID_RECORD = "fid.json"
+
+
+def fid_spec(cfg: SweepTrialConfig) -> Optional[dict]:
+    """What FID's preparation depends on (the data set, the extractor and its training steps, the reference, the
+    cache directory of both, ``eval.download``), or None when the trial measures no FID."""
+    if not cfg.eval.fid:
+        return None
+    e = cfg.eval
+    return {"data": dataclasses.asdict(cfg.data), "extractor": e.extractor, "classifier_steps": e.classifier_steps,
+            "reference": e.reference, "reference_split": e.reference_split,
+            "cache_dir": os.path.abspath(os.path.expanduser(e.cache_dir)), "download": e.download}
+
+
+def fid_work_ahead(cfg: SweepTrialConfig, dataset) -> bool:
+    """Whether preparing FID for ``cfg`` can take long enough to be worth a Ray task of its own, started ahead: the
+    ``classifier`` extractor (``auto`` resolved) not trained yet in ``eval.cache_dir`` (a minute or more), or
+    clean-fid's files to fetch (``eval.download``). Loading what is on disk takes seconds: the evaluations do it."""
+    from diffusion.metrics import classifier_path, resolve_extractor
+
+    if resolve_extractor(cfg.eval.extractor, dataset) == "classifier":
+        return not os.path.exists(classifier_path(dataset, classifier_steps=cfg.eval.classifier_steps,
+                                                  cache_dir=cfg.eval.cache_dir))
+    return bool(cfg.eval.download)
+
+
+def fid_features(cfg: SweepTrialConfig, dataset, cache: ModelCache, who: str) -> dict:
+    """FID's feature extractor (e.g. the ``classifier`` trained on the digits, minutes on a cold cache) and the
+    reference features, trained or extracted once into ``eval.cache_dir`` and loaded by everyone after: under the lock
+    of the model cache's entry ``fid-<hash of fid_spec>`` (so two evaluations never both train it: the later one
+    waits, then loads). Who did it (``who``: the driver's Ray task, or an evaluation run that got there first) is
+    recorded in the entry (``fid.json``: {"prepared_by", "host", "pid", "extractor", "trained", "seconds",
+    "summary"}) by the first to hold the lock, and again by whoever trains the extractor; the record is returned."""
+    from diffusion.evaluation import check_fid
+    from diffusion.metrics import REFERENCES, get_extractor, load_published_stats, reference_features
+
+    entry = stage_entry("fid", fid_spec(cfg))
+    with cache.lock(entry, "fid", note=who):
+        started = time.perf_counter()
+        check_fid(dataset, cfg)
+        name, extract, info = get_extractor(cfg.eval.extractor, dataset,
+                                            **options_for(get_extractor, cfg.eval, device=torch.device("cpu")))
+        published = REFERENCES.get(cfg.eval.reference)
+        if published is None:
+            reference_features(dataset, cfg.eval.reference_split, name, extract, info, cfg.eval.cache_dir)
+            reference = f"the {cfg.eval.reference_split} split's features"
+        else:
+            stats = load_published_stats(published, cfg.eval.cache_dir, download=cfg.eval.download)
+            reference = f"{published.label} from {stats.path}"
+        record = cache.read(entry, FID_RECORD)
+        trained = name == "classifier" and not info.get("loaded_from_cache", True)
+        if record is None or trained:
+            seconds = time.perf_counter() - started
+            where = f"{who} ({socket.gethostname()}:{os.getpid()})"
+            summary = (f"{name} extractor {'trained' if trained else 'loaded'} by {where} in {seconds:.0f} s"
+                       + (f", test accuracy {info['accuracy']:.4f}" if "accuracy" in info else "")
+                       + f"; reference: {reference}")
+            record = {"prepared_by": who, "host": socket.gethostname(), "pid": os.getpid(), "extractor": name,
+                      "trained": trained, "seconds": seconds, "summary": summary}
+            cache.write(entry, FID_RECORD, record)
+    return record
+
+
+FID_TASK = "ray task"  # fid.json's prepared_by when the driver's Ray task prepared FID (``fid_task``)
+
+
+def fid_task(trial: dict, cache_root: str, env: dict) -> dict:
+    """The Ray task the driver starts for each FID preparation of a sweep (``runner.start_fid_tasks``):
+    :func:`fid_features` for the trial ``trial`` (``Trial.as_dict()``). ``env``: a joined cluster's credentials
+    (the model cache on an object store), set in this worker's environment. Returns the entry's record."""
+    from omegaconf import OmegaConf
+
+    os.environ.update(env or {})
+    torch.set_num_threads(1)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepTrialConfig), trial["config"]))
+    return fid_features(cfg, load_dataset(cfg.data), ModelCache(cache_root), FID_TASK)

@@ -17,11 +17,12 @@ import threading
 import time
 import urllib.request
 from contextlib import contextmanager
-from typing import Iterator, Optional
-
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from diffusion.errors import ConfigError
+
+if TYPE_CHECKING:  # MLflow's client is imported by the functions that use it: starting the server needs none
+    from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
 # Environment variables a worker needs to reach the tracking server (secrets included: they are
@@ -375,17 +376,62 @@ ACTIVE_SERVERS: list[LocalServer] = []  # the local servers tracking_server uses
 def tracking_server(directory: str, log_path: Optional[str] = None) -> Iterator[str]:
     """Yield a tracking URI: $MLFLOW_TRACKING_URI when set, else that of the directory's local server,
     shared with the other sweeps running there (:class:`LocalServer`) and used for the duration."""
-    configured = os.environ.get("MLFLOW_TRACKING_URI")
-    if configured:
-        yield configured
-        return
-    server = LocalServer(directory, log_path=log_path).start()
-    ACTIVE_SERVERS.append(server)
+    with starting_tracking_server(directory, log_path) as tracking:
+        yield tracking.uri()
+
+
+class StartingServer:
+    """The tracking server of :func:`starting_tracking_server`: ``start()`` starts the directory's local server in a
+    background thread (idempotent; nothing to start with $MLFLOW_TRACKING_URI), ``uri()`` waits for it (starting it
+    first if nobody did) and returns the tracking URI, raising what the start raised."""
+
+    def __init__(self, directory: str, log_path: Optional[str] = None):
+        self.configured = os.environ.get("MLFLOW_TRACKING_URI")
+        self.server = None if self.configured else LocalServer(directory, log_path=log_path)
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    def start(self) -> None:
+        if self.server is None or self.thread is not None:
+            return
+        ACTIVE_SERVERS.append(self.server)  # from now on a hard exit (progress.InterruptWatch) leaves it too
+
+        def run() -> None:
+            try:
+                self.server.start()
+            except BaseException as error:  # noqa: BLE001 - raised in the caller's thread by uri()
+                self.error = error
+
+        self.thread = threading.Thread(target=run, name="mlflow-server-start", daemon=True)
+        self.thread.start()
+
+    def uri(self) -> str:
+        if self.server is None:
+            return self.configured
+        self.start()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.server.uri
+
+    def close(self) -> None:
+        """Wait for a start under way, then leave the server (stopped when no other sweep uses it)."""
+        if self.thread is None:
+            return
+        self.thread.join()
+        ACTIVE_SERVERS.remove(self.server)
+        self.server.stop()
+
+
+@contextmanager
+def starting_tracking_server(directory: str, log_path: Optional[str] = None) -> Iterator[StartingServer]:
+    """:func:`tracking_server` whose local server starts in the background when the body calls ``start()`` (the
+    sweep's driver: once its checks passed, while Ray starts) and is waited for at ``uri()``; left at the end."""
+    tracking = StartingServer(directory, log_path)
     try:
-        yield server.uri
+        yield tracking
     finally:
-        ACTIVE_SERVERS.remove(server)
-        server.stop()
+        tracking.close()
 
 
 def worker_env() -> dict[str, str]:

@@ -417,6 +417,8 @@ def _evaluate(cfg: SweepTrialConfig, key: str, model: dict, client: MlflowClient
     device = select_device(cfg.resources.device)
     _where(client, run_id, device)
     model_data, dataset, vae = stages.model_data(cfg, cache, client, run_id, device)
+    # FID's extractor and reference: made by the driver's Ray task (waited for here when it is still at it) or here
+    fid = stages.fid_features(cfg, dataset, cache, f"evaluation run {run_id}") if cfg.eval.fid else None
     trainer = build_trainer(cfg, model_data, device, cfg.resources.amp)
     trainer.load_ema(cache.fetch(key, "ema.pt"))
     # obtained before evaluate: neither drawing the labels nor the classifier's training consume shared random state
@@ -425,6 +427,8 @@ def _evaluate(cfg: SweepTrialConfig, key: str, model: dict, client: MlflowClient
         progress("classifier", 0, 1)
         classifier = stages.guidance_classifier(cfg, dataset, trainer, cache, client, run_id)
     report = Report()
+    if fid is not None:  # who trained (or first loaded) FID's extractor for this sweep's cache, and where
+        report.tags["fid.prepared_by"] = f"{fid['prepared_by']} ({fid['host']}:{fid['pid']})"
     try:
         evaluate(trainer, dataset, cfg, vae=vae, classifier=classifier,
                  likelihood=stages.likelihood_memo(cfg, key, cache, run_id), report=report, progress=progress)

@@ -1,5 +1,6 @@
 """End to end with real Ray and a real MLflow tracking server on loopback."""
 import glob
+import json
 import os
 import re
 import shutil
@@ -132,6 +133,17 @@ def test_smoke_sweep_with_its_own_server(smoke):
                 assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
         nfe = {r.data.tags["variant"]: r.data.metrics["sample_nfe"] for r in children}
         assert nfe == {"ddpm": 20.0, "ncsn": 5 * 5 + 1}
+        # FID's classifier is trained (or first loaded) by a Ray task or an evaluation, never by the driver (whose
+        # host:pid the parent run records); when it was trained here, by the driver's Ray task started ahead
+        driver = parents[0].data.tags["driver"]
+        [record_path] = glob.glob(str(tmp_path / "ray_results" / "models" / "fid-*" / "fid.json"))
+        record = json.loads(open(record_path).read())
+        for run in children:
+            prepared = run.data.tags["fid.prepared_by"]
+            assert prepared == f"{record['prepared_by']} ({record['host']}:{record['pid']})"
+            assert not prepared.endswith(f"({driver})") and record["pid"] != int(driver.rsplit(":", 1)[1])
+        assert record["prepared_by"] == "ray task" if record["trained"] else record["prepared_by"].startswith(
+            "evaluation run ")
     finally:
         reader.stop()
 
@@ -189,6 +201,27 @@ def test_nan_trial_fails_while_other_finishes(tmp_path, server, cache_dir):
     assert status["diverges"].info.status == "FAILED"
     assert "diverged" in status["diverges"].data.tags["failure_reason"]
     assert parents[0].info.status == "FAILED"
+
+
+def test_an_evaluation_starts_once_its_own_model_is_trained(tmp_path, server):
+    """No barrier between the trainings and the evaluations: of two models whose trainings differ a lot in length,
+    each evaluated with two samplers, the short model's evaluations (the second one a Tune trial of its own) start
+    before the long model's training ends; everything finishes."""
+    from smallsweep import small_sweep
+
+    path = small_sweep(tmp_path / "order.yaml", "no_barrier", steps=10,
+                       variants={"short": {"train": {"steps": 10}}, "long": {"train": {"steps": 300}}},
+                       grid={"sample.sampler": ["ancestral", "ddim"]})
+    result = orchestrator(["sweep", path], cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": server.uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(server.uri)
+    _, training, evaluation = all_runs(client, "no_barrier")
+    assert len(training) == 2 and len(evaluation) == 4
+    assert all(r.info.status == "FINISHED" for r in training + evaluation)
+    [long] = [r for r in training if r.data.params["train.steps"] == "300"]
+    short = [r for r in evaluation if r.data.tags["variant"] == "short"]
+    assert len(short) == 2 and all(r.info.start_time < long.info.end_time for r in short), (
+        [r.info.start_time for r in short], long.info.end_time)
 
 
 def test_bad_sweep_file_exits_2_and_writes_nothing(tmp_path, server):

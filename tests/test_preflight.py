@@ -85,15 +85,22 @@ def test_trial_dirname_is_safe_and_distinct():
 
 @pytest.mark.integration
 def test_sweep_refuses_what_it_can_know_before_anything_starts(tmp_path, tmp_path_factory):
-    """Resources beyond this machine are refused once Ray is up, before MLflow starts; a credential in the
-    tracking URI is refused before anything; Ray's token file is readable by its owner only. (Grid values
-    holding '/' and a quote: test_concurrency.)"""
+    """Resources beyond this machine are refused before Ray or MLflow start (the tracking server starts beside a local
+    Ray instance); a credential in the tracking URI is refused before anything; once Ray is up (``start_ray``), its
+    token file is readable by its owner only. (Grid values holding '/' and a quote: test_concurrency.)"""
     path = small_sweep(tmp_path / "odd.yaml", "odd_values", 20)
     home = tmp_path_factory.mktemp("home")  # where Ray keeps a local instance's token: ~/.ray/auth_token
     result = orchestrator(["sweep", path, f"base.resources.cpu={os.cpu_count() + 62}"], cwd=tmp_path,
                           env_extra={"HOME": str(home)})
     assert_refused(result, "base.resources.cpu", "at most")
     assert written(tmp_path) == set()
+    started = subprocess.run(
+        [sys.executable, "-c", "import sys, ray; from orchestrator.preflight import start_ray; "
+         "from orchestrator.sweepfile import load_sweep; start_ray(load_sweep(sys.argv[1], []), None); ray.shutdown()",
+         path], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}, "HOME": str(home),
+             "PYTHONPATH": ROOT})
+    assert started.returncode == 0, started.stderr[-3000:]
     token = home / ".ray" / "auth_token"
     assert token.stat().st_mode & 0o777 == 0o600  # Ray creates it 0644: other users could join the instance
     result = orchestrator(["sweep", path], cwd=tmp_path,

@@ -1,0 +1,60 @@
+"""The order of a sweep's trials on Ray Tune: each evaluation starts as soon as its own model is trained."""
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from ray.tune.search import Searcher
+
+
+class TaskQueue(Searcher):
+    """Tune's source of a sweep's trials (its search algorithm): it hands out the tasks that can run (``suggest``)
+    and holds back each evaluation whose model is being trained until that model's training task ends
+    (``on_trial_complete``): then they can run if the model is in the cache (``model_ready(key)``), else they are
+    given to ``not_evaluated(key, tasks)`` (recorded FAILED) and not run. The sweep ends when no task is left.
+    Tune pickles its search algorithm with the experiment's state: the driver's hooks are left out of that."""
+
+    def __init__(self, ready: list[dict], waiting: dict[str, list[dict]], context: dict,
+                 model_ready: Optional[Callable[[str], bool]] = None,
+                 not_evaluated: Optional[Callable[[str, list[dict]], None]] = None):
+        super().__init__()
+        self.ready, self.waiting, self.context = list(ready), {k: list(v) for k, v in waiting.items()}, context
+        self.model_ready, self.not_evaluated = model_ready, not_evaluated
+        self.running: dict[str, dict] = {}  # Tune's trial id -> its task
+
+    @property
+    def tasks(self) -> list[dict]:
+        """Every task not handed out yet: those that can run, then those waiting for their model."""
+        return self.ready + [task for tasks in self.waiting.values() for task in tasks]
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        if self.ready:
+            task = self.running[trial_id] = self.ready.pop(0)
+            return {"task": task, "context": self.context}
+        return None if self.waiting else Searcher.FINISHED  # None: asked again once a trial ends
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        task = self.running.pop(trial_id, None)
+        if task is None or not task["train"] or task["key"] not in self.waiting:
+            return
+        waiting = self.waiting.pop(task["key"])
+        if self.model_ready is None or self.model_ready(task["key"]):
+            self.ready.extend(waiting)
+        elif self.not_evaluated is not None:
+            self.not_evaluated(task["key"], waiting)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model_ready": None, "not_evaluated": None}
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's experiment checkpoint: the tasks left (a resumed sweep plans again from MLflow and the cache)."""
+        with open(checkpoint_path, "w", encoding="utf-8") as handle:
+            json.dump({"ready": self.ready, "waiting": self.waiting}, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        self.ready, self.waiting = state["ready"], state["waiting"]
