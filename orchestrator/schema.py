@@ -16,7 +16,7 @@ class ResourcesConfig:
     cpu: float = 1.0  # CPUs reserved per trial
     gpu: float = 0.0  # GPUs reserved per trial (fractions share a GPU)
     device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
-    amp: Any = "auto"  # bfloat16 autocast of training and sampling: auto (on CUDA only), true (on CUDA and CPU; pays on CPUs with AMX or AVX512-BF16, see docs/BENCHMARKS.md), false (float32)
+    amp: Any = "auto"  # bfloat16 autocast of training and sampling: auto (on CUDA only), true (on CUDA and CPU: on a CPU without AMX or AVX512-BF16 it trains 17-20x slower, docs/BENCHMARKS.md), false (float32)
     custom: Dict[str, float] = field(default_factory=dict)  # Ray custom resources per trial, e.g. {node_a: 1} to pin trials to nodes started with --resources
     max_failures: int = 2  # retries of a trial whose worker failed (killed, out of memory, node lost); training resumes from its last checkpoint
 
