@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration clean
+.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-uncertainty: $(STAMP)
 
 bench-orchestration: $(STAMP)
 	$(BIN)/python benchmarks/orchestration.py
+
+# needs diffusers (the optional extra `bench`), installed here
+bench-throughput: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log mlflow-server.json mlflow-server.lock

@@ -86,7 +86,7 @@ class TrainedModel:
 
 def load_trained(cfg: TrialConfig, weights: str, *, data: Optional[Dataset] = None,
                  vae: Optional[torch.nn.Module] = None, classifier: Optional[torch.nn.Module] = None,
-                 device: Union[str, torch.device, None] = None, amp: bool = True, source: str = "") -> TrainedModel:
+                 device: Union[str, torch.device, None] = None, amp="auto", source: str = "") -> TrainedModel:
     """The model of ``cfg`` with the EMA weights ``weights`` (a file :meth:`Trainer.save_ema` wrote, loaded with
     ``weights_only=True``), on ``device`` (default ``auto``: CUDA when visible); ``data``: its data set (default
     ``load_dataset(cfg.data)``); ``vae``: a latent model's VAE (required then); ``classifier``: classifier

@@ -216,6 +216,7 @@ def _validate_train(cfg: TrialConfig) -> None:
     _check(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "a number >= 0 (0 disables)")
     _check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", cfg.train.checkpoint_every, "an integer >= 0")
     _check(cfg.train.warmup >= 0, "train.warmup", cfg.train.warmup, "an integer >= 0")
+    _check(isinstance(cfg.train.compile, bool), "train.compile", cfg.train.compile, "true or false")
 
 
 def _validate_model(cfg: TrialConfig) -> None:

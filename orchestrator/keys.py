@@ -11,9 +11,10 @@ from importlib.metadata import PackageNotFoundError, version
 from diffusion.config import TrialConfig
 
 # What determines the trained weights: these sections and the seed (plus the package version). The sample,
-# eval and resources sections never do, nor do the train options that only decide what is recorded.
+# eval and resources sections never do, nor do the train options that only decide what is recorded or how fast
+# the same computation runs (train.compile).
 TRAINING_SECTIONS = ("data", "process", "model", "loss", "train")
-NOT_TRAINING = {"train": ("log_every", "checkpoint_every")}
+NOT_TRAINING = {"train": ("log_every", "checkpoint_every", "compile")}
 
 
 def package_version() -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Any, Dict
 
 from diffusion import validation
 from diffusion.config import TrialConfig, show_bound
@@ -16,7 +16,7 @@ class ResourcesConfig:
     cpu: float = 1.0  # CPUs reserved per trial
     gpu: float = 0.0  # GPUs reserved per trial (fractions share a GPU)
     device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
-    amp: bool = True  # bfloat16/float16 autocast on CUDA (ignored on CPU)
+    amp: Any = "auto"  # bfloat16 autocast of training and sampling: auto (on CUDA only), true (on CUDA and CPU: on a CPU without AMX or AVX512-BF16 it trains 17-20x slower, docs/BENCHMARKS.md), false (float32)
     custom: Dict[str, float] = field(default_factory=dict)  # Ray custom resources per trial, e.g. {node_a: 1} to pin trials to nodes started with --resources
     max_failures: int = 2  # retries of a trial whose worker failed (killed, out of memory, node lost); training resumes from its last checkpoint
 
@@ -46,6 +46,8 @@ def validate_resources(resources: ResourcesConfig) -> None:
     _check(res.cpu > 0, "resources.cpu", res.cpu, "a positive number")
     _check(res.gpu >= 0, "resources.gpu", res.gpu, "a number >= 0 (fractions allowed)")
     DEVICES.get(res.device)
+    _check(res.amp == "auto" if isinstance(res.amp, str) else isinstance(res.amp, bool), "resources.amp", res.amp,
+           "auto (bf16 autocast on CUDA only), true (also on CPU) or false")
     for name, amount in res.custom.items():
         _check(isinstance(amount, (int, float)) and not isinstance(amount, bool), f"resources.custom.{name}", amount,
                "a number >= 0 (an amount of the custom resource per trial)")

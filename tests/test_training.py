@@ -296,3 +296,115 @@ def test_each_family_supplies_loss_samples_and_likelihood_or_its_note(digits, na
         assert trainer.likelihood_note == LIKELIHOOD_NOTE or kind is not LatentFamily
         with pytest.raises(NotImplementedError, match="bits/dim|likelihood"):
             trainer.heldout_likelihood()
+
+
+# --- the fast training step (benchmarks/throughput.py measures it) ---------------------------------------------
+@pytest.mark.parametrize("warmup", [False, True])
+def test_foreach_ema_equals_the_per_parameter_update_exactly(digits, warmup):
+    """Trainer.update_ema (multi-tensor lerp over flat lists) gives bit for bit what AveragedModel's per-parameter
+    update with ema_update does, from the first update (a copy) on; n_averaged counts the same."""
+    from torch.optim.swa_utils import AveragedModel
+    from diffusion.training import ema_update
+
+    cfg = small_config(steps=4, ema_decay=0.9, ema_warmup=warmup)
+    trainer = Trainer(cfg, digits, torch.device("cpu"))
+    reference = AveragedModel(trainer.network, multi_avg_fn=ema_update(0.9, warmup))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        with torch.no_grad():
+            for param in trainer.network.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator))
+        trainer.update_ema()
+        reference.update_parameters(trainer.network)
+    for ours, theirs in zip(trainer.ema.module.parameters(), reference.module.parameters()):
+        assert torch.equal(ours, theirs)
+    assert int(trainer.ema.n_averaged) == int(reference.n_averaged) == 4
+
+
+def test_ema_count_survives_a_checkpoint(digits, tmp_path):
+    """The host-side EMA update count is read back from the checkpoint (the warm-up decay depends on it)."""
+    cfg = small_config(steps=3, ema_decay=0.9)
+    trainer = Trainer(cfg, digits, torch.device("cpu"))
+    trainer.train()
+    trainer.save(str(tmp_path / "c.pt"))
+    fresh = Trainer(cfg, digits, torch.device("cpu"))
+    fresh.load(str(tmp_path / "c.pt"))
+    assert fresh._ema_updates == 3
+
+
+def test_divergence_is_found_at_the_log_point_with_its_step(digits):
+    """Losses are read at log points only; the first non-finite one is reported with its own step, and nothing
+    is logged from that window."""
+    cfg = small_config(steps=8, lr=1e30, grad_clip=0.0)
+    cfg.train.log_every = 4
+    trainer = Trainer(cfg, digits, torch.device("cpu"))
+    logged = []
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.train(on_log=lambda step, loss: logged.append((step, loss)))
+    assert all(step < info.value.step for step, _ in logged) and not torch.isfinite(torch.tensor(info.value.loss))
+    # the same step as a run that reads every loss
+    again = Trainer(cfg, digits, torch.device("cpu"))
+    with pytest.raises(TrainingDiverged) as each:
+        while True:
+            again.train_step()
+    assert each.value.step == info.value.step
+
+
+def test_amp_true_runs_bf16_autocast_on_cpu_and_auto_does_not(digits):
+    cfg = small_config(steps=2)
+    dtypes = []
+    for amp in ("auto", True, False):
+        trainer = Trainer(cfg, digits, torch.device("cpu"), amp=amp)
+        assert trainer.amp is (amp is True)
+        handle = trainer.network.conv_in.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        losses = [r.loss for r in trainer.train()]
+        handle.remove()
+        assert all(torch.isfinite(torch.tensor(losses)))
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 2 + [torch.float32] * 2
+
+
+def test_amp_and_compile_values_are_checked():
+    from diffusion.errors import ConfigError
+    from diffusion.validation import validate
+    from orchestrator.schema import ResourcesConfig, validate_resources
+
+    for amp in ("yes", 1, None):
+        with pytest.raises(ConfigError, match="resources.amp"):
+            validate_resources(ResourcesConfig(amp=amp))
+    for amp in ("auto", True, False):
+        validate_resources(ResourcesConfig(amp=amp))
+    cfg = small_config()
+    cfg.train.compile = "yes"
+    with pytest.raises(ConfigError, match="train.compile.*true or false"):
+        validate(cfg)
+
+
+def test_compile_is_not_part_of_the_training_key():
+    """train.compile runs the same computation: trials that differ only in it share one trained model."""
+    from orchestrator.keys import training_key
+
+    eager, compiled = small_config(), small_config(compile=True)
+    assert training_key(eager) == training_key(compiled)
+
+
+def test_compiled_training_matches_eager(monkeypatch):
+    """train.compile = true trains through torch.compile's wrapper: the same losses as eager within float tolerance,
+    the plain module's weights change (checkpoints and the EMA see them). Dynamo captures the graphs and AOTAutograd
+    builds the backward as in a real compile; the aot_eager backend runs them without inductor's C++ build, which
+    would take a minute here (benchmarks/throughput.py compiles with inductor)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    cfg = TrialConfig(data=DataConfig(name="moons", n_points=200), process=ProcessConfig(T=10),
+                      model=ModelConfig(hidden=16, depth=2), train=TrainConfig(steps=4, batch_size=16, warmup=0, log_every=1))
+    data = load_dataset(cfg.data)
+    eager = Trainer(cfg, data, torch.device("cpu"))
+    compiled = Trainer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True)), data,
+                       torch.device("cpu"))
+    assert compiled.training_network is not compiled.network and eager.training_network is eager.network
+    eager_losses = [r.loss for r in eager.train()]
+    compiled_losses = [r.loss for r in compiled.train()]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-6)
+    for a, b in zip(eager.ema.module.parameters(), compiled.ema.module.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
