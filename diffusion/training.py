@@ -37,7 +37,6 @@ ADAM_OPTIONS = {"fused": True}
 CHANNELS_LAST_ON_CPU = True
 
 
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -47,12 +46,17 @@ class TrainingDiverged(RuntimeError):
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
+    """``auto``: CUDA when present, else CPU. On CUDA, float32 matrix products and convolutions may use TF32 on
+    the GPUs that have it (Ampere and later: a 10-bit mantissa for the products, float32 accumulation)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("resources.device", name, "auto or cpu (no CUDA device is visible)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def amp_enabled(amp, device: torch.device) -> bool:

@@ -26,11 +26,15 @@ def package_version() -> str:
 
 def training_spec(cfg: TrialConfig) -> dict:
     """Everything that affects training, as plain data: the TRAINING_SECTIONS (less NOT_TRAINING), the seed
-    and the package version."""
+    and the package version; and the precision when ``resources.amp`` chooses it (true: bfloat16 autocast,
+    false: float32; ``auto``, the default, follows the device, as the device itself does not enter the key)."""
     spec = {}
     for name in TRAINING_SECTIONS:
         section = dataclasses.asdict(getattr(cfg, name))
         spec[name] = {k: v for k, v in section.items() if k not in NOT_TRAINING.get(name, ())}
+    amp = getattr(getattr(cfg, "resources", None), "amp", "auto")
+    if amp != "auto":
+        spec["precision"] = "bfloat16 autocast" if amp else "float32"
     return {**spec, "seed": cfg.seed, "version": package_version()}
 
 

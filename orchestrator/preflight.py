@@ -26,6 +26,10 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
     # no "View run ... at http://127.0.0.1:PORT" links to the sweep's tracking server, gone once it ends
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    # no usage reports to MLflow's servers; and its telemetry thread sets and removes a variable of the environment
+    # (_MLFLOW_TELEMETRY_SESSION_ID), which fails a request reading the environment at that moment (a KeyError
+    # from urllib's proxy lookup: "log-batch failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'")
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
 

@@ -48,6 +48,7 @@ TRACKING_ENV = (
     "GOOGLE_APPLICATION_CREDENTIALS",
     "ORCHESTRATOR_CACHE_STAGING",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",  # set by preflight.quiet_env: no "View run ... at" lines from workers
+    "MLFLOW_DISABLE_TELEMETRY",  # set by preflight.quiet_env: no usage reports, no environment churn
 )
 # The secrets among them: never sent with a Ray Job (``orchestrator submit``), whose runtime_env Ray logs.
 SECRET_ENV = (

@@ -321,12 +321,16 @@ def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialCont
 
         # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
         startup = time.time() - (entered or time.time())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         first_step, started = trainer.step, time.perf_counter()
         trainer.train(on_log=on_log, on_checkpoint=on_checkpoint)
         seconds = time.perf_counter() - started
         history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
         metrics = {"train_seconds": seconds, "startup_seconds": startup,
                    "train_examples_per_second": (trainer.step - first_step) * cfg.train.batch_size / seconds}
+        if device.type == "cuda":  # what the trial needs of a GPU it shares (resources.gpu below 1)
+            metrics["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         if trainer.learned_schedule:  # the trained VDM schedule, for plotting and comparison across trials
             t = torch.linspace(0, 1, 101, dtype=torch.float64)
             with torch.no_grad():

@@ -387,6 +387,21 @@ def test_compile_is_not_part_of_the_training_key():
     assert training_key(eager) == training_key(compiled)
 
 
+def test_a_chosen_precision_is_part_of_the_training_key():
+    """resources.amp true (bfloat16 autocast) and false (float32) train different weights: never one cache entry;
+    auto (the default) keeps the keys of configs that never chose."""
+    from orchestrator.keys import training_key
+    from orchestrator.schema import SweepTrialConfig
+
+    def with_amp(amp):
+        cfg = SweepTrialConfig()
+        cfg.resources.amp = amp
+        return training_key(cfg)
+
+    assert len({with_amp("auto"), with_amp(True), with_amp(False)}) == 3
+    assert with_amp("auto") == training_key(SweepTrialConfig()) == training_key(TrialConfig())
+
+
 def test_compiled_training_matches_eager(monkeypatch):
     """train.compile = true trains through torch.compile's wrapper: the same losses as eager within float tolerance,
     the plain module's weights change (checkpoints and the EMA see them). Dynamo captures the graphs and AOTAutograd
