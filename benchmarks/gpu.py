@@ -139,7 +139,7 @@ def throughput(case: Case, device: torch.device, steps: int, compile_ok: bool) -
         rows.append(f"| {case.name} | {label} | {case.batch * steps / seconds:,.1f} | {100 * mfu:.0f}% | "
                     f"{'-' if peak_memory is None else f'{peak_memory:.2f}'} | "
                     f"{'-' if compile_seconds is None else f'{compile_seconds:.0f}'} |")
-        del network, run_network, step
+        network = run_network = step = None  # the next precision's network starts on a free device
         if device.type == "cuda":
             torch.cuda.empty_cache()
     header = [f"{case.name}: {human(size.parameters)} parameters, {human(size.step_flops(case.batch), 'FLOP')} per "
