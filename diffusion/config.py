@@ -100,6 +100,7 @@ class TrainConfig:
     log_every: int = 50  # record train_loss every this many steps
     checkpoint_every: int = 1000  # save a resumable checkpoint every this many steps (0: only at the end)
     compile: bool = False  # torch.compile the network for training (inductor: a C++ compiler on CPU; compiling costs tens of seconds once per trial, see docs/BENCHMARKS.md for what it gains)
+    hflip: bool = False  # images: flip each training example left-right with probability 1/2 (Ho et al. 2020 and Song & Ermon 2020 on CIFAR-10)
     cond_dropout: float = 0.0  # class_conditional: probability that a training label is replaced by the null label, training the unconditional model classifier-free guidance needs (Ho & Salimans 2022 use 0.1-0.2)
 
 

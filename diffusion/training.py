@@ -215,6 +215,9 @@ class Trainer:
             len(self.train_data), (self.cfg.train.batch_size,), generator=self.generator, device=self.device
         )
         x0 = self.train_data[index]
+        if self.cfg.train.hflip:  # a random left-right flip of each image (random horizontal flips, Ho et al. 2020)
+            flip = torch.rand(len(x0), generator=self.generator, device=self.device) < 0.5
+            x0 = torch.where(flip.view(-1, *[1] * (x0.dim() - 1)), x0.flip(-1), x0)
         labels = self.training_labels(index)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             losses = self.batch_losses(x0, labels)

@@ -190,6 +190,9 @@ def _check_conditioning(cfg: TrialConfig, labelled: tuple[str, ...]) -> None:
     if conditional:
         _check(cfg.loss.objective == "denoising", "loss.objective", cfg.loss.objective,
                "denoising with model.class_conditional (the score-matching objectives are unconditional)")
+    if cfg.train.hflip:
+        _check(cfg.data.name not in data.POINT_SETS and not cfg.model.latent, "train.hflip", True,
+               "false for 2-D points and for latent diffusion (whose codes are not images)")
     _check(0.0 <= cfg.train.cond_dropout < 1.0, "train.cond_dropout", cfg.train.cond_dropout, "a number in [0, 1)")
     if cfg.train.cond_dropout > 0:
         _check(conditional, "train.cond_dropout", cfg.train.cond_dropout,

@@ -423,3 +423,39 @@ def test_compiled_training_matches_eager(monkeypatch):
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-6)
     for a, b in zip(eager.ema.module.parameters(), compiled.ema.module.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_hflip_flips_about_half_of_each_batch(digits):
+    """train.hflip: each training image is mirrored left-right with probability 1/2 (Ho et al. 2020 on CIFAR-10),
+    drawn from the trainer's generator (reproducible); without it the batch is the data's own rows."""
+    from diffusion.errors import ConfigError
+    from diffusion.validation import validate
+
+    seen = []
+
+    def capture(trainer):
+        original = trainer.batch_losses
+
+        def batch_losses(x0, labels):
+            seen.append(x0.detach().clone())
+            return original(x0, labels)
+        trainer.batch_losses = batch_losses
+
+    counts = []
+    for hflip in (True, False):
+        seen.clear()
+        cfg = small_config(hflip=hflip, steps=1)
+        cfg.train.batch_size = 256
+        trainer = Trainer(cfg, digits, torch.device("cpu"))
+        capture(trainer)
+        trainer.train_step()
+        rows = trainer.train_data.flatten(1)
+        batch = seen[0]
+        same = (batch.flatten(1)[:, None, :] == rows[None]).all(-1).any(-1)
+        mirrored = (batch.flip(-1).flatten(1)[:, None, :] == rows[None]).all(-1).any(-1)
+        symmetric = same & mirrored  # images equal to their own mirror image count as unflipped
+        assert bool((same | mirrored).all())
+        counts.append(int((mirrored & ~symmetric).sum()))
+    assert 90 <= counts[0] <= 166 and counts[1] == 0  # Binomial(256, 1/2): 128 +- 4.7 sd
+    with pytest.raises(ConfigError, match=r"train.hflip: invalid value True; accepted: false for 2-D points"):
+        validate(dataclasses.replace(small_config(hflip=True), data=DataConfig(name="moons")))
