@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput clean
+.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-orchestration: $(STAMP)
 bench-throughput: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/throughput.py
+
+# On a machine with a CUDA GPU: throughput with bf16 and compile, two trials sharing one GPU (under 10 minutes).
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log mlflow-server.json mlflow-server.lock
