@@ -169,3 +169,17 @@ def mlflow_service(compose: dict, variables: dict, directory, port: int, command
         env[name] = _replace(env[name], how)
     env["MLFLOW_AUTH_CONFIG_PATH"] = ini
     return command, env
+
+
+def stop(process) -> None:
+    """A server started in its own process group (``start_new_session``): SIGTERM to the group, SIGKILL after 20 s."""
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import shlex
-import signal
 import socket
 import subprocess
 import time
@@ -20,7 +19,7 @@ from importlib.util import find_spec
 import pytest
 
 from composefile import (LOOPBACK, PLACEHOLDER, REFERENCE, dot_env, environment, interpolate, load_compose,
-                         mlflow_service, option, read_env_example, references, strings)
+                         mlflow_service, option, read_env_example, references, strings, stop)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -562,13 +561,7 @@ def mlflow_server(compose, tmp_path):
             time.sleep(0.3)
         yield uri, admin
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process)
 
 
 @pytest.mark.integration

@@ -18,7 +18,6 @@ directories), in any param or tag, in any artifact or in the sweep's output."""
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from mlflow.tracking import MlflowClient
 
-from composefile import LOOPBACK, dot_env, environment, interpolate, load_compose, mlflow_service
+from composefile import LOOPBACK, dot_env, environment, interpolate, load_compose, mlflow_service, stop
 from diffusion.errors import ConfigError
 from leaks import files_holding
 from orchestrator.tracking import check_tracking_access, free_port
@@ -87,17 +86,6 @@ def serve(command: list, env: dict, directory, uri: str) -> subprocess.Popen:
             return process
         except OSError:
             time.sleep(0.3)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group, SIGKILL after 20 s."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
