@@ -133,30 +133,35 @@ def check_data(sweep: Sweep, fetch: bool = True) -> dict:
 
     ``fetch=False`` (``--dry-run``, ``validate``): nothing is downloaded; a torchvision data set that
     ``data.download`` would fetch stands in by its shape (``diffusion.data.not_downloaded``), its FID unchecked."""
-    from diffusion.data import TORCHVISION_SETS, load_dataset, not_downloaded
-
     datasets, pending = {}, set()
     for trial in sweep.trials:
         data = trial.config.data
         if repr(data) in datasets:
             continue
         try:
-            if fetch or not data.download:
-                datasets[repr(data)] = load_dataset(data)
-                continue
-            try:
-                datasets[repr(data)] = load_dataset(dataclasses.replace(data, download=False))
-            except ConfigError:
-                if data.name not in TORCHVISION_SETS:
-                    raise
-                datasets[repr(data)] = not_downloaded(data)
-                pending.add(repr(data))
+            datasets[repr(data)], waiting = _load_for_checks(data, fetch)
         except ConfigError as error:
             raise ConfigError(_origin(sweep, trial, error.key), error.value, error.accepted,
                               detail=error.detail) from None
+        if waiting:
+            pending.add(repr(data))
     check_fid(sweep, {key: value for key, value in datasets.items() if key not in pending})
     check_networks(sweep, datasets)
     return datasets
+
+
+def _load_for_checks(data, fetch: bool):
+    """(the data set, whether it stands in for one ``data.download`` would fetch: ``check_data``)."""
+    from diffusion.data import TORCHVISION_SETS, load_dataset, not_downloaded
+
+    if fetch or not data.download:
+        return load_dataset(data), False
+    try:
+        return load_dataset(dataclasses.replace(data, download=False)), False
+    except ConfigError:
+        if data.name not in TORCHVISION_SETS:
+            raise
+        return not_downloaded(data), True
 
 
 def network_shape(cfg, dataset) -> tuple[int, ...]:
