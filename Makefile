@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput bench-gpu clean
+.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput bench-gpu bench-data-parallel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-throughput: $(STAMP)
 # On a machine with a CUDA GPU: throughput with bf16 and compile, two trials sharing one GPU (under 10 minutes).
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/gpu.py
+
+bench-data-parallel: $(STAMP)
+	$(BIN)/python benchmarks/data_parallel.py
 
 clean:
 	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log mlflow-server.json mlflow-server.lock

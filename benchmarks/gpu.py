@@ -8,7 +8,8 @@ MFU and peak memory.
    measured in the same run at the same precision.
 2. A two-trial sweep at ``resources.gpu: 0.5``: two DDPM trials of the smoke sweep share one GPU; their training
    runs' times say whether they ran at once, and each logs its own images/s and peak memory.
-3. With two GPUs or more: a 2-worker data-parallel trial (``resources.workers``; not built yet: said so).
+3. With two GPUs or more: the same model trained by 1 worker and by 2 (``resources.workers``: Ray Train, DDP on
+   NCCL), one after the other, with each training's images/s and peak memory.
 
 Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same code on the CPU, shrunk, as the test
 suite does (tests/test_gpu_check.py).
@@ -149,20 +150,20 @@ def throughput(case: Case, device: torch.device, steps: int, compile_ok: bool) -
     return header + rows + [""]
 
 
-def shared_gpu_sweep(device: torch.device, workdir: str) -> list[str]:
-    """Two trials of the smoke sweep's DDPM at ``resources.gpu: 0.5`` (on the CPU: ``gpu: 0``), in ``workdir`` with
-    its own MLflow store; their training runs' intervals, images/s and peak memory."""
+def run_sweep(name: str, device: torch.device, workdir: str, resources: dict, grid: dict, max_concurrent: int):
+    """The smoke sweep's DDPM with ``resources`` and ``grid`` in ``workdir`` with its own MLflow store (300 steps of
+    128 on CUDA, 20 on the CPU); returns (its training runs, wall seconds, steps) or (None, the failure's lines)."""
     from mlflow.tracking import MlflowClient
 
     smoke = yaml.safe_load(open(os.path.join(ROOT, "sweeps", "smoke.yaml")))
     base = {**smoke["base"], **smoke["variants"]["ddpm"]}
-    base["train"] = {**base["train"], "steps": 300 if device.type == "cuda" else 20, "batch_size": 128}
+    steps = 300 if device.type == "cuda" else 20
+    base["train"] = {**base["train"], "steps": steps, "batch_size": 128}
     base["eval"] = {"fid": False, "bpd": False}
-    base["resources"] = ({"cpu": 1, "gpu": 0.5, "device": "cuda"} if device.type == "cuda"
-                         else {"cpu": 1, "gpu": 0, "device": "cpu"})
-    path = os.path.join(workdir, "shared_gpu.yaml")
+    base["resources"] = resources
+    path = os.path.join(workdir, f"{name}.yaml")
     with open(path, "w") as handle:
-        yaml.safe_dump({"name": "shared_gpu", "base": base, "grid": {"seed": [0, 1]}, "max_concurrent": 2}, handle)
+        yaml.safe_dump({"name": name, "base": base, "grid": grid, "max_concurrent": max_concurrent}, handle)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     started = time.time()
@@ -170,22 +171,49 @@ def shared_gpu_sweep(device: torch.device, workdir: str) -> list[str]:
                             capture_output=True, text=True)
     wall = time.time() - started
     if result.returncode != 0:
-        return [f"two-trial sweep at resources.gpu {base['resources']['gpu']}: FAILED (exit {result.returncode})",
-                result.stdout[-2000:], result.stderr[-2000:]]
+        return None, [f"sweep {name}: FAILED (exit {result.returncode})", result.stdout[-2000:], result.stderr[-2000:]]
     client = MlflowClient(f"sqlite:///{os.path.join(workdir, 'mlflow.db')}")
-    experiment = client.get_experiment_by_name("shared_gpu")
+    experiment = client.get_experiment_by_name(name)
     runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("stage") == "train"]
-    intervals = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in runs)
-    overlap = max(0.0, min(end for _, end in intervals) - max(start for start, _ in intervals)) if len(runs) == 2 else 0
-    lines = [f"two-trial sweep at resources.gpu {base['resources']['gpu']} (the smoke sweep's DDPM, "
-             f"{base['train']['steps']} steps of 128): {wall:.0f} s wall; the two trainings overlapped for "
-             f"{overlap:.0f} s", "", "| trial | train img/s | peak memory (MiB) |", "|---|---|---|"]
-    for run in sorted(runs, key=lambda r: r.data.params.get("seed", "")):
+    return runs, (wall, steps)
+
+
+def run_rows(runs, param: str) -> list[str]:
+    """A table row per training run: the grid value, images/s and peak memory."""
+    lines = ["| trial | train img/s | peak memory (MiB) |", "|---|---|---|"]
+    for run in sorted(runs, key=lambda r: r.data.params.get(param, "")):
         metrics = run.data.metrics
         memory = metrics.get("train_peak_memory_mb")
-        lines.append(f"| seed={run.data.params.get('seed')} | {metrics['train_examples_per_second']:,.1f} | "
+        lines.append(f"| {param}={run.data.params.get(param, '1')} | {metrics['train_examples_per_second']:,.1f} | "
                      f"{'-' if memory is None else f'{memory:.0f}'} |")
     return lines + [""]
+
+
+def shared_gpu_sweep(device: torch.device, workdir: str) -> list[str]:
+    """Two trials of the smoke sweep's DDPM at ``resources.gpu: 0.5`` (on the CPU: ``gpu: 0``); their training runs'
+    intervals, images/s and peak memory."""
+    resources = ({"cpu": 1, "gpu": 0.5, "device": "cuda"} if device.type == "cuda"
+                 else {"cpu": 1, "gpu": 0, "device": "cpu"})
+    runs, figures = run_sweep("shared_gpu", device, workdir, resources, {"seed": [0, 1]}, 2)
+    if runs is None:
+        return figures
+    wall, steps = figures
+    intervals = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in runs)
+    overlap = max(0.0, min(end for _, end in intervals) - max(start for start, _ in intervals)) if len(runs) == 2 else 0
+    return [f"two-trial sweep at resources.gpu {resources['gpu']} (the smoke sweep's DDPM, {steps} steps of 128): "
+            f"{wall:.0f} s wall; the two trainings overlapped for {overlap:.0f} s", "", *run_rows(runs, "seed")]
+
+
+def data_parallel_sweep(device: torch.device, workdir: str) -> list[str]:
+    """The smoke sweep's DDPM trained on 1 GPU and on 2 (``resources.workers``, Ray Train with NCCL), one after the
+    other, at the same global batch; each training's images/s (rank 0's view of the global batch) and memory."""
+    resources = {"cpu": 1, "gpu": 1, "device": "cuda"}
+    runs, figures = run_sweep("data_parallel", device, workdir, resources, {"resources.workers": [1, 2]}, 1)
+    if runs is None:
+        return figures
+    wall, steps = figures
+    return [f"data-parallel sweep, 1 worker then 2 workers of one GPU each ({steps} steps of 128): {wall:.0f} s wall",
+            "", *run_rows(runs, "data_parallel_workers")]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -211,8 +239,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_sweep:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
             print("\n".join(shared_gpu_sweep(device, workdir)), flush=True)
-    if device.type == "cuda" and torch.cuda.device_count() >= 2:
-        print("2-worker data-parallel trial: not run; resources.workers (issue 17, part 3) is not built yet")
+    if device.type == "cuda" and torch.cuda.device_count() >= 2 and not args.no_sweep:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
+            print("\n".join(data_parallel_sweep(device, workdir)), flush=True)
     elif device.type == "cuda":
         print("2-worker data-parallel trial: not run (one GPU)")
     print(f"\ngpu check done in {(time.time() - started) / 60:.1f} min")

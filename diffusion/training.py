@@ -20,6 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from .config import TrialConfig
 from .data import Dataset
 from .errors import ConfigError
+from . import distributed
 from .denoiser import Denoiser
 from .families import Family, build_family
 from .nets import build_network
@@ -139,6 +140,7 @@ class Trainer:
         # the EMA and sampling use the plain module
         # (static shapes: the batch never changes, and dynamic ones met an inductor bug with these U-Nets)
         self.training_network = torch.compile(self.network, dynamic=False) if cfg.train.compile else self.network
+        self.rank, self.world = 0, 1  # this process's place in data-parallel training (data_parallel)
 
     # --- the family's, under the names callers use -------------------------------------------
     @property
@@ -224,6 +226,8 @@ class Trainer:
         loss = losses.float().mean()
         self.optimizer.zero_grad(set_to_none=True)
         self.family.backward(loss, losses)
+        if self.world > 1 and self._family_parameters:  # a learned schedule: DDP averages the network's only
+            distributed.average_gradients(self._family_parameters, self.world)
         clip = self.cfg.train.grad_clip
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self._parameters, clip, foreach=True)
@@ -238,7 +242,10 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         """ema <- d ema + (1 - d) w over every parameter at once (AveragedModel's update with
-        :func:`ema_update`'s decay, as multi-tensor ops on the flat lists; the first update copies the weights)."""
+        :func:`ema_update`'s decay, as multi-tensor ops on the flat lists; the first update copies the weights).
+        In data-parallel training only rank 0 keeps the EMA (every rank holds the same weights)."""
+        if self.rank:
+            return
         n = self._ema_updates
         if n == 0:
             torch._foreach_copy_(self._ema_parameters, self._parameters)
@@ -284,6 +291,23 @@ class Trainer:
             if not math.isfinite(value):
                 raise TrainingDiverged(self.step - len(values) + 1 + offset, value)
         return values
+
+    def data_parallel(self) -> None:
+        """Train as one process of the ``torch.distributed`` default group, when it has more than one: each process
+        evaluates its shard of the same global batch of ``train.batch_size`` (``diffusion.distributed``) and the
+        gradients are averaged, so that the steps are those of one process up to rounding. Call it on every process
+        after loading a checkpoint (all load the same one); the weights are rank 0's from here on. Only rank 0
+        keeps the EMA; dropout's random state is seeded per rank and step."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        distributed.shard_bounds(self.cfg.train.batch_size, self.rank, self.world)  # a batch that splits evenly
+        self.training_network = distributed.ShardedNetwork(distributed.wrap(self.training_network, self.device),
+                                                           self.rank, self.world)
+        if self.rank:  # rank 0 keeps the single-process stream (its checkpoint holds it)
+            torch.manual_seed(hash((self.cfg.seed, self.rank, self.step)) % 2**63)
 
     # --- sampling and likelihood of the EMA model --------------------------------------------
     def sample_labels(self, n: int) -> Optional[torch.Tensor]:

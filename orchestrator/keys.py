@@ -26,8 +26,9 @@ def package_version() -> str:
 
 def training_spec(cfg: TrialConfig) -> dict:
     """Everything that affects training, as plain data: the TRAINING_SECTIONS (less NOT_TRAINING), the seed
-    and the package version; and the precision when ``resources.amp`` chooses it (true: bfloat16 autocast,
-    false: float32; ``auto``, the default, follows the device, as the device itself does not enter the key)."""
+    and the package version; the precision when ``resources.amp`` chooses it (true: bfloat16 autocast,
+    false: float32; ``auto``, the default, follows the device, as the device itself does not enter the key); and
+    ``resources.workers`` when training is data-parallel."""
     spec = {}
     for name in TRAINING_SECTIONS:
         section = dataclasses.asdict(getattr(cfg, name))
@@ -35,6 +36,9 @@ def training_spec(cfg: TrialConfig) -> dict:
     amp = getattr(getattr(cfg, "resources", None), "amp", "auto")
     if amp != "auto":
         spec["precision"] = "bfloat16 autocast" if amp else "float32"
+    workers = getattr(getattr(cfg, "resources", None), "workers", 1)
+    if workers > 1:  # the same steps up to rounding, with dropout masks drawn per worker: not the same weights
+        spec["data_parallel_workers"] = workers
     return {**spec, "seed": cfg.seed, "version": package_version()}
 
 

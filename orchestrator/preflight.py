@@ -89,7 +89,10 @@ def start_ray(sweep: Sweep, address: Optional[str]) -> bool:
     quiet_env()
     # Ray's notice that it turned token authentication on for a local instance (docs/SECURITY.md) is not news
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=True,
+    # Ray Train (data-parallel trials) watches its controller through the state API, which the dashboard serves
+    # (on 127.0.0.1); other sweeps do without it
+    parallel = any(trial.config.resources.workers > 1 for trial in sweep.trials)
+    ray.init(address=address, include_dashboard=parallel, log_to_driver=True, configure_logging=True,
              logging_level="WARNING")
     if not remote:
         private_token_file()
@@ -236,6 +239,7 @@ def check_resources(sweep: Sweep, nodes: list[dict], where: str) -> None:
         wanted = {"CPU": res.cpu, "GPU": res.gpu, **{name: float(amount) for name, amount in res.custom.items()}}
         wanted = {name: amount for name, amount in wanted.items() if amount > 0}
         if any(all(node.get(name, 0.0) >= amount for name, amount in wanted.items()) for node in nodes):
+            _check_workers(sweep, trial, wanted, nodes, where)
             continue
         for name, amount in wanted.items():
             most = max((node.get(name, 0.0) for node in nodes), default=0.0)
@@ -246,6 +250,17 @@ def check_resources(sweep: Sweep, nodes: list[dict], where: str) -> None:
                                   detail=f"trial {trial.name} would wait for ever")
         raise ConfigError(_origin(sweep, trial, "resources"), dict(wanted), f"resources one node of {where} has",
                           detail=f"no single node has all of them; trial {trial.name} would wait for ever")
+
+
+def _check_workers(sweep: Sweep, trial: Trial, wanted: dict, nodes: list[dict], where: str) -> None:
+    """A data-parallel trial's workers (each with ``wanted``) must fit on the nodes together, each on one node."""
+    workers = trial.config.resources.workers
+    fits = sum(min((int(node.get(name, 0.0) // amount) for name, amount in wanted.items()), default=workers)
+               for node in nodes)
+    if fits < workers:
+        raise ConfigError(_origin(sweep, trial, "resources.workers"), workers,
+                          f"at most {fits} (the workers of {dict(wanted)} each that {where} holds at once)",
+                          detail=f"trial {trial.name} would wait for ever")
 
 
 def _origin(sweep: Sweep, trial: Trial, key: str) -> str:

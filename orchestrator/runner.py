@@ -73,7 +73,8 @@ def describe(sweep: Sweep, groups: Optional[list[TrainingGroup]] = None, cache: 
     for trial in sweep.trials:
         res = trial.config.resources
         model = f"  model={keys[trial.name][:8]}" if trial.name in keys else ""
-        lines.append(f"  {trial.name:<40} cpu={res.cpu:g} gpu={res.gpu:g}  {_trial_line(trial)}{model}")
+        workers = f" x {res.workers} workers" if res.workers > 1 else ""
+        lines.append(f"  {trial.name:<40} cpu={res.cpu:g} gpu={res.gpu:g}{workers}  {_trial_line(trial)}{model}")
     if groups is not None and datasets is not None:
         lines += model_lines(groups, datasets)
     if groups is not None and cache is not None:
@@ -257,12 +258,18 @@ def pending_trials(run: SweepRun) -> list[tuple[TrainingGroup, list[Trial]]]:
 def plan_tasks(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]]]) -> tuple[list[dict], dict[str, list[dict]]]:
     """The sweep's Tune tasks: (those that can start now, the evaluations waiting for a model, by training key).
     A model not in the cache is trained by a task that then evaluates its group's first pending trial; the group's
-    other trials wait for that task. A cached model's trials are evaluated at once, one task each. Training tasks
-    come first: they are the longest, and the others wait for them."""
+    other trials wait for that task. A data-parallel training (``resources.workers`` > 1, ``orchestrator.parallel``)
+    is a task of its own, named ``train <its first trial>``, and every trial of its group waits for it. A cached
+    model's trials are evaluated at once, one task each. Training tasks come first: they are the longest, and the
+    others wait for them."""
     training, ready, waiting = [], [], {}
     for group, trials in pending:
         if run.cache.has(group.key):
             ready += [_task(group, [trial], train=False) for trial in trials]
+            continue
+        if group.trials[0].config.resources.workers > 1:  # its Ray Train workers hold the resources: train only
+            training.append(_task(group, [], train=True))
+            waiting[group.key] = [_task(group, [trial], train=False) for trial in trials]
             continue
         training.append(_task(group, trials[:1], train=True))
         if trials[1:]:
@@ -333,9 +340,15 @@ def report(sweep_report: "SweepReport", status: str, killed: list[str], seconds:
 
 
 def _task(group: TrainingGroup, trials: list[Trial], train: bool) -> dict:
-    """One Ray Tune trial's work (``trial.execute_task``), named after its first trial."""
-    return {"name": trials[0].name, "key": group.key, "train": train, "group": [t.name for t in group.trials],
-            "trials": [t.as_dict() for t in trials], "max_failures": trials[0].config.resources.max_failures}
+    """One Ray Tune trial's work (``trial.execute_task``), named after its first trial (a training that evaluates
+    none: ``train <the group's first trial>``), with the resources of the group's trials."""
+    resources = dataclasses.asdict(group.trials[0].config.resources)
+    task = {"name": trials[0].name if trials else f"train {group.trials[0].name}", "key": group.key, "train": train,
+            "group": [t.name for t in group.trials], "trials": [t.as_dict() for t in trials], "resources": resources,
+            "max_failures": resources["max_failures"]}
+    if not trials:  # the trial whose config the model is trained with
+        task["trains"] = group.trials[0].as_dict()
+    return task
 
 
 def _fit(run: SweepRun, queue) -> None:
@@ -344,6 +357,7 @@ def _fit(run: SweepRun, queue) -> None:
     handed over through Ray's object store (``tune.with_parameters``), never in Tune's config."""
     from ray import tune
 
+    from .parallel import task_resources
     from .trial import run_task
 
     tasks = queue.tasks
@@ -354,8 +368,7 @@ def _fit(run: SweepRun, queue) -> None:
     sweep = run.sweep
 
     def resources(config: dict) -> dict:
-        wanted = config["task"]["trials"][0]["config"]["resources"]
-        return {"cpu": wanted["cpu"], "gpu": wanted["gpu"], **dict(wanted["custom"])}
+        return task_resources(config["task"]["resources"], config["task"]["train"])
 
     keep_credentials_out_of_tune()
     # Tune keeps one trial pending at a time for a search algorithm of its own (TaskQueue): every task that can start
@@ -370,7 +383,9 @@ def _fit(run: SweepRun, queue) -> None:
             search_alg=queue,
             num_samples=len(tasks),  # one trial per task; fewer when a model fails to train (TaskQueue)
             max_concurrent_trials=sweep.max_concurrent,
-            reuse_actors=True,  # a trial's worker process (its imports, its data) serves the next trial
+            # a trial's worker process (its imports, its data) serves the next trial; not with data-parallel
+            # trainings, which wait for CPUs that an idle cached worker would keep
+            reuse_actors=not any(task["resources"]["workers"] > 1 for task in tasks),
             trial_name_creator=lambda t: t.config["task"]["name"],
             trial_dirname_creator=lambda t: trial_dirname(t.config["task"]["name"]),
         ),

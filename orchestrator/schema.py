@@ -18,6 +18,7 @@ class ResourcesConfig:
     device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
     amp: Any = "auto"  # bfloat16 autocast of training and sampling: auto (on CUDA only), true (on CUDA and CPU: on a CPU without AMX or AVX512-BF16 it trains 17-20x slower, docs/BENCHMARKS.md), false (float32)
     custom: Dict[str, float] = field(default_factory=dict)  # Ray custom resources per trial, e.g. {node_a: 1} to pin trials to nodes started with --resources
+    workers: int = 1  # data-parallel training on this many Ray Train workers (DDP: NCCL on GPUs, gloo on CPUs), each with the cpu, gpu and custom resources above; the global batch train.batch_size is split evenly across them
     max_failures: int = 2  # retries of a trial whose worker failed (killed, out of memory, node lost); training resumes from its last checkpoint
 
 
@@ -32,7 +33,7 @@ for _name in ("auto", "cpu", "cuda"):
     DEVICES.register(_name)(_name)
 
 # The bounds of the orchestrator's integer options (diffusion.config.INT_BOUNDS holds the library's).
-INT_BOUNDS: Dict[str, tuple[int, int]] = {"resources.max_failures": (0, 1000)}
+INT_BOUNDS: Dict[str, tuple[int, int]] = {"resources.max_failures": (0, 1000), "resources.workers": (1, 1024)}
 
 
 def _check(cond: bool, key: str, value, accepted: str) -> None:
@@ -65,4 +66,7 @@ def validate(cfg: SweepTrialConfig) -> SweepTrialConfig:
     """The library's checks of every section (``diffusion.validation.validate``), then the resources."""
     validation.validate(cfg)
     validate_resources(cfg.resources)
+    workers = cfg.resources.workers
+    _check(cfg.train.batch_size % workers == 0, "resources.workers", workers,
+           f"a divisor of train.batch_size ({cfg.train.batch_size}): every worker evaluates an equal share of the batch")
     return cfg

@@ -73,7 +73,8 @@ def run_task(config: dict, env: Optional[dict] = None) -> None:
 
 def execute_task(task: dict, context: TrialContext, report: Optional[Callable[[dict], None]] = None) -> list[TrialOutcome]:
     """``task``: {"key": training key, "train": bool, "group": names of every trial of the key,
-    "trials": [Trial.as_dict(), ...] to evaluate}. Trains first when "train" is set (a failed training
+    "trials": [Trial.as_dict(), ...] to evaluate (none for a data-parallel training, whose "trains" is the trial
+    it trains with)}. Trains first when "train" is set (a failed training
     fails the task's evaluations too, with the reason), then evaluates each trial.
 
     Idempotent within a sweep run: a training or evaluation already FINISHED under the parent run is
@@ -89,8 +90,8 @@ def execute_task(task: dict, context: TrialContext, report: Optional[Callable[[d
     try:
         if task["train"]:
             try:
-                train_model(_config(task["trials"][0]), task["key"], task["group"], context, client, cache, report,
-                            entered)
+                trains = task["trials"][0] if task["trials"] else task["trains"]
+                train_model(_config(trains), task["key"], task["group"], context, client, cache, report, entered)
             except BaseException as error:
                 if not _transient(error):
                     for trial in task["trials"]:
@@ -283,9 +284,10 @@ def evaluation_note(trial: dict, experiment_id: str, training_run: str) -> str:
 
 def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
            cache: ModelCache, report: Callable[[dict], None], entered: Optional[float], previous) -> str:
-    """:func:`train_model`'s training, under the entry's lock, with this sweep run's earlier training run or None."""
+    """:func:`train_model`'s training, under the entry's lock, with this sweep run's earlier training run or None:
+    in this process (:func:`fit_model`), or data-parallel on ``resources.workers`` Ray Train workers
+    (``orchestrator.parallel``)."""
     spec = training_spec(cfg)
-    logged = 0
     if previous is None:
         tags = {**_base_tags(context, TRAIN, key), "trials": ",".join(group)[:5000]}
         run_id = client.create_run(context.experiment_id, run_name=training_run_name(group), tags=tags).info.run_id
@@ -293,62 +295,87 @@ def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialCont
         cache.remove(key, CHECKPOINT_SUM)
     else:
         run_id = _reopen(client, previous)
-        logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
     cache.write(key, "spec.json", spec)
     cache.write(key, "run.json", {"run_id": run_id, "experiment_id": context.experiment_id})
     try:
         if previous is None:
             _log_params(client, run_id, spec)
             client.log_text(run_id, OmegaConf.to_yaml(spec), "config.yaml")
-        device = select_device(cfg.resources.device)
-        _where(client, run_id, device)
         report({"phase": "prepare", "phase_step": 0, "phase_total": 1})
-        model_data, _, _ = stages.model_data(cfg, cache, client, run_id, device)
-        trainer, restored, damaged = resume_trainer(cfg, key, cache, model_data, device, previous is not None)
-        if restored:
-            client.set_tag(run_id, "resumed_from_step", str(trainer.step))
-        elif damaged:
-            client.set_tag(run_id, "checkpoint_damaged", f"{damaged}: trained from step 0"[:5000])
+        if cfg.resources.workers > 1:
+            from .parallel import train_data_parallel  # Ray Train: imported by data-parallel trials only
 
-        def on_log(step: int, loss: float) -> None:
-            if step > logged:  # a resumed run repeats the steps after its checkpoint: log them once
-                client.log_metric(run_id, "train_loss", loss, step=step)
-            report({"train_loss": loss, "step": step, "phase": "train", "phase_step": step,
-                    "phase_total": cfg.train.steps})
-
-        def on_checkpoint(step: int) -> None:
-            cache.save_checkpoint(key, trainer.save)
-
-        # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
-        startup = time.time() - (entered or time.time())
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        first_step, started = trainer.step, time.perf_counter()
-        trainer.train(on_log=on_log, on_checkpoint=on_checkpoint)
-        seconds = time.perf_counter() - started
-        history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
-        metrics = {"train_seconds": seconds, "startup_seconds": startup,
-                   "train_examples_per_second": (trainer.step - first_step) * cfg.train.batch_size / seconds}
-        if device.type == "cuda":  # what the trial needs of a GPU it shares (resources.gpu below 1)
-            metrics["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        if trainer.learned_schedule:  # the trained VDM schedule, for plotting and comparison across trials
-            t = torch.linspace(0, 1, 101, dtype=torch.float64)
-            with torch.no_grad():
-                log_snr = trainer.process.schedule(t).cpu()
-            client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
-        trainer.save_ema(cache.local(key, "ema.pt"))
-        files = {"ema.pt": cache.publish_file(key, "ema.pt")}  # checksums: ModelCache.model verifies them
-        client.log_artifact(run_id, cache.local(key, "ema.pt"))
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
-        cache.write(key, MODEL_FILE, {"run_id": run_id, "experiment_id": context.experiment_id, "steps": trainer.step,
-                                      "train_loss": history[-1].value if history else float("nan"), **metrics,
-                                      "files": files})
+            train_data_parallel(cfg, key, run_id, context, entered)
+        else:
+            fit_model(cfg, key, run_id, context.experiment_id, client, cache, report, entered,
+                      resume=previous is not None)
     except BaseException as error:  # recorded, then re-raised so Ray marks the trial as errored
         _fail(client, run_id, error)
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run_id
+
+
+def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, client: MlflowClient, cache: ModelCache,
+              report: Callable[[dict], None], entered: Optional[float], resume: bool,
+              device: Optional[torch.device] = None) -> None:
+    """Train the model of ``key`` for the training run ``run_id``, from the cache's checkpoint when ``resume``, and
+    publish it in the cache: the EMA weights, then the entry's ``model.json``. ``train_loss`` is logged at the steps
+    not logged before (a resumed run repeats the steps after its checkpoint) and reported to Tune with the phase.
+
+    On each process of a data-parallel training (``orchestrator.parallel``) the trainer joins the process group
+    (``Trainer.data_parallel``); rank 0 alone logs, checkpoints and publishes, and every rank reports (Ray Train's
+    report is a barrier)."""
+    device = device or select_device(cfg.resources.device)
+    logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0) if resume else 0
+    model_data, _, _ = stages.model_data(cfg, cache, client, run_id, device)
+    trainer, restored, damaged = resume_trainer(cfg, key, cache, model_data, device, resume)
+    trainer.data_parallel()
+    lead = trainer.rank == 0
+    if lead:
+        _where(client, run_id, device)
+        if restored:
+            client.set_tag(run_id, "resumed_from_step", str(trainer.step))
+        elif damaged:
+            client.set_tag(run_id, "checkpoint_damaged", f"{damaged}: trained from step 0"[:5000])
+
+    def on_log(step: int, loss: float) -> None:
+        if lead and step > logged:
+            client.log_metric(run_id, "train_loss", loss, step=step)
+        report({"train_loss": loss, "step": step, "phase": "train", "phase_step": step,
+                "phase_total": cfg.train.steps})
+
+    def on_checkpoint(step: int) -> None:
+        if lead:
+            cache.save_checkpoint(key, trainer.save)
+
+    # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
+    startup = time.time() - (entered or time.time())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first_step, started = trainer.step, time.perf_counter()
+    trainer.train(on_log=on_log, on_checkpoint=on_checkpoint)
+    seconds = time.perf_counter() - started
+    if not lead:
+        return
+    history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+    metrics = {"train_seconds": seconds, "startup_seconds": startup,
+               "train_examples_per_second": (trainer.step - first_step) * cfg.train.batch_size / seconds}
+    if device.type == "cuda":  # what the trial needs of a GPU it shares (resources.gpu below 1)
+        metrics["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if trainer.learned_schedule:  # the trained VDM schedule, for plotting and comparison across trials
+        t = torch.linspace(0, 1, 101, dtype=torch.float64)
+        with torch.no_grad():
+            log_snr = trainer.process.schedule(t).cpu()
+        client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
+    trainer.save_ema(cache.local(key, "ema.pt"))
+    files = {"ema.pt": cache.publish_file(key, "ema.pt")}  # checksums: ModelCache.model verifies them
+    client.log_artifact(run_id, cache.local(key, "ema.pt"))
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
+    cache.write(key, MODEL_FILE, {"run_id": run_id, "experiment_id": experiment_id, "steps": trainer.step,
+                                  "train_loss": history[-1].value if history else float("nan"), **metrics,
+                                  "files": files})
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,10 @@ def test_training_key_changes_with_everything_that_affects_training():
     assert key not in keys and len(keys) == len(variations) + 1
     spec = training_spec(cfg)
     assert set(spec) == {*TRAINING_SECTIONS, "seed", "version"} and "log_every" not in spec["train"]
+    # data-parallel training: the same steps up to rounding, not the same weights; 1 worker is the default
+    sweep_cfg = SweepTrialConfig()
+    assert training_key(changed(sweep_cfg, "resources", "workers", 1 + 1)) != training_key(sweep_cfg) == key
+    assert training_spec(changed(sweep_cfg, "resources", "workers", 4))["data_parallel_workers"] == 4
 
 
 def test_plan_groups_trials_by_model_and_dry_run_shows_the_counts(tmp_path, capsys):

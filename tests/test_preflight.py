@@ -71,6 +71,24 @@ def test_resources_no_node_has():
     with pytest.raises(ConfigError, match="no single node has all of them"):
         check_resources(custom, [{"CPU": 4.0}, {"CPU": 0.0, "node_a": 1.0}], "a cluster")
     check_resources(custom, [{"CPU": 4.0}, {"CPU": 1.0, "node_a": 1.0}], "a cluster")
+    # data-parallel workers, each with the trial's resources, on the nodes together
+    parallel = load_sweep(os.path.join(ROOT, "sweeps", "smoke.yaml"), ["base.resources.workers=4"])
+    with pytest.raises(ConfigError, match=r"base\.resources\.workers: invalid value 4; accepted: at most 2 \(the "
+                                          r"workers of \{'CPU': 1\.0\} each that this machine holds"):
+        check_resources(parallel, nodes, "this machine")
+    check_resources(parallel, [*nodes, {"CPU": 2.5}], "a cluster")  # 2 + 2 workers on two nodes
+    with pytest.raises(ConfigError, match="at most 3"):
+        check_resources(parallel, [*nodes, {"CPU": 1.5}], "a cluster")
+
+
+def test_workers_must_divide_the_batch():
+    with pytest.raises(ConfigError, match=r"base\.resources\.workers: invalid value 3; accepted: a divisor of "
+                                          r"train\.batch_size \(64\)"):
+        load_sweep(os.path.join(ROOT, "sweeps", "smoke.yaml"), ["base.resources.workers=3", "base.train.batch_size=64"])
+    with pytest.raises(ConfigError, match=r"resources\.workers: invalid value 0; accepted: an integer >= 1"):
+        load_sweep(os.path.join(ROOT, "sweeps", "smoke.yaml"), ["base.resources.workers=0"])
+    sweep = load_sweep(os.path.join(ROOT, "sweeps", "smoke.yaml"), ["base.resources.workers=2", "base.train.batch_size=64"])
+    assert {t.config.resources.workers for t in sweep.trials} == {2}
 
 
 def test_trial_dirname_is_safe_and_distinct():
