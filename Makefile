@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput bench-gpu bench-data-parallel clean
+.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput bench-gpu bench-data-parallel bench-fid-during-training clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -58,6 +58,9 @@ bench-gpu: $(STAMP)
 
 bench-data-parallel: $(STAMP)
 	$(BIN)/python benchmarks/data_parallel.py
+
+bench-fid-during-training: $(STAMP)
+	$(BIN)/python benchmarks/fid_during_training.py
 
 clean:
 	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log mlflow-server.json mlflow-server.lock

@@ -155,6 +155,10 @@ class EvalConfig:
     inverse_guidance: float = 1.0  # likelihood, tweedie: scale of the measurement's likelihood gradient
     inverse_cg_iterations: int = 10  # tweedie: conjugate-gradient steps (vector-Jacobian products) per time step
     cache_dir: str = "~/.cache/diffusion-orchestrator"  # where trained feature extractors and reference-split features are kept, and clean-fid's Inception weights and published statistics (in <cache_dir>/inception)
+    every: int = 0  # FID and KID during training every this many steps (0: off), of eval.every_n samples of the EMA model drawn by eval.every_sampler in eval.every_steps steps, against the final FID's reference; logged as the training run's step metrics fid and kid and reported to Ray Tune
+    every_n: int = 256  # eval.every: samples per measurement (at most the test split's size)
+    every_sampler: str = "ddim"  # eval.every: the sampler (a fast one; the sample section's other options apply)
+    every_steps: Optional[int] = None  # eval.every: the sampler's NFE budget (default: 50, or a smaller integer process.T)
     download: bool = False  # fetch clean-fid's Inception weights and the published statistics of eval.reference into <cache_dir>/inception on first use; false: a missing file stops the sweep before it starts, naming where to place it
 
 
@@ -203,6 +207,9 @@ INT_BOUNDS: Dict[str, tuple[int, int]] = {
     "sample.grid": (0, 10_000),
     "sample.classifier_steps": (1, 10_000_000),
     "eval.fid_n": (2, 1_000_000),
+    "eval.every": (0, 1_000_000_000),
+    "eval.every_n": (2, 1_000_000),
+    "eval.every_steps": (1, 100_000),
     "eval.bpd_n": (1, 1_000_000),
     "eval.ode_max_nfe": (10, 10_000_000),
     "eval.hutchinson_probes": (1, 1024),

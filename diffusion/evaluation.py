@@ -20,12 +20,15 @@ computation). Without them, the classifier is trained here and the likelihood co
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from .guidance import fit_noisy_classifier
@@ -37,6 +40,7 @@ from .metrics import (available_examples, compute_fid, conditional_metrics, extr
 from .metrics.downloads import inception_dir
 from .factory import make_timesteps
 from .registry import options_for
+from .validation import during_training_config
 
 if TYPE_CHECKING:
     from .config import TrialConfig
@@ -120,6 +124,45 @@ def _draw(model, cfg: TrialConfig, labels, classifier, vae, report: Report,
     samples = _decode(model, cfg, vae, samples)
     report.metrics.update({"sample_seconds": time.perf_counter() - started, "sample_nfe": float(nfe)})
     return samples
+
+
+@contextlib.contextmanager
+def preserved_random_state():
+    """Run a block without touching the global random state of torch (CPU and CUDA), numpy and Python: a
+    measurement taken during training leaves the training's random draws (dropout) as they were."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+
+
+def fid_during_training(model, data: Dataset, cfg: TrialConfig, vae: Optional[torch.nn.Module] = None) -> dict:
+    """FID and KID of the EMA model now (``eval.every``): ``eval.every_n`` samples drawn by ``eval.every_sampler`` in
+    ``eval.every_steps`` steps (``validation.during_training_config``), measured against the final FID's reference
+    features, without standard errors. Returns {"fid", "kid" (with ``eval.kid``), "every_seconds"}; samples that
+    are not finite give an infinite FID. Training's random state is left as it was (``preserved_random_state``)."""
+    quick = during_training_config(cfg)
+    started = time.perf_counter()
+    saved = model.cfg
+    with preserved_random_state():
+        model.cfg = quick  # the family samples as its config's sample section says
+        try:
+            labels = model.sample_labels(quick.sample.n)
+            samples = _decode(model, quick, vae, model.sample(quick.sample.n, seed=cfg.seed + 2, labels=labels)[0])
+            if not torch.isfinite(samples).all():
+                return {"fid": math.inf, "every_seconds": time.perf_counter() - started}
+            options = options_for(compute_fid, quick.eval, renames={"n": "fid_n"}, device=model.device)
+            result = compute_fid(samples, data, **{**options, "stderr": False, "fid_inf": False})
+        finally:
+            model.cfg = saved
+    metrics = {"fid": result.fid, "every_seconds": time.perf_counter() - started}
+    if result.kid is not None:
+        metrics["kid"] = result.kid
+    return metrics
 
 
 def _decode(model, cfg: TrialConfig, vae, samples: torch.Tensor) -> torch.Tensor:

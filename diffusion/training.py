@@ -260,10 +260,12 @@ class Trainer:
         until: Optional[int] = None,
         on_log: Optional[Callable[[int, float], None]] = None,
         on_checkpoint: Optional[Callable[[int], None]] = None,
+        on_eval: Optional[Callable[[int], None]] = None,
     ) -> list[StepRecord]:
         """Train until step ``until`` (default: train.steps). ``on_log(step, mean_loss)`` is called every
         ``train.log_every`` steps with the mean loss since the last call; ``on_checkpoint(step)`` every
-        ``train.checkpoint_every`` steps."""
+        ``train.checkpoint_every`` steps; ``on_eval(step)`` every ``eval.every`` steps, after the checkpoint of
+        that step (FID during training: ``evaluation.fid_during_training``)."""
         until = self.cfg.train.steps if until is None else until
         history, window = [], []
         every = self.cfg.train.checkpoint_every
@@ -281,6 +283,8 @@ class Trainer:
                         on_log(record.step, record.loss)
             if checkpoint:
                 on_checkpoint(self.step)
+            if on_eval and self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                on_eval(self.step)
         return history
 
     def _check_finite(self, window: list[torch.Tensor]) -> list[float]:

@@ -293,8 +293,41 @@ def _validate_sample(cfg: TrialConfig) -> None:
     _check(cfg.sample.grid >= 0, "sample.grid", cfg.sample.grid, "an integer >= 0")
 
 
+# eval.every's sampling options and the sample section's keys they stand for (during_training_config)
+EVERY_KEYS = {"sample.sampler": "eval.every_sampler", "sample.steps": "eval.every_steps", "sample.n": "eval.every_n"}
+
+
+def during_training_config(cfg: TrialConfig) -> TrialConfig:
+    """The config FID during training (``eval.every``) samples and measures with: the sample section with
+    ``eval.every_sampler``, ``eval.every_steps`` and ``eval.every_n`` (no image grid), FID and KID on all of those
+    samples (no standard errors, no FID-infinity, no bits/dim or inverse problems)."""
+    ev = cfg.eval
+    steps = ev.every_steps
+    if steps is None:
+        steps = min(50, cfg.process.T) if isinstance(cfg.process.T, int) else 50
+    sample = dataclasses.replace(cfg.sample, sampler=ev.every_sampler, steps=steps, n=ev.every_n, grid=0,
+                                 classifier_scale=0.0)
+    evaluation = dataclasses.replace(ev, every=0, fid=True, fid_n=None, bpd=False, inverse=[])
+    return dataclasses.replace(cfg, sample=sample, eval=evaluation)
+
+
+def _validate_every(cfg: TrialConfig) -> None:
+    """``eval.every``: needs FID; its sampling options pass the checks of the sample section they replace, and an
+    error names the eval key."""
+    if cfg.eval.every == 0:
+        return
+    _check(cfg.eval.fid, "eval.every", cfg.eval.every, "0 while eval.fid is false (FID during training is FID)")
+    try:
+        validate(during_training_config(cfg))
+    except ConfigError as error:
+        if error.key not in EVERY_KEYS:
+            raise
+        raise ConfigError(EVERY_KEYS[error.key], error.value, error.accepted, error.detail) from None
+
+
 def validate(cfg: TrialConfig) -> TrialConfig:
     """Check every value of a trial config; raise ConfigError naming the first bad one."""
+    _validate_every(cfg)
     _check_finite(cfg, "")
     _check_bounds(cfg)
     data.DATASETS.get(cfg.data.name)

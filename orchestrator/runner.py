@@ -74,12 +74,19 @@ def describe(sweep: Sweep, groups: Optional[list[TrainingGroup]] = None, cache: 
         res = trial.config.resources
         model = f"  model={keys[trial.name][:8]}" if trial.name in keys else ""
         workers = f" x {res.workers} workers" if res.workers > 1 else ""
-        lines.append(f"  {trial.name:<40} cpu={res.cpu:g} gpu={res.gpu:g}{workers}  {_trial_line(trial)}{model}")
+        drawn = "".join(f" {key}={_shown(trial.axes[key])}" for key in (sweep.search.space if sweep.search else ()))
+        lines.append(f"  {trial.name:<40} cpu={res.cpu:g} gpu={res.gpu:g}{workers}  {_trial_line(trial)}{drawn}{model}")
+    if sweep.search is not None:
+        lines.append(sweep.search.describe())
     if groups is not None and datasets is not None:
         lines += model_lines(groups, datasets)
     if groups is not None and cache is not None:
         lines.append(plan_line(groups, cache))
     return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def model_lines(groups: list[TrainingGroup], datasets: dict) -> list[str]:

@@ -31,9 +31,10 @@ from diffusion.errors import ConfigError
 
 from . import schema
 from .schema import SweepTrialConfig
+from .search import SAMPLE_AXIS
 from .yamlfile import OverrideLoader, Refused, dotted_path, load_yaml, read_yaml
 
-SWEEP_KEYS = ("name", "base", "variants", "grid", "storage", "max_concurrent")
+SWEEP_KEYS = ("name", "base", "variants", "grid", "search", "storage", "max_concurrent")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESOLVER = re.compile(r"\$\{\s*([^:}\s]*)\s*:")  # ${name:...} calls the resolver `name`
 
@@ -64,6 +65,7 @@ class Sweep:
     storage: str = "ray_results"  # where Ray Tune keeps its state
     max_concurrent: Optional[int] = None  # trials run at once (default: as many as resources allow)
     source: dict = field(default_factory=dict)  # the sweep file after overrides, as plain data
+    search: Optional[Any] = None  # the search section (orchestrator.search.Search), or None
 
     def digest(self) -> str:
         """A short hash of the expanded sweep (names and configs of its trials)."""
@@ -109,18 +111,33 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}", values, "a non-empty list of values")
         _check_dotted_key(key)
+    search = None
+    if raw.get("search") is not None:
+        from .search import parse_search
+
+        search = parse_search(raw["search"], _check_dotted_key)
+        both = sorted(set(search.space) & set(grid))
+        if both:
+            raise ConfigError(f"search.space.{both[0]}", raw["search"]["space"][both[0]],
+                              "a key the grid does not also vary", detail=f"grid.{both[0]} sets it too")
     has_variants = bool(variants)
     if not has_variants:
         variants = {"base": {}}
-    trials = _expand(base_cfg, base, variants, grid, has_variants)
+    trials = _expand(base_cfg, base, variants, grid, has_variants, search)
     varying = (["variant"] if len(variants) > 1 else []) + [k for k, v in grid.items() if len(v) > 1]
-    return Sweep(name=sweep_name, trials=trials, varying=varying, storage=storage, max_concurrent=max_concurrent, source=raw)
+    if search is not None:
+        varying += [key for key in search.space if len({repr(t.axes[key]) for t in trials}) > 1]
+    return Sweep(name=sweep_name, trials=trials, varying=varying, storage=storage, max_concurrent=max_concurrent,
+                 source=raw, search=search)
 
 
-def _expand(base_cfg: DictConfig, base: dict, variants: dict, grid: dict, has_variants: bool) -> list[Trial]:
-    """The trials, variants x grid: each variant's overrides merged onto ``base_cfg``, then each point of the grid,
-    converted to the schema's dataclasses and validated; an error names where in the sweep file the value came
-    from (``key_origin``)."""
+def _expand(base_cfg: DictConfig, base: dict, variants: dict, grid: dict, has_variants: bool,
+            search=None) -> list[Trial]:
+    """The trials, variants x grid (x the search's draws): each variant's overrides merged onto ``base_cfg``, then
+    each point of the grid (and each draw, named ``sample=<i>``), converted to the schema's dataclasses and
+    validated; an error names where in the sweep file the value came from (``key_origin``). Every value a search
+    distribution can give (``Search.extremes``) is validated on every variant and grid point first."""
+    draws = [{}] if search is None else search.extremes() + [None] + search.draws()
     trials = []
     for variant, overrides_of_variant in variants.items():
         if not isinstance(variant, str) or not NAME_PATTERN.match(variant):
@@ -129,21 +146,31 @@ def _expand(base_cfg: DictConfig, base: dict, variants: dict, grid: dict, has_va
             raise ConfigError(f"variants.{variant}", overrides_of_variant, "a mapping of trial-config overrides")
         variant_cfg = _merge(base_cfg, overrides_of_variant, f"variants.{variant}")
         for values in itertools.product(*grid.values()):
-            axes = dict(zip(grid.keys(), values))
-            cfg = variant_cfg.copy()
-            for key, value in axes.items():
-                cfg = _merge(cfg, _nest(key, value), "grid")
-            name = variant if not axes else variant + "-" + ",".join(f"{k}={_short(v)}" for k, v in axes.items())
-            origin = functools.partial(key_origin, base=base, variant=variant if has_variants else None,
-                                       overrides_of_variant=overrides_of_variant, axes=axes)
-            try:
-                obj = OmegaConf.to_object(cfg)
-            except OmegaConfBaseException as error:  # after the merge: named like the validation errors below
-                key = str(error.full_key or error.key or "")
-                raise ConfigError(origin(key) if key else "base", None, "a value of the type the schema gives this key",
-                                  detail=str(error).splitlines()[0]) from None
-            _validate_values(obj, origin)
-            trials.append(Trial(name=name, variant=variant, axes=axes, config=obj))
+            grid_axes = dict(zip(grid.keys(), values))
+            checking, index = search is not None, 0
+            for drawn in draws:
+                if drawn is None:  # the extremes are checked: the draws follow
+                    checking = False
+                    continue
+                axes = {**grid_axes, **drawn}
+                cfg = variant_cfg.copy()
+                for key, value in axes.items():
+                    cfg = _merge(cfg, _nest(key, value), "search.space" if key in drawn else "grid")
+                shown = {**grid_axes, **({SAMPLE_AXIS: index} if search is not None and not checking else {})}
+                name = variant if not shown else variant + "-" + ",".join(f"{k}={_short(v)}" for k, v in shown.items())
+                origin = functools.partial(key_origin, base=base, variant=variant if has_variants else None,
+                                           overrides_of_variant=overrides_of_variant, axes=grid_axes, drawn=drawn)
+                try:
+                    obj = OmegaConf.to_object(cfg)
+                except OmegaConfBaseException as error:  # after the merge: named like the validation errors below
+                    key = str(error.full_key or error.key or "")
+                    raise ConfigError(origin(key) if key else "base", None,
+                                      "a value of the type the schema gives this key",
+                                      detail=str(error).splitlines()[0]) from None
+                _validate_values(obj, origin)
+                if not checking:
+                    trials.append(Trial(name=name, variant=variant, axes=axes, config=obj))
+                    index += search is not None
     return trials
 
 
@@ -155,10 +182,15 @@ def _validate_values(cfg: SweepTrialConfig, origin) -> None:
         raise ConfigError(origin(error.key), error.value, error.accepted, detail=error.detail) from None
 
 
-def key_origin(key: str, base: dict, variant: Optional[str], overrides_of_variant: dict, axes: dict) -> str:
-    """The sweep-file path of a trial-config key: grid.<axis> when a grid axis sets it, else variants.<name>.<key>
+def key_origin(key: str, base: dict, variant: Optional[str], overrides_of_variant: dict, axes: dict,
+               drawn: Optional[dict] = None) -> str:
+    """The sweep-file path of a trial-config key: search.space.<key> when the search draws it, grid.<axis> when a
+    grid axis sets it, else variants.<name>.<key>
     when the variant sets it, else base.<key>; a key nobody sets (a default that conflicts with another value)
     is named under the trial's variant, or base without variants."""
+    for axis in drawn or {}:
+        if key == axis or key.startswith(axis + "."):
+            return f"search.space.{key}"
     for axis in axes:
         if key == axis or key.startswith(axis + "."):
             return f"grid.{key}"
@@ -202,6 +234,8 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
                               detail=f"override {item[:40]!r}: {problem}") from None
         if parts[0] == "grid" and len(parts) > 2:  # grid axes are dotted keys: grid.sample.steps=[...] adds one
             parts = ["grid", ".".join(parts[1:])]
+        if parts[:2] == ["search", "space"] and len(parts) > 3:  # so are the search space's
+            parts = ["search", "space", ".".join(parts[2:])]
         raw = _updated(raw, parts, value)
     return raw
 

@@ -28,7 +28,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from diffusion.evaluation import SAMPLES_IMAGE, Report, evaluate
+from diffusion.evaluation import SAMPLES_IMAGE, Report, evaluate, fid_during_training
 from diffusion.training import Trainer, TrainingDiverged, build_trainer, select_device
 
 from . import stages
@@ -328,7 +328,7 @@ def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, 
     report is a barrier)."""
     device = device or select_device(cfg.resources.device)
     logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0) if resume else 0
-    model_data, _, _ = stages.model_data(cfg, cache, client, run_id, device)
+    model_data, dataset, vae = stages.model_data(cfg, cache, client, run_id, device)
     trainer, restored, damaged = resume_trainer(cfg, key, cache, model_data, device, resume)
     trainer.data_parallel()
     lead = trainer.rank == 0
@@ -349,12 +349,27 @@ def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, 
         if lead:
             cache.save_checkpoint(key, trainer.save)
 
+    evaluated = max((m.step for m in client.get_metric_history(run_id, "fid")), default=0) if resume else 0
+    prepared = []
+
+    def on_eval(step: int) -> None:  # eval.every: FID during training (rank 0 measures; every rank reports)
+        metrics = {}
+        if lead:
+            if not prepared:  # FID's extractor and reference: made by the driver's Ray task, or here, once
+                prepared.append(stages.fid_features(cfg, dataset, cache, f"training run {run_id}"))
+            metrics = fid_during_training(trainer, dataset, cfg, vae)
+            if step > evaluated:
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        report({**{k: v for k, v in metrics.items() if k in ("fid", "kid")}, "step": step, "phase": "train",
+                "phase_step": step, "phase_total": cfg.train.steps})
+
     # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
     startup = time.time() - (entered or time.time())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_step, started = trainer.step, time.perf_counter()
-    trainer.train(on_log=on_log, on_checkpoint=on_checkpoint)
+    trainer.train(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
     seconds = time.perf_counter() - started
     if not lead:
         return
@@ -373,9 +388,20 @@ def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, 
     client.log_artifact(run_id, cache.local(key, "ema.pt"))
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
-    cache.write(key, MODEL_FILE, {"run_id": run_id, "experiment_id": experiment_id, "steps": trainer.step,
-                                  "train_loss": history[-1].value if history else float("nan"), **metrics,
-                                  "files": files})
+    record = {"run_id": run_id, "experiment_id": experiment_id, "steps": trainer.step,
+              "train_loss": history[-1].value if history else float("nan"), **metrics, "files": files}
+    if cfg.eval.every:  # the FID curve stays with the cached model (also the training run's metrics fid and kid)
+        record["fid_curve"] = fid_curve(client, run_id)
+    cache.write(key, MODEL_FILE, record)
+
+
+def fid_curve(client: MlflowClient, run_id: str) -> list[dict]:
+    """The training run's FID during training: [{"step", "fid", "kid"}, ...] by step."""
+    curve: dict[int, dict] = {}
+    for name in ("fid", "kid"):
+        for metric in client.get_metric_history(run_id, name):
+            curve.setdefault(metric.step, {"step": metric.step})[name] = metric.value
+    return [curve[step] for step in sorted(curve)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -230,3 +230,68 @@ def test_progress_is_told_each_phase_and_every_sampler_step_and_changes_nothing(
     assert list(dict.fromkeys(phases)) == ["sample", "fid", "bpd"]
     sampling = [(done, total) for phase, done, total in told if phase == "sample"]
     assert sampling == [(0, 1)] + [(k, 10) for k in range(1, 11)]
+
+
+def test_fid_during_training_is_the_fid_of_the_fast_samplers_samples_and_leaves_training_as_it_was(tmp_path):
+    """eval.every: measured at every multiple of it, equal to compute_fid on the samples the fast sampler draws from
+    the EMA model then (a second way), and training with it takes exactly the steps it takes without (dropout draws
+    from the global random state, which the measurement must not move)."""
+    import dataclasses
+
+    from diffusion.evaluation import fid_during_training, preserved_random_state
+    from diffusion.metrics import compute_fid
+    from diffusion.validation import during_training_config
+
+    cfg = digits_config(str(tmp_path), dropout=0.2)  # the U-Net's dropout draws from the global random state
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6, log_every=2),
+                              eval=dataclasses.replace(cfg.eval, every=2, every_n=48, every_steps=5, kid=True))
+    dataset = load_dataset(cfg.data)
+    plain = build_trainer(cfg, dataset, CPU)
+    plain_losses = [r.loss for r in plain.train()]
+    measuring = build_trainer(cfg, dataset, CPU)
+    curve = {}
+
+    def on_eval(step):
+        curve[step] = fid_during_training(measuring, dataset, cfg)
+        quick = during_training_config(cfg)
+        assert quick.sample.sampler == "ddim" and quick.sample.steps == 5 and quick.sample.n == 48
+        with preserved_random_state():  # this second way must not move training's random state either
+            measuring.cfg = quick
+            again = measuring.sample(48, seed=cfg.seed + 2)[0]  # the same draw, then FID computed directly
+            measuring.cfg = cfg
+            direct = compute_fid(again, dataset, extractor="classifier", classifier_steps=20, n=48, kid=True,
+                                 stderr=False, fid_inf=False, cache_dir=cfg.eval.cache_dir)
+        assert curve[step]["fid"] == pytest.approx(direct.fid, rel=1e-6)
+        assert curve[step]["kid"] == pytest.approx(direct.kid, rel=1e-6, abs=1e-9)
+
+    measuring.cfg = cfg
+    losses = [r.loss for r in measuring.train(on_eval=on_eval)]
+    assert sorted(curve) == [2, 4, 6]
+    assert all(0 < c["fid"] < float("inf") and c["every_seconds"] > 0 for c in curve.values())
+    assert losses == plain_losses
+    for a, b in zip(plain.network.state_dict().values(), measuring.network.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_fid_during_training_options_are_checked_under_their_own_names():
+    import dataclasses
+
+    from diffusion.errors import ConfigError
+    from diffusion.validation import validate
+
+    cfg = moons_config("/nonexistent")
+    every = lambda **kw: dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=10, **kw))  # noqa: E731
+    validate(every())
+    with pytest.raises(ConfigError, match=r"^eval\.every_sampler: invalid value 'nope'"):
+        validate(every(every_sampler="nope"))
+    with pytest.raises(ConfigError, match=r"^eval\.every_steps: invalid value 0"):
+        validate(every(every_steps=0))
+    with pytest.raises(ConfigError, match=r"^eval\.every: invalid value 10; accepted: 0 while eval\.fid is false"):
+        validate(every(fid=False))
+    with pytest.raises(ConfigError, match=r"^eval\.every: invalid value -1"):
+        validate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=-1)))
+    cold = TrialConfig(process=ProcessConfig(name="cold", degradation="blur", T=10),
+                       sample=SampleConfig(sampler="cold_improved"), eval=EvalConfig(every=10))
+    with pytest.raises(ConfigError, match=r"^eval\.every_sampler: invalid value 'ddim'"):
+        validate(cold)  # the Gaussian default: a cold model names one of its own samplers
+    validate(dataclasses.replace(cold, eval=EvalConfig(every=10, every_sampler="cold_improved")))
