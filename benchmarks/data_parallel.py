@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 from diffusion.config import DataConfig, ModelConfig, ProcessConfig, TrainConfig, TrialConfig  # noqa: E402
 from diffusion.data import Dataset, load_dataset  # noqa: E402
 from diffusion.training import Trainer  # noqa: E402
-from report import write_section  # noqa: E402  (benchmarks/report.py)
+from report import output_options, publish  # noqa: E402  (benchmarks/report.py)
 
 BEGIN, END = "<!-- data-parallel:begin -->", "<!-- data-parallel:end -->"
 HEADING = "Data-parallel training: 1 worker against 2 on this 2-core CPU (`make bench-data-parallel`)"
@@ -130,15 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cases", nargs="+", default=["8x8", "32x32"])
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None, help="write the report into this file (default docs/BENCHMARKS.md)")
-    where.add_argument("--no-write", action="store_true")
+    output_options(parser)
     args = parser.parse_args(argv)
     figures = {name: measure(name, args.repeats, args.steps) for name in args.cases}
     text = report(figures, args.repeats, args.steps)
-    print(text)
-    if not args.no_write:
-        write_section(text, BEGIN, END, HEADING, **({"path": args.out} if args.out else {}))
+    publish(text, args, BEGIN, END, HEADING)
     return 0
 
 

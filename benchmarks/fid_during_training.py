@@ -1,6 +1,6 @@
 """What FID during training (``eval.every``) costs: its seconds over the training's own, on the demo's DDPM.
 
-    python benchmarks/fid_during_training.py [--every 250] [--steps 1500] [--out FILE | --no-write]
+    python benchmarks/fid_during_training.py [--every 500] [--steps 1500] [--out FILE | --no-write]
 
 Trains the DDPM of ``sweeps/ddpm_vs_ncsn.yaml`` (seed 0, one torch thread, as a sweep's trial at ``cpu: 1``) with
 ``eval.every`` and the other options at their defaults (``eval.every_n`` 256 samples of DDIM at 50 steps, FID and
@@ -26,7 +26,7 @@ from diffusion.evaluation import fid_during_training  # noqa: E402
 from diffusion.metrics import get_extractor, reference_features  # noqa: E402
 from diffusion.training import build_trainer  # noqa: E402
 from orchestrator.sweepfile import load_sweep  # noqa: E402
-from report import write_section  # noqa: E402  (benchmarks/report.py)
+from report import output_options, publish  # noqa: E402  (benchmarks/report.py)
 
 BEGIN, END = "<!-- fid-during-training:begin -->", "<!-- fid-during-training:end -->"
 HEADING = "FID during training (`eval.every`): its cost on the demo's DDPM (`make bench-fid-during-training`)"
@@ -34,11 +34,9 @@ HEADING = "FID during training (`eval.every`): its cost on the demo's DDPM (`mak
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--steps", type=int, default=1500)
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None)
-    where.add_argument("--no-write", action="store_true")
+    output_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     sweep = load_sweep(os.path.join(ROOT, "sweeps", "ddpm_vs_ncsn.yaml"),
@@ -70,9 +68,7 @@ def main(argv=None) -> int:
     lines += [f"| {step} | {m['fid']:.2f} | {m.get('kid', float('nan')):.4f} | {m['every_seconds']:.1f} |"
               for step, m in curve]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(text, BEGIN, END, HEADING, **({"path": args.out} if args.out else {}))
+    publish(text, args, BEGIN, END, HEADING)
     return 0
 
 

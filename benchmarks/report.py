@@ -17,3 +17,17 @@ def write_section(report: str, begin: str, end: str, heading: str, path: str = B
     _, tail = rest.split(end, 1)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(f"{head}{begin}\n{report}\n{end}{tail}")
+
+
+def output_options(parser) -> None:
+    """``--out FILE`` (write the report there instead of docs/BENCHMARKS.md) or ``--no-write`` (print it only)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, help="write the report into this file (default docs/BENCHMARKS.md)")
+    where.add_argument("--no-write", action="store_true", help="print the report only")
+
+
+def publish(report: str, args, begin: str, end: str, heading: str) -> None:
+    """Print ``report`` and write it into its section, as ``output_options``' arguments say."""
+    print(report)
+    if not args.no_write:
+        write_section(report, begin, end, heading, **({"path": args.out} if args.out else {}))

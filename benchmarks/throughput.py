@@ -51,7 +51,7 @@ from diffusion.data import Dataset, load_dataset  # noqa: E402
 from diffusion.factory import build_process  # noqa: E402
 from diffusion.nets import build_network  # noqa: E402
 from diffusion.training import ADAM_OPTIONS, Trainer  # noqa: E402
-from report import write_section  # noqa: E402  (benchmarks/report.py)
+from report import output_options, publish  # noqa: E402  (benchmarks/report.py)
 
 BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
 HEADING = "Throughput: training and sampling images/s, MFU, the Trainer's overhead (`make bench-throughput`)"
@@ -390,8 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 repeats, 8x8 only, no compile (a smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-ho", action="store_true", help="skip the one-step Ho et al. CIFAR-10 case")
-    parser.add_argument("--out", help="write the report here instead of docs/BENCHMARKS.md")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    output_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else args.repeats
@@ -469,9 +468,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  f"{len(peaks)} rounds). MFU = FLOPs counted by FlopCounterMode (convolutions, matmuls, attention) / "
                  "time / the peak of the same round, median over rounds.")
     report = "\n".join(peak_line if line == "PEAK_LINE" else line for line in lines)
-    print(report)
-    if not args.no_write:
-        write_section(report, BEGIN, END, HEADING, **({"path": args.out} if args.out else {}))
+    publish(report, args, BEGIN, END, HEADING)
     return 0
 
 

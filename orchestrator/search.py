@@ -81,12 +81,10 @@ def parse_search(raw: Any, check_key) -> Search:
         import importlib.util
 
         package = ADAPTIVE[algorithm]
-        if importlib.util.find_spec(package) is None:
-            raise ConfigError("search.algorithm", algorithm, "random, or install the optional searcher: "
-                              f"pip install 'diffusion-orchestrator[search]' (package {package} is missing)")
+        installed = "is installed" if importlib.util.find_spec(package) else "is missing"
         raise ConfigError("search.algorithm", algorithm, "random",
-                          detail=f"{package} is installed, but its search, which learns from finished trials, is "
-                                 "not built yet")
+                          detail=f"package {package} {installed}, and the orchestrator's {algorithm} search, which "
+                                 "learns from finished trials, is not built yet")
     search.algorithm = algorithm
     num = raw.get("num_samples", 1)
     if not isinstance(num, int) or isinstance(num, bool) or not 1 <= num <= 10_000:

@@ -8,18 +8,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cache import MODEL_FILE, ModelCache
-from orchestrator.tracking import LocalServer
 from smallsweep import small_sweep
+from test_faults import server  # noqa: F401  (the fixture: a tracking server per module)
 from test_faults import runs, start
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LocalServer(str(tmp_path_factory.mktemp("mlflow"))).start()
-    yield srv
-    srv.stop()
 
 
 def test_a_random_search_with_fid_during_training_logs_reports_to_tune_and_keeps_the_curve(tmp_path, server):

@@ -11,19 +11,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cache import ModelCache
-from orchestrator.tracking import LocalServer
 from smallsweep import small_sweep
+from test_faults import server  # noqa: F401  (the fixture: a tracking server per module)
 from test_faults import assert_complete_history, runs, start, wait_for
 
 pytestmark = pytest.mark.integration
 STEPS, NAME = 200, "parallel_mixed"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LocalServer(str(tmp_path_factory.mktemp("mlflow"))).start()
-    yield srv
-    srv.stop()
 
 
 def training_of(client, workers: int):
