@@ -348,8 +348,8 @@ def report(sweep_report: "SweepReport", status: str, killed: list[str], seconds:
 
 def _task(group: TrainingGroup, trials: list[Trial], train: bool) -> dict:
     """One Ray Tune trial's work (``trial.execute_task``), named after its first trial (a training that evaluates
-    none: ``train <the group's first trial>``), with the resources of the group's trials."""
-    resources = dataclasses.asdict(group.trials[0].config.resources)
+    none: ``train <the group's first trial>``), with the resources of that trial."""
+    resources = dataclasses.asdict((trials[0] if trials else group.trials[0]).config.resources)
     task = {"name": trials[0].name if trials else f"train {group.trials[0].name}", "key": group.key, "train": train,
             "group": [t.name for t in group.trials], "trials": [t.as_dict() for t in trials], "resources": resources,
             "max_failures": resources["max_failures"]}
