@@ -82,12 +82,14 @@ class SweepProgress:
         self.names = list(dict.fromkeys(trials))
         self.trials: dict[str, TrialProgress] = {}
         self.trains: set[str] = set()  # the tasks that train their model first
+        self.training_only: set[str] = set()  # tasks that train and evaluate nothing (data-parallel): not trials
         self.unrun: set[str] = set()  # trials left out of every stage (their model failed to train): failed
 
     def stage(self, tasks: list[dict], last: bool = False) -> None:
         """A Tune stage starts with ``tasks`` (``runner._task``); ``last``: no other stage follows, so a trial not
         started by now is never run (recorded FAILED: its model failed to train)."""
         self.trains |= {task["name"] for task in tasks if task["train"]}
+        self.training_only |= {task["name"] for task in tasks if task["train"] and task.get("trials") == []}
         if last:
             planned = {task["name"] for task in tasks}
             self.unrun = {name for name in self.names if name not in self.trials and name not in planned}
@@ -101,7 +103,7 @@ class SweepProgress:
         trial = self.trials.get(name)
         if trial is None or trial.status != "running":  # a retried trial starts over
             trial = self.trials[name] = TrialProgress(name, train, now, updated=now)
-        if name not in self.names:
+        if name not in self.names and name not in self.training_only:
             self.names.append(name)
         return trial
 
@@ -137,8 +139,9 @@ class SweepProgress:
         return trial
 
     def counts(self) -> dict[str, int]:
-        """finished, running, failed and pending trials."""
-        states = [t.status for t in self.trials.values()]
+        """finished, running, failed and pending trials (a data-parallel training's own task is shown, not
+        counted: its trials are)."""
+        states = [t.status for name, t in self.trials.items() if name not in self.training_only]
         counts = {s: states.count(s) for s in ("finished", "running", "failed")}
         counts["failed"] += len(self.unrun)
         counts["pending"] = max(0, len(self.names) - len(states) - len(self.unrun))

@@ -188,3 +188,21 @@ def test_duration_and_results_hint(tmp_path):
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db --artifacts-destination " \
            f"{tmp_path}/mlartifacts" in hint
     assert results_hint(str(tmp_path), "https://mlflow.example.org") == "results: https://mlflow.example.org (MLflow)"
+
+
+def test_a_data_parallel_training_task_is_shown_but_not_counted_as_a_trial():
+    """``train <trial>`` (runner._task with no trials to evaluate) has its live line; the counts are the trials'."""
+    clock = Clock()
+    progress = SweepProgress(["dp-seed=0"], clock=clock, name="dp")
+    view = LiveView(progress, Console(file=io.StringIO(), force_terminal=True, width=100))
+    progress.stage([{"name": "train dp-seed=0", "train": True, "trials": []}])
+    progress.start("train dp-seed=0", True)
+    progress.result("train dp-seed=0", {"train_loss": 0.5, "step": 10, "phase": "train", "phase_step": 10,
+                                         "phase_total": 100})
+    lines = screen(view)
+    assert row(lines, "train")[:4] == ["train", "dp-seed=0", "train", "10/100"]
+    assert lines[-1].startswith("sweep dp: 0/1 finished, 0 running, 0 failed, 1 pending")
+    progress.complete("train dp-seed=0", failed=False)
+    progress.stage([{"name": "dp-seed=0", "train": False, "trials": [{}]}], last=True)
+    progress.start("dp-seed=0", False)
+    assert progress.counts() == {"finished": 0, "running": 1, "failed": 0, "pending": 0}
