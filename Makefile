@@ -22,7 +22,7 @@ demo: $(STAMP)
 # files (module fixtures stay shared), the longest first (INTEGRATION_FIRST, then every other tests/test_*.py), and the
 # unit tests run beside them at a lower priority (the integration tests' waits are the critical path), their output
 # printed when both are done. Fails if either fails.
-INTEGRATION_FIRST := tests/test_zoo.py tests/test_cluster.py tests/test_faults.py tests/test_orchestrator.py
+INTEGRATION_FIRST := tests/test_zoo.py tests/test_cluster.py tests/test_parallel.py tests/test_faults.py tests/test_orchestrator.py
 test: $(STAMP)
 	@unit_log=$$(mktemp); \
 	nice -n 10 $(BIN)/python -m pytest -q -m "not integration" > $$unit_log 2>&1 & unit_pid=$$!; \

@@ -3,7 +3,7 @@
 The trial's Tune task keeps what it does for any training (the MLflow training run, the model cache's entry and
 its lock, ``trial._train``) and hands the training loop to a ``TorchTrainer``: ``resources.workers`` workers, each
 with the trial's ``cpu``, ``gpu`` and ``custom`` resources, in a process group on NCCL (GPUs) or gloo (CPUs). Each
-worker runs ``trial.fit_model`` on its shard of the global batch (``diffusion.distributed``); rank 0 logs to
+worker runs ``fit.fit_model`` on its shard of the global batch (``diffusion.distributed``); rank 0 logs to
 MLflow, checkpoints into the model cache and publishes the EMA weights there, as a one-process training does.
 
 When a worker dies, Ray Train starts the group again (``resources.max_failures`` times) and every worker resumes
@@ -88,7 +88,7 @@ def train_data_parallel(cfg: SweepTrialConfig, key: str, run_id: str, context, e
 
 
 def _worker(config: dict) -> dict:
-    """One Ray Train worker: ``trial.fit_model`` from the cache's checkpoint (this run's, if any: a new training
+    """One Ray Train worker: ``fit.fit_model`` from the cache's checkpoint (this run's, if any: a new training
     run removes another's), after tagging the run with every worker's host:pid (``data_parallel_workers``) and
     counting the group's starts (``worker_group_starts``)."""
     import ray
@@ -97,12 +97,12 @@ def _worker(config: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
     from .cache import ModelCache
-    from .trial import TrialContext, _config, fit_model
+    from .fit import fit_model, trial_config
 
     os.environ.update(ray.get(config["env"]))
-    cfg = _config({"config": config["trial_config"]})
-    context = TrialContext(**config["context"])
-    client, cache, run_id = MlflowClient(context.tracking_uri), ModelCache(context.cache_root), config["run_id"]
+    cfg = trial_config({"config": config["trial_config"]})
+    context = config["context"]  # trial.TrialContext as a dict
+    client, cache, run_id = MlflowClient(context["tracking_uri"]), ModelCache(context["cache_root"]), config["run_id"]
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     device = ray.train.torch.get_device() if cfg.resources.gpu > 0 else torch.device("cpu")
     workers = [None] * dist.get_world_size()
@@ -113,7 +113,7 @@ def _worker(config: dict) -> dict:
         client.set_tag(run_id, "data_parallel_workers", ",".join(workers))
         client.set_tag(run_id, "worker_group_starts", str(starts))
     try:
-        fit_model(cfg, config["key"], run_id, context.experiment_id, client, cache, ray.train.report,
+        fit_model(cfg, config["key"], run_id, context["experiment_id"], client, cache, ray.train.report,
                   config["entered"], resume=True, device=device)
     except TrainingDiverged as error:  # the same on every worker: a restart would diverge again
         return {"diverged": [error.step, error.loss]}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,14 +27,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from diffusion.evaluation import SAMPLES_IMAGE, Report, evaluate, fid_during_training
-from diffusion.training import Trainer, TrainingDiverged, build_trainer, select_device
+from diffusion.evaluation import SAMPLES_IMAGE, Report, evaluate
+from diffusion.training import TrainingDiverged, build_trainer, select_device
 
 from . import stages
 from .keys import training_spec
-from .cache import CHECKPOINT, CHECKPOINT_SUM, MODEL_FILE, ModelCache
+from .cache import CHECKPOINT, CHECKPOINT_SUM, ModelCache
 from .schema import SweepTrialConfig
 from .sweepfile import flatten
+from .fit import fit_model, trial_config, where
 from .tracking import PARENT_TAG
 
 FAILURE_TAG = "failure_reason"
@@ -91,7 +91,7 @@ def execute_task(task: dict, context: TrialContext, report: Optional[Callable[[d
         if task["train"]:
             try:
                 trains = task["trials"][0] if task["trials"] else task["trains"]
-                train_model(_config(trains), task["key"], task["group"], context, client, cache, report, entered)
+                train_model(trial_config(trains), task["key"], task["group"], context, client, cache, report, entered)
             except BaseException as error:
                 if not _transient(error):
                     for trial in task["trials"]:
@@ -134,10 +134,6 @@ def _transient(error: BaseException) -> bool:
         word in str(error) for word in ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out"))
 
 
-def _config(trial: dict) -> SweepTrialConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepTrialConfig), trial["config"]))
-
-
 def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -172,19 +168,6 @@ def find_run(client: MlflowClient, context: TrialContext, stage: str, **tags: st
                               f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and tags.{STAGE_TAG} = '{stage}'",
                               max_results=10_000, order_by=["attributes.start_time DESC"])
     return next((run for run in runs if all(run.data.tags.get(name) == value for name, value in tags.items())), None)
-
-
-def _where(client: MlflowClient, run_id: str, device) -> None:
-    """Tag where this attempt runs: the device, the host and process (``worker``), and the Ray node."""
-    tags = {"device": str(device), "worker": f"{socket.gethostname()}:{os.getpid()}"}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            tags["ray_node"] = ray.get_runtime_context().get_node_id()
-    except ImportError:  # pragma: no cover - ray is a dependency
-        pass
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _reopen(client: MlflowClient, run) -> str:
@@ -245,27 +228,6 @@ def _trained_meanwhile(client: MlflowClient, key: str, model: dict, previous) ->
     return trained_by
 
 
-def resume_trainer(cfg: SweepTrialConfig, key: str, cache: ModelCache, model_data, device,
-                   resume: bool) -> tuple[Trainer, bool, Optional[str]]:
-    """A trainer for the model of ``key``: restored from the cache's checkpoint when ``resume`` and there is a
-    whole one, else fresh. A damaged checkpoint (not matching its checksum, ``ModelCache.checkpoint``, or
-    failing to load with ``weights_only``) is reported, removed and not used: training starts from step 0, on
-    the same trajectory (every random state is seeded). Returns (trainer, restored, what was wrong or None)."""
-    trainer = build_trainer(cfg, model_data, device, cfg.resources.amp)
-    if not resume:
-        return trainer, False, None
-    path, problem = cache.checkpoint(key)
-    if path is None:
-        return trainer, False, problem
-    try:
-        trainer.load(path)
-    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: the trainer may be half loaded
-        problem = f"cannot be loaded: {type(error).__name__}: {str(error)[:200]}"
-        cache.discard_checkpoint(key, problem)
-        return build_trainer(cfg, model_data, device, cfg.resources.amp), False, problem
-    return trainer, True, None
-
-
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
 
 
@@ -316,94 +278,6 @@ def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialCont
     return run_id
 
 
-def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, client: MlflowClient, cache: ModelCache,
-              report: Callable[[dict], None], entered: Optional[float], resume: bool,
-              device: Optional[torch.device] = None) -> None:
-    """Train the model of ``key`` for the training run ``run_id``, from the cache's checkpoint when ``resume``, and
-    publish it in the cache: the EMA weights, then the entry's ``model.json``. ``train_loss`` is logged at the steps
-    not logged before (a resumed run repeats the steps after its checkpoint) and reported to Tune with the phase.
-
-    On each process of a data-parallel training (``orchestrator.parallel``) the trainer joins the process group
-    (``Trainer.data_parallel``); rank 0 alone logs, checkpoints and publishes, and every rank reports (Ray Train's
-    report is a barrier)."""
-    device = device or select_device(cfg.resources.device)
-    logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0) if resume else 0
-    model_data, dataset, vae = stages.model_data(cfg, cache, client, run_id, device)
-    trainer, restored, damaged = resume_trainer(cfg, key, cache, model_data, device, resume)
-    trainer.data_parallel()
-    lead = trainer.rank == 0
-    if lead:
-        _where(client, run_id, device)
-        if restored:
-            client.set_tag(run_id, "resumed_from_step", str(trainer.step))
-        elif damaged:
-            client.set_tag(run_id, "checkpoint_damaged", f"{damaged}: trained from step 0"[:5000])
-
-    def on_log(step: int, loss: float) -> None:
-        if lead and step > logged:
-            client.log_metric(run_id, "train_loss", loss, step=step)
-        report({"train_loss": loss, "step": step, "phase": "train", "phase_step": step,
-                "phase_total": cfg.train.steps})
-
-    def on_checkpoint(step: int) -> None:
-        if lead:
-            cache.save_checkpoint(key, trainer.save)
-
-    evaluated = max((m.step for m in client.get_metric_history(run_id, "fid")), default=0) if resume else 0
-    prepared = []
-
-    def on_eval(step: int) -> None:  # eval.every: FID during training (rank 0 measures; every rank reports)
-        metrics = {}
-        if lead:
-            if not prepared:  # FID's extractor and reference: made by the driver's Ray task, or here, once
-                prepared.append(stages.fid_features(cfg, dataset, cache, f"training run {run_id}"))
-            metrics = fid_during_training(trainer, dataset, cfg, vae)
-            if step > evaluated:
-                now = int(time.time() * 1000)
-                client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-        report({**{k: v for k, v in metrics.items() if k in ("fid", "kid")}, "step": step, "phase": "train",
-                "phase_step": step, "phase_total": cfg.train.steps})
-
-    # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
-    startup = time.time() - (entered or time.time())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    first_step, started = trainer.step, time.perf_counter()
-    trainer.train(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
-    seconds = time.perf_counter() - started
-    if not lead:
-        return
-    history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
-    metrics = {"train_seconds": seconds, "startup_seconds": startup,
-               "train_examples_per_second": (trainer.step - first_step) * cfg.train.batch_size / seconds}
-    if device.type == "cuda":  # what the trial needs of a GPU it shares (resources.gpu below 1)
-        metrics["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if trainer.learned_schedule:  # the trained VDM schedule, for plotting and comparison across trials
-        t = torch.linspace(0, 1, 101, dtype=torch.float64)
-        with torch.no_grad():
-            log_snr = trainer.process.schedule(t).cpu()
-        client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
-    trainer.save_ema(cache.local(key, "ema.pt"))
-    files = {"ema.pt": cache.publish_file(key, "ema.pt")}  # checksums: ModelCache.model verifies them
-    client.log_artifact(run_id, cache.local(key, "ema.pt"))
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
-    record = {"run_id": run_id, "experiment_id": experiment_id, "steps": trainer.step,
-              "train_loss": history[-1].value if history else float("nan"), **metrics, "files": files}
-    if cfg.eval.every:  # the FID curve stays with the cached model (also the training run's metrics fid and kid)
-        record["fid_curve"] = fid_curve(client, run_id)
-    cache.write(key, MODEL_FILE, record)
-
-
-def fid_curve(client: MlflowClient, run_id: str) -> list[dict]:
-    """The training run's FID during training: [{"step", "fid", "kid"}, ...] by step."""
-    curve: dict[int, dict] = {}
-    for name in ("fid", "kid"):
-        for metric in client.get_metric_history(run_id, name):
-            curve.setdefault(metric.step, {"step": metric.step})[name] = metric.value
-    return [curve[step] for step in sorted(curve)]
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation stage
 # --------------------------------------------------------------------------------------------
@@ -443,7 +317,7 @@ def record_unevaluated(client: MlflowClient, context: TrialContext, trial: dict,
 def evaluate_trial(trial: dict, key: str, context: TrialContext, client: MlflowClient, cache: ModelCache,
                    report: Callable[[dict], None]) -> TrialOutcome:
     """Sample from the cached model of ``key`` with the trial's settings and measure it, in its own run."""
-    cfg = _config(trial)
+    cfg = trial_config(trial)
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     model = cache.model(key)
     run_id = _evaluation_run(client, context, trial, key, model["run_id"] if model else "")
@@ -472,7 +346,7 @@ def _evaluate(cfg: SweepTrialConfig, key: str, model: dict, client: MlflowClient
     progress = progress or (lambda phase, done, total: None)
     progress("prepare", 0, 1)
     device = select_device(cfg.resources.device)
-    _where(client, run_id, device)
+    where(client, run_id, device)
     model_data, dataset, vae = stages.model_data(cfg, cache, client, run_id, device)
     # FID's extractor and reference: made by the driver's Ray task (waited for here when it is still at it) or here
     fid = stages.fid_features(cfg, dataset, cache, f"evaluation run {run_id}") if cfg.eval.fid else None

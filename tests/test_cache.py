@@ -293,7 +293,7 @@ def test_damaged_checkpoint_is_reported_and_training_starts_from_step_zero(tmp_p
     """A resumed training checks the checkpoint against its checksum (checkpoint.json), or, without one, finds it
     does not load: it warns naming the entry, removes it and trains from step 0 instead of failing every attempt."""
     from diffusion.data import load_dataset
-    from orchestrator.trial import resume_trainer
+    from orchestrator.fit import resume_trainer
 
     cfg = tiny_sweep(tmp_path).trials[0].config
     key, cache, cpu = training_key(cfg), ModelCache(str(tmp_path / "models")), torch.device("cpu")
