@@ -433,12 +433,13 @@ def test_object_store_lock_is_taken_over_when_abandoned(s3, tmp_path, capsys):
     plant_lock(cache, {**live, "host": socket.gethostname(), "pid": dead.pid})  # fresh heartbeat, dead process
     with cache.lock("k", "train", timeout=10, stale=600):
         pass
-    # held for twice ``stale``: its heartbeat (every stale / 4) keeps it; stale 3 s, not 1 s, so that a write to the
-    # object store delayed by a loaded machine does not let the heartbeat lapse (seen once at 1 s)
+    # held for 8 s, longer than the waiter's ``stale`` of 6 s: only the holder's heartbeat (every 3 / 4 s) keeps it
+    # held. The waiter allows 6 s since the last beat, so that a beat delayed by a loaded machine does not lapse
+    # (a waiter allowing the holder's own 3 s saw it lapse once under the full suite, 1 s once before)
     with cache.lock("k", "train", stale=3.0):
-        time.sleep(6)
+        time.sleep(8)
         with pytest.raises(LockTimeout):
-            with other.lock("k", "train", timeout=1.0, stale=3.0):
+            with other.lock("k", "train", timeout=1.0, stale=6.0):
                 pass
 
 
