@@ -149,6 +149,9 @@ class EntryLocks:
         delay = 0.05
         while True:
             found = self._lock_object(key, name)
+            if found == {}:  # unreadable: read while its holder rewrote it (a heartbeat), or really damaged
+                time.sleep(LOCK_SETTLE)
+                found = self._lock_object(key, name)
             if found is None or self._abandoned(found, stale):
                 if found is not None:
                     print(f"warning: model cache entry {key}: taking over {name}.lock, abandoned by "
