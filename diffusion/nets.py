@@ -114,7 +114,10 @@ class SinusoidalTimeEmbedding(nn.Module):
         super().__init__()
         if dim < 2 or dim % 2:
             raise ValueError(f"sinusoidal embedding dim must be even and >= 2, got {dim}")
-        frequencies = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), dim // 2))
+        # computed on the CPU and moved to the default device: an elementwise op on the ``meta`` device (preflight's
+        # shape checks) makes PyTorch import its compiler stack first, about a second
+        frequencies = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), dim // 2,
+                                               device="cpu")).to(torch.get_default_device())
         # Not persistent: a function of the constructor arguments, so it stays out of checkpoints.
         self.register_buffer("frequencies", frequencies, persistent=False)
 
