@@ -14,6 +14,7 @@ from diffusion.errors import ConfigError
 from diffusion.evaluation import SAMPLES_IMAGE
 
 from .compare import SEED_AXIS, TrialRecord, variant_label
+from .scheduler import STOPPED_STEP_TAG, STOPPED_TAG
 from .trial import FAILURE_TAG, STAGE_TAG, TRAIN, TRAINING_RUN_TAG
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -102,9 +103,13 @@ def _record(run, name: str, varying: list[str]) -> TrialRecord:
     axes = {key: params.get(key) for key in varying if key != "variant"}
     seed = params.get(SEED_AXIS)
     eval_seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+    status, error = run.info.status, tags.get(FAILURE_TAG, "")
+    if STOPPED_TAG in tags:  # by the sweep's scheduler (orchestrator.scheduler): trained part of the way, not evaluated
+        status, eval_seconds = "STOPPED", None
+        error = f"stopped by {tags[STOPPED_TAG]} at step {tags.get(STOPPED_STEP_TAG)} of {params.get('train.steps')}"
     return TrialRecord(
         name=name, variant=variant_label(tags.get("variant", name), axes), seed=int(seed) if seed else None,
-        status=run.info.status, metrics=dict(run.data.metrics), error=tags.get(FAILURE_TAG, ""),
+        status=status, metrics=dict(run.data.metrics), error=error,
         run_id=run.info.run_id, training_run_id=tags.get(TRAINING_RUN_TAG, ""),
         train_seconds=run.data.metrics.get("train_seconds"), eval_seconds=eval_seconds, axes=axes, params=dict(params),
         skipped={k[: -len(".skipped")]: v for k, v in tags.items() if k.endswith(".skipped")})

@@ -64,7 +64,7 @@ class TrialRecord:
     name: str
     variant: str  # the comparison variant: the variant name and every non-seed axis
     seed: Optional[int]
-    status: str  # FINISHED, FAILED, KILLED, RUNNING
+    status: str  # FINISHED, FAILED, KILLED, RUNNING; STOPPED: by the sweep's scheduler, not evaluated
     metrics: dict = field(default_factory=dict)
     error: str = ""
     run_id: str = ""

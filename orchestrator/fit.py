@@ -19,7 +19,13 @@ from diffusion.training import Trainer, build_trainer, select_device
 
 from . import stages
 from .cache import MODEL_FILE, ModelCache
+from .keys import training_key, training_spec
+from .scheduler import STOPPED_MODEL_TAG, STOPPED_STEP_TAG, STOPPED_TAG, TIME_ATTR, stopped_config
 from .schema import SweepTrialConfig
+
+
+class _StopNow(Exception):
+    """Raised out of the training loop when the sweep's scheduler stopped this training at the step just reported."""
 
 
 def trial_config(trial: dict) -> SweepTrialConfig:
@@ -62,10 +68,15 @@ def resume_trainer(cfg: SweepTrialConfig, key: str, cache: ModelCache, model_dat
 
 def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, client: MlflowClient, cache: ModelCache,
               report: Callable[[dict], None], entered: Optional[float], resume: bool,
-              device: Optional[torch.device] = None) -> None:
+              device: Optional[torch.device] = None, scheduler: Optional[dict] = None) -> Optional[dict]:
     """Train the model of ``key`` for the training run ``run_id``, from the cache's checkpoint when ``resume``, and
     publish it in the cache: the EMA weights, then the entry's ``model.json``. ``train_loss`` is logged at the steps
     not logged before (a resumed run repeats the steps after its checkpoint) and reported to Tune with the phase.
+
+    ``scheduler`` ({"name", "metric", "note"}: the sweep's early stopping, ``orchestrator.scheduler``): after each
+    report of its metric the entry's stop note (``note``) is read; a note for that step ends training there, and
+    the model is published under the key of the config with ``train.steps`` = that step (``stopped_config``), the
+    run tagged. Returns the stop ({"by", "step", "metric", "value", "model_key", "planned"}) or None.
 
     On each process of a data-parallel training (``orchestrator.parallel``) the trainer joins the process group
     (``Trainer.data_parallel``); rank 0 alone logs, checkpoints and publishes, and every rank reports (Ray Train's
@@ -83,11 +94,22 @@ def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, 
         elif damaged:
             client.set_tag(run_id, "checkpoint_damaged", f"{damaged}: trained from step 0"[:5000])
 
+    stopped: dict = {}
+
+    def heed(step: int, metrics: dict) -> None:  # Tune has judged the report just made: stopped there?
+        if scheduler is None or scheduler["metric"] not in metrics or step >= cfg.train.steps:
+            return  # at the last step the training has finished: nothing to stop
+        note = cache.read(key, scheduler["note"])
+        if note is not None and note.get("step") == step:
+            stopped.update(note)
+            raise _StopNow()
+
     def on_log(step: int, loss: float) -> None:
         if lead and step > logged:
             client.log_metric(run_id, "train_loss", loss, step=step)
-        report({"train_loss": loss, "step": step, "phase": "train", "phase_step": step,
+        report({"train_loss": loss, "step": step, TIME_ATTR: step, "phase": "train", "phase_step": step,
                 "phase_total": cfg.train.steps})
+        heed(step, {"train_loss": loss})
 
     def on_checkpoint(step: int) -> None:
         if lead:
@@ -105,18 +127,23 @@ def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, 
             if step > evaluated:
                 now = int(time.time() * 1000)
                 client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-        report({**{k: v for k, v in metrics.items() if k in ("fid", "kid")}, "step": step, "phase": "train",
-                "phase_step": step, "phase_total": cfg.train.steps})
+        measured = {k: v for k, v in metrics.items() if k in ("fid", "kid")}
+        report({**measured, "step": step, TIME_ATTR: step, "phase": "train", "phase_step": step,
+                "phase_total": cfg.train.steps})
+        heed(step, measured)
 
     # orchestration overhead: from the task's start on its worker to its training loop (run, data, network)
     startup = time.time() - (entered or time.time())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_step, started = trainer.step, time.perf_counter()
-    trainer.train(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
+    try:
+        trainer.train(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
+    except _StopNow:
+        pass
     seconds = time.perf_counter() - started
     if not lead:
-        return
+        return None
     history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
     metrics = {"train_seconds": seconds, "startup_seconds": startup,
                "train_examples_per_second": (trainer.step - first_step) * cfg.train.batch_size / seconds}
@@ -127,16 +154,30 @@ def fit_model(cfg: SweepTrialConfig, key: str, run_id: str, experiment_id: str, 
         with torch.no_grad():
             log_snr = trainer.process.schedule(t).cpu()
         client.log_dict(run_id, {"t": t.tolist(), "log_snr": log_snr.tolist()}, "schedule.json")
-    trainer.save_ema(cache.local(key, "ema.pt"))
-    files = {"ema.pt": cache.publish_file(key, "ema.pt")}  # checksums: ModelCache.model verifies them
-    client.log_artifact(run_id, cache.local(key, "ema.pt"))
+    publish = key
+    if stopped:  # the weights are those of this config trained for trainer.step steps: that key describes them
+        stopped_cfg = stopped_config(cfg, trainer.step)
+        publish = training_key(stopped_cfg)
+        stopped.update(model_key=publish, planned=cfg.train.steps)
+        client.log_batch(run_id, tags=[RunTag(STOPPED_TAG, stopped["by"]), RunTag(STOPPED_STEP_TAG, str(trainer.step)),
+                                       RunTag(STOPPED_MODEL_TAG, publish)])
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in metrics.items()])
+    if stopped and cache.has(publish):  # trained before to that step: the same weights, the entry kept as it is
+        return stopped
+    trainer.save_ema(cache.local(publish, "ema.pt"))
+    client.log_artifact(run_id, cache.local(publish, "ema.pt"))
+    files = {"ema.pt": cache.publish_file(publish, "ema.pt")}  # checksums: ModelCache.model verifies them
     record = {"run_id": run_id, "experiment_id": experiment_id, "steps": trainer.step,
               "train_loss": history[-1].value if history else float("nan"), **metrics, "files": files}
     if cfg.eval.every:  # the FID curve stays with the cached model (also the training run's metrics fid and kid)
         record["fid_curve"] = fid_curve(client, run_id)
-    cache.write(key, MODEL_FILE, record)
+    if stopped:
+        record["stopped"] = {k: stopped[k] for k in ("by", "step", "metric", "value", "planned") if k in stopped}
+        cache.write(publish, "spec.json", training_spec(stopped_cfg))
+        cache.write(publish, "run.json", {"run_id": run_id, "experiment_id": experiment_id})
+    cache.write(publish, MODEL_FILE, record)
+    return stopped or None
 
 
 def fid_curve(client: MlflowClient, run_id: str) -> list[dict]:

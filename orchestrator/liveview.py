@@ -51,7 +51,7 @@ class TrialProgress:
     anchor: Optional[tuple[float, int]] = None  # (time, step) of the phase's first report: the rate's origin
     updated: float = 0.0  # time of the last report
     loss: Optional[float] = None
-    status: str = "running"  # running, finished, failed
+    status: str = "running"  # running, finished, failed, stopped (by the sweep's scheduler)
     ended: Optional[float] = None
     metrics: dict = field(default_factory=dict)
 
@@ -84,6 +84,7 @@ class SweepProgress:
         self.trains: set[str] = set()  # the tasks that train their model first
         self.training_only: set[str] = set()  # tasks that train and evaluate nothing (data-parallel): not trials
         self.unrun: set[str] = set()  # trials left out of every stage (their model failed to train): failed
+        self.unrun_stopped: set[str] = set()  # trials left out because the scheduler stopped their model's training
 
     def stage(self, tasks: list[dict], last: bool = False) -> None:
         """A Tune stage starts with ``tasks`` (``runner._task``); ``last``: no other stage follows, so a trial not
@@ -94,9 +95,14 @@ class SweepProgress:
             planned = {task["name"] for task in tasks}
             self.unrun = {name for name in self.names if name not in self.trials and name not in planned}
 
-    def drop(self, names: list[str]) -> None:
-        """Trials that will not run (their model failed to train, so they are recorded FAILED): counted failed."""
-        self.unrun |= {name for name in names if name not in self.trials}
+    def drop(self, names: list[str], stopped: bool = False) -> None:
+        """Trials that will not run: their model failed to train, so they are recorded FAILED (counted failed), or
+        (``stopped``) the sweep's scheduler stopped its training (counted stopped)."""
+        dropped = {name for name in names if name not in self.trials}
+        if stopped:
+            self.unrun_stopped |= dropped
+        else:
+            self.unrun |= dropped
 
     def start(self, name: str, train: bool) -> TrialProgress:
         now = self.clock()
@@ -134,7 +140,8 @@ class SweepProgress:
     def complete(self, name: str, failed: bool) -> TrialProgress:
         now = self.clock()
         trial = self.trials.get(name) or self.start(name, False)
-        trial.status = "failed" if failed or trial.status == "failed" else "finished"
+        trial.status = "failed" if failed or trial.status == "failed" else "stopped" if trial.metrics.get("stopped") \
+            else "finished"
         trial.ended = trial.ended or now
         return trial
 
@@ -142,9 +149,10 @@ class SweepProgress:
         """finished, running, failed and pending trials (a data-parallel training's own task is shown, not
         counted: its trials are)."""
         states = [t.status for name, t in self.trials.items() if name not in self.training_only]
-        counts = {s: states.count(s) for s in ("finished", "running", "failed")}
+        counts = {s: states.count(s) for s in ("finished", "running", "failed", "stopped")}
         counts["failed"] += len(self.unrun)
-        counts["pending"] = max(0, len(self.names) - len(states) - len(self.unrun))
+        counts["stopped"] += len(self.unrun_stopped)
+        counts["pending"] = max(0, len(self.names) - len(states) - len(self.unrun) - len(self.unrun_stopped))
         return counts
 
     def running(self) -> list[TrialProgress]:
@@ -156,7 +164,7 @@ class SweepProgress:
         the trials that run at once; None before a trial finished and once none is left."""
         done = [t for t in self.trials.values() if t.status == "finished" and t.ended is not None]
         running = self.running()
-        pending = [n for n in self.names if n not in self.trials and n not in self.unrun]
+        pending = [n for n in self.names if n not in self.trials and n not in self.unrun | self.unrun_stopped]
         if not done or not (running or pending):
             return None
 
@@ -185,6 +193,9 @@ class SweepProgress:
         if trial.status == "failed":
             return f"[{trial.name}] FAILED after {duration(trial.elapsed(now))} (the reason: summary below)"
         m, shown = trial.metrics, []
+        if m.get("stopped"):
+            return (f"[{trial.name}] stopped early by the scheduler at step {m.get('step', 0):.0f} after "
+                    f"{duration(trial.elapsed(now))}: not evaluated")
         if "fid" in m:
             shown.append(f"fid {m['fid']:.3f}" + (f" (reference {m['fid_reference']:.3f})" if "fid_reference" in m
                                                   else ""))
@@ -200,8 +211,9 @@ class SweepProgress:
         eta = self.eta(now)
         timing = duration(now - self.started) + (f", ETA {duration(eta)}" if eta is not None else "")
         name = f"sweep {self.name}" if self.name else "sweep"
-        return (f"{name}: {c['finished']}/{len(self.names)} finished, {c['running']} running, {c['failed']} failed, "
-                f"{c['pending']} pending ({timing})")
+        stopped = f", {c['stopped']} stopped early" if c["stopped"] else ""
+        return (f"{name}: {c['finished']}/{len(self.names)} finished, {c['running']} running, {c['failed']} failed"
+                f"{stopped}, {c['pending']} pending ({timing})")
 
 
 class PlainView:
@@ -367,9 +379,9 @@ class SweepDisplay:
         """A stage of ``tasks`` starts (``last``: the sweep's last stage; see ``SweepProgress.stage``)."""
         self.progress.stage(tasks, last)
 
-    def drop(self, names: list[str]) -> None:
+    def drop(self, names: list[str], stopped: bool = False) -> None:
         """Trials that will not run (see ``SweepProgress.drop``)."""
-        self.progress.drop(names)
+        self.progress.drop(names, stopped)
 
     def callback(self, tune):
         """The Tune callback that feeds the display Tune's events. Tune pickles its callbacks with the experiment's

@@ -100,12 +100,14 @@ def variant_rows(report: SweepReport) -> tuple[list[str], list[list[str]]]:
 
 def trial_rows(results: SweepResults) -> tuple[list[str], list[list[str]]]:
     axes = [a for a in results.varying if a != "variant"]
-    header = ["trial", "variant", *axes, "status", "fid", "fid_stderr", "fid_reference", "kid", "bpd_ode", "bpd_elbo",
-              "train min", "eval min"]
+    stopping = any(r.status == "STOPPED" for r in results.records)  # then the steps each training used are shown
+    header = ["trial", "variant", *axes, "status", *(["steps"] if stopping else []), "fid", "fid_stderr",
+              "fid_reference", "kid", "bpd_ode", "bpd_elbo", "train min", "eval min"]
     rows = []
     for r in results.records:
         m = r.metrics
-        rows.append([r.name, r.variant, *[str(r.axes.get(a, "-")) for a in axes], r.status, fmt(m.get("fid")),
+        steps = [f"{m['train_steps']:.0f}" if "train_steps" in m else r.params.get("train.steps", "-")] if stopping else []
+        rows.append([r.name, r.variant, *[str(r.axes.get(a, "-")) for a in axes], r.status, *steps, fmt(m.get("fid")),
                      fmt(m.get("fid_stderr")), fmt(m.get("fid_reference")), fmt(m.get("kid"), "kid"),
                      fmt(m.get("bpd_ode"), "bpd_ode"), fmt(m.get("bpd_elbo"), "bpd_elbo"),
                      fmt(r.train_seconds / 60 if r.train_seconds is not None else None, "min"),
@@ -137,7 +139,14 @@ def notes(report: SweepReport) -> list[str]:
 
 
 def failures(results: SweepResults) -> list[str]:
-    return [f"{r.status}: {r.name}: {r.error or 'no reason recorded'}" for r in results.records if r.status != "FINISHED"]
+    return [f"{r.status}: {r.name}: {r.error or 'no reason recorded'}" for r in results.records
+            if r.status not in ("FINISHED", "STOPPED")]
+
+
+def stopped(results: SweepResults) -> list[str]:
+    """The trials the sweep's scheduler stopped: where, and the compute they used."""
+    return [f"{r.name}: {r.error}" + (f" ({r.train_seconds / 60:.2f} min of training)" if r.train_seconds else "")
+            for r in results.records if r.status == "STOPPED"]
 
 
 def run_link(results: SweepResults, run_id: str) -> str:
@@ -163,6 +172,8 @@ def render_summary(report: SweepReport) -> str:
     if report.verdicts:
         lines += ["", "verdicts at 95%:"] + [f"  {v.sentence()}" for v in report.verdicts]
     lines += ["", *notes(report)]
+    if stopped(results):
+        lines += ["stopped early by the scheduler (not evaluated):", *[f"  {s}" for s in stopped(results)]]
     lines += failures(results)
     return "\n".join(lines)
 
@@ -193,6 +204,8 @@ def render_markdown(report: SweepReport) -> str:
         lines += ["## Samples", ""] + [f"![{name}](report_files/samples-{i}.png) `{name}`  " for i, name in
                                        enumerate(results.images)] + [""]
     lines += ["## Trials", "", *_md_table(*trial_rows(results)), ""]
+    if stopped(results):
+        lines += ["## Stopped early by the scheduler", "", *[f"- {f}" for f in stopped(results)], ""]
     if failures(results):
         lines += ["## Failed and killed trials", "", *[f"- {f}" for f in failures(results)], ""]
     lines += ["## Runs", "", f"Run `mlflow ui` in the sweep's directory (port {UI_PORT}) to open these:", "",
@@ -250,6 +263,10 @@ def render_html(report: SweepReport) -> str:
                   f"<figcaption>{esc(name)}</figcaption></figure>" for name, png in results.images.items()]
         parts.append("</div>")
     parts += ["<h2>Trials</h2>", _html_table(*trial_rows(results), "trials")]
+    if stopped(results):
+        parts.append("<h2>Stopped early by the scheduler</h2><ul id='stopped'>")
+        parts += [f"<li>{esc(f)}</li>" for f in stopped(results)]
+        parts.append("</ul>")
     if failures(results):
         parts.append("<h2>Failed and killed trials</h2><ul id='failures'>")
         parts += [f"<li>{esc(f)}</li>" for f in failures(results)]

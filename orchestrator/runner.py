@@ -78,6 +78,8 @@ def describe(sweep: Sweep, groups: Optional[list[TrainingGroup]] = None, cache: 
         lines.append(f"  {trial.name:<40} cpu={res.cpu:g} gpu={res.gpu:g}{workers}  {_trial_line(trial)}{drawn}{model}")
     if sweep.search is not None:
         lines.append(sweep.search.describe())
+    if sweep.scheduler is not None:
+        lines.append(sweep.scheduler.describe())
     if groups is not None and datasets is not None:
         lines += model_lines(groups, datasets)
     if groups is not None and cache is not None:
@@ -281,6 +283,10 @@ def plan_tasks(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]]]) 
         training.append(_task(group, trials[:1], train=True))
         if trials[1:]:
             waiting[group.key] = [_task(group, [trial], train=False) for trial in trials[1:]]
+    scheduler = run.sweep.scheduler
+    if scheduler is not None and scheduler.stops:  # the trainings heed its stops (fit.fit_model)
+        for task in training:
+            task["scheduler"] = scheduler.task()
     return training + ready, waiting
 
 
@@ -288,25 +294,50 @@ def run_trials(run: SweepRun, pending: list[tuple[TrainingGroup, list[Trial]]]) 
     """Every pending trial in one Tune experiment (``_fit``): the trainings and the evaluations on cached models
     start at once; the other evaluations of a model start as soon as its training task ends, not when every training
     has (``TaskQueue``). The trials of a model that failed to train are recorded FAILED, not evaluated."""
-    from .trial import record_unevaluated
+    from .trial import record_stopped, record_unevaluated, stop_of
 
     ready, waiting = plan_tasks(run, pending)
+    stops: dict[str, dict] = {}  # training key -> the scheduler's stop (the note its training reads)
 
     def model_ready(key: str) -> bool:
         return run.cache.has(key)
 
     def not_evaluated(key: str, tasks: list[dict]) -> None:
         training = (run.cache.training_run(key) or {}).get("run_id", "none")
+        stop = stop_of(run.client.get_run(training)) if key in stops and training != "none" else None
         for task in tasks:
             for trial in task["trials"]:
-                record_unevaluated(run.client, run.context, trial, key,
-                                   f"training failed (training run {training}): not evaluated")
+                if stop is not None:  # the training ended where the scheduler stopped it: not evaluated
+                    record_stopped(run.client, run.context, trial, key, {**stops[key], **stop})
+                else:
+                    record_unevaluated(run.client, run.context, trial, key,
+                                       f"training failed (training run {training}): not evaluated")
         if run.display is not None:
-            run.display.drop([task["name"] for task in tasks])
+            run.display.drop([task["name"] for task in tasks], stopped=stop is not None)
 
-    from .taskqueue import TaskQueue  # Ray Tune: imported by the commands that run trials only
+    from .taskqueue import TaskQueue, early_stopping  # Ray Tune: imported by the commands that run trials only
 
-    _fit(run, TaskQueue(ready, waiting, dataclasses.asdict(run.context), model_ready, not_evaluated))
+    queue = TaskQueue(ready, waiting, dataclasses.asdict(run.context), model_ready, not_evaluated)
+    scheduler = None
+    if run.sweep.scheduler is not None and run.sweep.scheduler.stops:
+        scheduler = early_stopping(run.sweep.scheduler, lambda trial_id, result: stop_training(run, queue, stops,
+                                                                                              trial_id, result))
+    _fit(run, queue, scheduler)
+
+
+def stop_training(run: SweepRun, queue, stops: dict, trial_id: str, result: dict) -> None:
+    """The sweep's scheduler stops the training of Tune's trial ``trial_id`` at the step of ``result``: the note
+    the training reads right after that report (``scheduler.stop_note``, in its model-cache entry)."""
+    from .scheduler import TIME_ATTR, stop_note
+
+    task = queue.task_of(trial_id)
+    if task is None or not task["train"] or TIME_ATTR not in result:
+        return
+    metric = run.sweep.scheduler.metric
+    note = {"by": run.sweep.scheduler.name, "step": int(result[TIME_ATTR]), "metric": metric,
+            "value": result.get(metric)}
+    run.cache.write(task["key"], stop_note(run.context.parent_run_id), note)
+    stops[task["key"]] = note
 
 
 def summarize(run: SweepRun, status: str) -> tuple[str, "SweepReport"]:
@@ -319,7 +350,7 @@ def summarize(run: SweepRun, status: str) -> tuple[str, "SweepReport"]:
 
     context = run.context
     results = collect(run.client, context.parent_run_id, run.sweep.trials)
-    if status != "KILLED" and any(r.status != "FINISHED" for r in results.records):
+    if status != "KILLED" and any(r.status not in ("FINISHED", "STOPPED") for r in results.records):
         status = "FAILED"
     results.status = status
     sweep_report = build(results)
@@ -358,7 +389,7 @@ def _task(group: TrainingGroup, trials: list[Trial], train: bool) -> dict:
     return task
 
 
-def _fit(run: SweepRun, queue) -> None:
+def _fit(run: SweepRun, queue, scheduler=None) -> None:
     """Run the tasks of ``queue`` (a ``taskqueue.TaskQueue``) on Ray Tune, each with the resources of its trials, as the Tune experiment
     ``<sweep>-<parent run>-trials<suffix>``. ``run.env``: the credentials workers of a joined cluster need,
     handed over through Ray's object store (``tune.with_parameters``), never in Tune's config."""
@@ -383,11 +414,16 @@ def _fit(run: SweepRun, queue) -> None:
     pending_set = "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # a value the user set wins
     if pending_set:
         os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(len(tasks))
+    # a scheduler's metric is in the trainings' reports that measure it only, never in the evaluations'
+    strict_set = scheduler is not None and "TUNE_DISABLE_STRICT_METRIC_CHECKING" not in os.environ
+    if strict_set:
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(tune.with_parameters(run_task, env=run.env), resources)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=queue,
+            **({"scheduler": scheduler} if scheduler is not None else {}),
             num_samples=len(tasks),  # one trial per task; fewer when a model fails to train (TaskQueue)
             max_concurrent_trials=sweep.max_concurrent,
             # a trial's worker process (its imports, its data) serves the next trial; not with data-parallel
@@ -410,6 +446,8 @@ def _fit(run: SweepRun, queue) -> None:
     finally:
         if pending_set:
             os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
+        if strict_set:
+            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
 
 
 _UNSAFE_IN_PATH = re.compile(r"[^A-Za-z0-9_.,=+-]")

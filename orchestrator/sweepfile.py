@@ -34,7 +34,7 @@ from .schema import SweepTrialConfig
 from .search import SAMPLE_AXIS
 from .yamlfile import OverrideLoader, Refused, dotted_path, load_yaml, read_yaml
 
-SWEEP_KEYS = ("name", "base", "variants", "grid", "search", "storage", "max_concurrent")
+SWEEP_KEYS = ("name", "base", "variants", "grid", "search", "scheduler", "storage", "max_concurrent")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESOLVER = re.compile(r"\$\{\s*([^:}\s]*)\s*:")  # ${name:...} calls the resolver `name`
 
@@ -66,6 +66,7 @@ class Sweep:
     max_concurrent: Optional[int] = None  # trials run at once (default: as many as resources allow)
     source: dict = field(default_factory=dict)  # the sweep file after overrides, as plain data
     search: Optional[Any] = None  # the search section (orchestrator.search.Search), or None
+    scheduler: Optional[Any] = None  # the scheduler section (orchestrator.scheduler.Scheduler), or None
 
     def digest(self) -> str:
         """A short hash of the expanded sweep (names and configs of its trials)."""
@@ -127,8 +128,13 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
     varying = (["variant"] if len(variants) > 1 else []) + [k for k, v in grid.items() if len(v) > 1]
     if search is not None:
         varying += [key for key in search.space if len({repr(t.axes[key]) for t in trials}) > 1]
+    scheduler = None
+    if raw.get("scheduler") is not None:
+        from .scheduler import parse_scheduler
+
+        scheduler = parse_scheduler(raw["scheduler"], trials)
     return Sweep(name=sweep_name, trials=trials, varying=varying, storage=storage, max_concurrent=max_concurrent,
-                 source=raw, search=search)
+                 source=raw, search=search, scheduler=scheduler)
 
 
 def _expand(base_cfg: DictConfig, base: dict, variants: dict, grid: dict, has_variants: bool,

@@ -1,9 +1,11 @@
-"""The order of a sweep's trials on Ray Tune: each evaluation starts as soon as its own model is trained."""
+"""The order of a sweep's trials on Ray Tune: each evaluation starts as soon as its own model is trained
+(``TaskQueue``); a scheduler's stops carried out by the trainings themselves (``early_stopping``)."""
 from __future__ import annotations
 
 import json
 from typing import Callable, Optional
 
+from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.search import Searcher
 
 
@@ -36,6 +38,9 @@ class TaskQueue(Searcher):
             return {"task": task, "context": self.context}
         return None if self.waiting else Searcher.FINISHED  # None: asked again once a trial ends
 
+    def task_of(self, trial_id: str) -> Optional[dict]:
+        return self.running.get(trial_id)
+
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         task = self.running.pop(trial_id, None)
         if task is None or not task["train"] or task["key"] not in self.waiting:
@@ -58,3 +63,41 @@ class TaskQueue(Searcher):
         with open(checkpoint_path, encoding="utf-8") as handle:
             state = json.load(handle)
         self.ready, self.waiting = state["ready"], state["waiting"]
+
+
+class _Cooperative:
+    """A Tune scheduler whose stops the trainings carry out themselves (``orchestrator.scheduler``): a STOP is handed
+    to ``on_stop(trial_id, result)``, which leaves the training a note, and Tune is told to CONTINUE, so the
+    training, blocked in its report until then, reads the note and ends at that very step, its model published.
+    (Tune's own stop would end the trial's process while it was still recording.) Evaluations never carry the time
+    attribute, so the schedulers never judge them."""
+
+    on_stop: Optional[Callable[[str, dict], None]] = None
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and self.on_stop is not None:
+            self.on_stop(trial.trial_id, result)
+        # never PAUSE either (the median rule pauses a trial to let pending ones catch up): a training's state is in
+        # the model cache's checkpoints, not in Tune's, so a paused trial would start over
+        return TrialScheduler.CONTINUE if decision in (TrialScheduler.STOP, TrialScheduler.PAUSE) else decision
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "on_stop": None}
+
+
+class CooperativeASHA(_Cooperative, AsyncHyperBandScheduler):
+    pass
+
+
+class CooperativeMedian(_Cooperative, MedianStoppingRule):
+    pass
+
+
+def early_stopping(scheduler, on_stop: Callable[[str, dict], None]):
+    """Tune's scheduler for ``scheduler`` (an ``orchestrator.scheduler.Scheduler`` that stops trainings: asha or
+    median), its stops handed to ``on_stop(trial_id, result)``."""
+    kind = CooperativeASHA if scheduler.name == "asha" else CooperativeMedian
+    tune = kind(**scheduler.tune_options())
+    tune.on_stop = on_stop
+    return tune

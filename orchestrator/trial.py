@@ -36,6 +36,7 @@ from .cache import CHECKPOINT, CHECKPOINT_SUM, ModelCache
 from .schema import SweepTrialConfig
 from .sweepfile import flatten
 from .fit import fit_model, trial_config, where
+from .scheduler import STOPPED_MODEL_TAG, STOPPED_STEP_TAG, STOPPED_TAG, stop_note, stopped_line
 from .tracking import PARENT_TAG
 
 FAILURE_TAG = "failure_reason"
@@ -91,7 +92,13 @@ def execute_task(task: dict, context: TrialContext, report: Optional[Callable[[d
         if task["train"]:
             try:
                 trains = task["trials"][0] if task["trials"] else task["trains"]
-                train_model(trial_config(trains), task["key"], task["group"], context, client, cache, report, entered)
+                train_model(trial_config(trains), task["key"], task["group"], context, client, cache, report, entered,
+                            task.get("scheduler"))
+            except Stopped as stopped:  # by the sweep's scheduler: its trials are not evaluated
+                for trial in task["trials"]:
+                    record_stopped(client, context, trial, task["key"], stopped.stop)
+                report({"stopped": 1.0, "step": stopped.stop["step"], "phase": "done"})
+                return []
             except BaseException as error:
                 if not _transient(error):
                     for trial in task["trials"]:
@@ -185,9 +192,20 @@ def _reopen(client: MlflowClient, run) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+class Stopped(Exception):
+    """A training the sweep's scheduler stopped (``orchestrator.scheduler``): its run ended FINISHED and tagged, its
+    model published under the key of the steps it trained; ``stop`` says by what, where and under which key."""
+
+    def __init__(self, stop: dict):
+        super().__init__(f"stopped by {stop['by']} at step {stop['step']}")
+        self.stop = stop
+
+
 def train_model(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
-                cache: ModelCache, report: Callable[[dict], None], entered: Optional[float] = None) -> str:
-    """Train the model of ``key`` in a training run and publish it in the cache; returns the run id.
+                cache: ModelCache, report: Callable[[dict], None], entered: Optional[float] = None,
+                scheduler: Optional[dict] = None) -> str:
+    """Train the model of ``key`` in a training run and publish it in the cache; returns the run id. ``scheduler``:
+    the sweep's early stopping (``Scheduler.task()``); a training it stops raises :class:`Stopped`.
 
     When this sweep run already has a training run for the key, that run continues: nothing is done if it
     finished and the cache has the model; otherwise training resumes from the cache's last checkpoint
@@ -207,7 +225,9 @@ def train_model(cfg: SweepTrialConfig, key: str, group: list[str], context: Tria
         model = cache.model(key)
         if model is not None:
             return _trained_meanwhile(client, key, model, previous)
-        return _train(cfg, key, group, context, client, cache, report, entered, previous)
+        if scheduler is not None:
+            scheduler = {**scheduler, "note": stop_note(context.parent_run_id)}
+        return _train(cfg, key, group, context, client, cache, report, entered, previous, scheduler)
 
 
 def _trained_meanwhile(client: MlflowClient, key: str, model: dict, previous) -> str:
@@ -245,7 +265,8 @@ def evaluation_note(trial: dict, experiment_id: str, training_run: str) -> str:
 
 
 def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialContext, client: MlflowClient,
-           cache: ModelCache, report: Callable[[dict], None], entered: Optional[float], previous) -> str:
+           cache: ModelCache, report: Callable[[dict], None], entered: Optional[float], previous,
+           scheduler: Optional[dict] = None) -> str:
     """:func:`train_model`'s training, under the entry's lock, with this sweep run's earlier training run or None:
     in this process (:func:`fit_model`), or data-parallel on ``resources.workers`` Ray Train workers
     (``orchestrator.parallel``)."""
@@ -269,12 +290,14 @@ def _train(cfg: SweepTrialConfig, key: str, group: list[str], context: TrialCont
 
             train_data_parallel(cfg, key, run_id, context, entered)
         else:
-            fit_model(cfg, key, run_id, context.experiment_id, client, cache, report, entered,
-                      resume=previous is not None)
+            stop = fit_model(cfg, key, run_id, context.experiment_id, client, cache, report, entered,
+                             resume=previous is not None, scheduler=scheduler)
     except BaseException as error:  # recorded, then re-raised so Ray marks the trial as errored
         _fail(client, run_id, error)
         raise
     client.set_terminated(run_id, status="FINISHED")
+    if stop:
+        raise Stopped(stop)
     return run_id
 
 
@@ -311,6 +334,38 @@ def record_unevaluated(client: MlflowClient, context: TrialContext, trial: dict,
     if run_id is not None:
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
         client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def stop_of(training_run) -> Optional[dict]:
+    """The stop a training run's tags record (``fit_model``), or None: {"by", "step", "model_key"}."""
+    tags = training_run.data.tags
+    if STOPPED_TAG not in tags:
+        return None
+    return {"by": tags[STOPPED_TAG], "step": int(tags[STOPPED_STEP_TAG]), "model_key": tags.get(STOPPED_MODEL_TAG, "")}
+
+
+def record_stopped(client: MlflowClient, context: TrialContext, trial: dict, key: str, stop: dict) -> Optional[str]:
+    """An evaluation run for a trial whose training the sweep's scheduler stopped: not evaluated, ended FINISHED
+    with the tags ``stopped_by`` and ``stopped_at_step``, the training's time and steps (``train_seconds``,
+    ``train_steps``: the compute it used), and a description saying how to evaluate the model it has."""
+    training = (ModelCache(context.cache_root).training_run(key) or {}).get("run_id", "")
+    run_id = _evaluation_run(client, context, trial, key, training)
+    if run_id is None:
+        return None
+    line = stopped_line(stop, trial["config"]["train"]["steps"])
+    note = (evaluation_note(trial, context.experiment_id, training) + f"\n\nNot evaluated: its training was {line}. "
+            f"The model at that step is in the model cache as `{stop.get('model_key', '')}`: a sweep of this trial "
+            f"with `train.steps: {stop['step']}` evaluates it without training it.")
+    tags = [RunTag(STOPPED_TAG, stop["by"]), RunTag(STOPPED_STEP_TAG, str(stop["step"])),
+            RunTag(STOPPED_MODEL_TAG, stop.get("model_key", "")), RunTag(NOTE_TAG, note)]
+    seconds = client.get_run(training).data.metrics.get("train_seconds") if training else None
+    now = int(time.time() * 1000)
+    metrics = [Metric("train_steps", float(stop["step"]), now, 0)]
+    if seconds is not None:
+        metrics.append(Metric("train_seconds", seconds, now, 0))
+    client.log_batch(run_id, metrics=metrics, tags=tags)
+    client.set_terminated(run_id, status="FINISHED")
     return run_id
 
 

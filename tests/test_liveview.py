@@ -205,4 +205,4 @@ def test_a_data_parallel_training_task_is_shown_but_not_counted_as_a_trial():
     progress.complete("train dp-seed=0", failed=False)
     progress.stage([{"name": "dp-seed=0", "train": False, "trials": [{}]}], last=True)
     progress.start("dp-seed=0", False)
-    assert progress.counts() == {"finished": 0, "running": 1, "failed": 0, "pending": 0}
+    assert progress.counts() == {"finished": 0, "running": 1, "failed": 0, "stopped": 0, "pending": 0}
