@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput bench-gpu bench-data-parallel bench-fid-during-training clean
+.PHONY: install demo test bench bench-samplers bench-likelihood bench-uncertainty bench-orchestration bench-throughput bench-gpu bench-data-parallel bench-fid-during-training bench-adaptive clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -61,6 +61,10 @@ bench-data-parallel: $(STAMP)
 
 bench-fid-during-training: $(STAMP)
 	$(BIN)/python benchmarks/fid_during_training.py
+
+# two real sweeps of 12 configurations, the grid and ASHA (about 20 minutes on 2 cores)
+bench-adaptive: $(STAMP)
+	$(BIN)/python benchmarks/adaptive.py
 
 clean:
 	rm -rf $(VENV) *.egg-info mlflow.db mlartifacts ray_results mlflow-server.log mlflow-server.json mlflow-server.lock

@@ -87,7 +87,7 @@ class SweepProgress:
         self.unrun_stopped: set[str] = set()  # trials left out because the scheduler stopped their model's training
 
     def stage(self, tasks: list[dict], last: bool = False) -> None:
-        """A Tune stage starts with ``tasks`` (``runner._task``); ``last``: no other stage follows, so a trial not
+        """A Tune stage starts with ``tasks`` (``tuning._task``); ``last``: no other stage follows, so a trial not
         started by now is never run (recorded FAILED: its model failed to train)."""
         self.trains |= {task["name"] for task in tasks if task["train"]}
         self.training_only |= {task["name"] for task in tasks if task["train"] and task.get("trials") == []}

@@ -11,7 +11,7 @@ from the cache's last checkpoint; the steps logged before are not logged twice. 
 retried: rank 0 returns it and the task raises ``TrainingDiverged`` as a one-process training would.
 
 The Tune task itself asks for no CPU (a little memory: Tune needs a non-empty request), so that a 2-worker trial of
-1 CPU each fits a 2-CPU node; the group's first evaluation is a task of its own (``runner.plan_tasks``).
+1 CPU each fits a 2-CPU node; the group's first evaluation is a task of its own (``tuning.plan_tasks``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
 
 
 def task_resources(resources: dict, train: bool) -> dict:
-    """The Tune task's own request (``runner._fit``): a data-parallel training's is :data:`DRIVER_RESOURCES`."""
+    """The Tune task's own request (``tuning._fit``): a data-parallel training's is :data:`DRIVER_RESOURCES`."""
     if train and resources.get("workers", 1) > 1:
         return dict(DRIVER_RESOURCES)
     return {"cpu": resources["cpu"], "gpu": resources["gpu"], **dict(resources["custom"])}

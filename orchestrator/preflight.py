@@ -122,7 +122,7 @@ def keep_credentials_out_of_tune() -> None:
     """Ray Tune copies AWS credentials from the driver's environment into the runtime_env of every trial actor
     (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and Ray's runtime_env agent logs runtime_envs
     in plain text. Take them off that list: a local instance's workers inherit them anyway, and a joined
-    cluster's get them through ``tune.with_parameters`` (``runner._fit``)."""
+    cluster's get them through ``tune.with_parameters`` (``tuning._fit``)."""
     from ray.tune.execution import class_cache
 
     for name in SECRET_ENV:

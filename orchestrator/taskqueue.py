@@ -101,3 +101,38 @@ def early_stopping(scheduler, on_stop: Callable[[str, dict], None]):
     tune = kind(**scheduler.tune_options())
     tune.on_stop = on_stop
     return tune
+
+
+class _Past:
+    """A training of an earlier run of the sweep, as Tune's schedulers see a trial (``replay``)."""
+
+    status = "TERMINATED"
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+    def __repr__(self) -> str:
+        return f"past training {self.trial_id}"
+
+
+class _NoLiveTrials:
+    def get_live_trials(self) -> list:
+        return []
+
+
+def replay(tune, histories: dict[str, list[dict]]) -> None:
+    """Give Tune's scheduler ``tune`` (``early_stopping``'s) the reports of trainings an earlier run of the sweep
+    made (a resumed sweep: ``histories``, training run id -> its results in step order, each with the time attribute
+    and the metric), as if it had seen them: ASHA's rungs and the median rule's running means hold them, so that the
+    trainings still to come are judged against them. Nothing is stopped while replaying."""
+    hook, tune.on_stop = tune.on_stop, None
+    try:
+        for run_id, results in histories.items():
+            trial = _Past(run_id)
+            tune.on_trial_add(_NoLiveTrials(), trial)
+            for result in results:
+                tune.on_trial_result(_NoLiveTrials(), trial, result)
+            if results:
+                tune.on_trial_complete(_NoLiveTrials(), trial, results[-1])
+    finally:
+        tune.on_stop = hook

@@ -1,7 +1,9 @@
-"""Adaptive sweeps, through a real sweep (Ray Tune, a real MLflow server): FID during training (``eval.every``) and
-a random search (the ``search`` section)."""
+"""Adaptive sweeps, through a real sweep (Ray Tune, a real MLflow server): FID during training (``eval.every``), a
+random search (the ``search`` section) and early stopping (the ``scheduler`` section) across a killed driver."""
 import glob
 import json
+import os
+import signal
 
 import pytest
 import yaml
@@ -10,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cache import MODEL_FILE, ModelCache
 from smallsweep import small_sweep
 from test_faults import server  # noqa: F401  (the fixture: a tracking server per module)
-from test_faults import runs, start
+from test_faults import runs, start, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,60 +56,69 @@ def check_curve(client, training, tmp_path) -> None:
         [(s, f, k) for (s, f), (_, k) in zip(curve["fid"], curve["kid"])]
 
 
-def test_an_asha_sweep_stops_a_poor_training_at_its_rung_and_says_so_in_mlflow(tmp_path, server):
-    """ASHA on FID during training (rungs at steps 20 and 40 of 60, reduction factor 2), one trial at a time: the
-    good learning rate trains first and sets each rung; the learning rate of 1e-7 (its network barely moves) is
-    stopped at the first rung where its FID is worse than the good one's (at step 20 both are nearly untrained, so 20
-    or 40). Its training run ends FINISHED with its metrics up to that step and the tags; its two trials (two samplers
-    share the model) are recorded stopped, not evaluated, one by its own task and one by the driver; its model at
-    that step is cached under the key of that config with train.steps at the step, and found there by it."""
+def test_asha_stops_a_poor_training_after_the_driver_was_killed_and_resumed_and_says_so_in_mlflow(tmp_path, server):
+    """ASHA on FID during training (one rung, at step 40 of 60), one training at a time: the good learning rate
+    trains and is evaluated first; the driver is killed as soon as the poor one (1e-7: its network barely moves)
+    starts. ``orchestrator resume`` does not run the finished trial again and gives ASHA what the good training
+    reported (read back from MLflow), so the poor training is judged against it at step 40 and stopped there (a
+    fresh ASHA would let the first training at a rung go on). Its training run ends FINISHED with its metrics up to
+    step 40 and the tags; its two trials (two samplers share its model) are recorded stopped, not evaluated, one by
+    its own task and one by the driver; its model at step 40 is cached under the key of train.steps 40."""
     from orchestrator.keys import training_key
     from orchestrator.scheduler import stopped_config
     from orchestrator.sweepfile import load_sweep
 
     path = small_sweep(tmp_path / "asha.yaml", "asha", 60, max_concurrent=1,
-                       grid={"train.lr": [2e-3, 1e-7], "sample.sampler": ["ancestral", "ddim"]})
+                       grid={"train.lr": [3e-3, 1e-7], "sample.sampler": ["ancestral", "ddim"]})
     sweep = yaml.safe_load(open(path))
     sweep["base"]["sample"].update(n=32, batch_size=32, steps=5)
     sweep["base"]["eval"] = {"fid": True, "bpd": False, "extractor": "classifier", "classifier_steps": 30,
                              "cache_dir": str(tmp_path / "features"), "every": 20, "every_n": 32, "every_steps": 5}
-    sweep["scheduler"] = {"name": "asha", "metric": "fid", "grace_period": 20, "reduction_factor": 2}
+    sweep["scheduler"] = {"name": "asha", "metric": "fid", "grace_period": 40, "reduction_factor": 2}
     yaml.safe_dump(sweep, open(path, "w"))
     proc = start(["sweep", path], tmp_path, server.uri)
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-3000:]
-
     client = MlflowClient(server.uri)
+
+    def poor_started():
+        return [t for t in runs(client, "asha", "train") if t.data.params.get("train.lr") == "1e-07"]
+
+    wait_for(poor_started, 400, proc, "the poor training started")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=60)
+    [good_evaluation] = [e for e in runs(client, "asha", "evaluate") if e.info.status == "FINISHED"]
+    again = start(["resume", path], tmp_path, server.uri)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output[-3000:]
+    assert "resuming: 1 of 4 trial(s) already finished" in output
+
     trainings = {t.data.params["train.lr"]: t for t in runs(client, "asha", "train")}
-    good, poor = trainings["0.002"], trainings["1e-07"]
-    assert good.info.status == poor.info.status == "FINISHED"
-    assert "stopped_by" not in good.data.tags
-    assert [m.step for m in sorted(client.get_metric_history(good.info.run_id, "fid"), key=lambda m: m.step)] == \
-        [20, 40, 60]
-    assert poor.data.tags["stopped_by"] == "asha" and poor.data.tags["stopped_at_step"] in ("20", "40")
-    at = int(poor.data.tags["stopped_at_step"])
+    good, poor = trainings["0.003"], trainings["1e-07"]
+    assert good.info.status == poor.info.status == "FINISHED" and len(trainings) == 2
+    assert "stopped_by" not in good.data.tags and "attempts" not in good.data.tags  # not trained again
+    assert poor.data.tags["stopped_by"] == "asha" and poor.data.tags["stopped_at_step"] == "40"
     fid_poor = {m.step: m.value for m in client.get_metric_history(poor.info.run_id, "fid")}
-    assert sorted(fid_poor) == list(range(20, at + 1, 20))  # its metrics up to the stop, none after
-    assert max(m.step for m in client.get_metric_history(poor.info.run_id, "train_loss")) == at
     fid_good = {m.step: m.value for m in client.get_metric_history(good.info.run_id, "fid")}
-    assert fid_poor[at] > fid_good[at]  # why it was stopped: the rung's cutoff was the good trial's FID
-    assert all(fid_poor[step] <= fid_good[step] for step in fid_poor if step < at)  # and why not before
+    assert sorted(fid_good) == [20, 40, 60] and sorted(fid_poor) == [20, 40]  # its metrics up to the stop only
+    assert max(m.step for m in client.get_metric_history(poor.info.run_id, "train_loss")) == 40
+    assert fid_poor[40] > fid_good[40]  # why: the rung's cutoff was the replayed good training's FID
 
     evaluations = {e.data.tags["trial"]: e for e in runs(client, "asha", "evaluate")}
     assert len(evaluations) == 4 and all(e.info.status == "FINISHED" for e in evaluations.values())
+    kept = evaluations[good_evaluation.data.tags["trial"]]
+    assert kept.info.run_id == good_evaluation.info.run_id and kept.info.end_time == good_evaluation.info.end_time
     stopped = {name for name, e in evaluations.items() if "stopped_by" in e.data.tags}
     assert stopped == {name for name in evaluations if "train.lr=1e-07" in name}
     for name in stopped:
-        assert "fid" not in evaluations[name].data.metrics and evaluations[name].data.metrics["train_steps"] == at
+        assert "fid" not in evaluations[name].data.metrics and evaluations[name].data.metrics["train_steps"] == 40
     assert all("fid" in evaluations[name].data.metrics for name in set(evaluations) - stopped)
     assert "STOPPED" in output and "stopped early by the scheduler" in output
-    assert f"stopped by asha at step {at} of 60" in output
+    assert "stopped by asha at step 40 of 60" in output
 
-    # the model at the stop is cached under the key its weights have: the same trial with train.steps at the stop
+    # the model at the stop is cached under the key its weights have: the same trial with train.steps 40
     cache = ModelCache(str(tmp_path / "ray_results" / "models"))
     trial = next(t for t in load_sweep(path).trials if t.config.train.lr == 1e-7)
-    key = training_key(stopped_config(trial.config, at))
+    key = training_key(stopped_config(trial.config, 40))
     assert poor.data.tags["stopped_model_key"] == key and cache.has(key)
     record = cache.model(key)
-    assert record["steps"] == at and record["stopped"]["by"] == "asha" and record["run_id"] == poor.info.run_id
+    assert record["steps"] == 40 and record["stopped"]["by"] == "asha" and record["run_id"] == poor.info.run_id
     assert not cache.has(poor.data.tags["training_hash"])  # never under the key of 60 steps

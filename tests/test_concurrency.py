@@ -90,7 +90,7 @@ def sweep_run(client, sweep, server, cache):
 
 
 def task(group, train: bool) -> dict:
-    """The task run_sweep gives Tune for the group's first trial (runner._task)."""
+    """The task run_sweep gives Tune for the group's first trial (tuning._task)."""
     trial = group.trials[0]
     return {"name": trial.name, "key": group.key, "train": train, "group": [t.name for t in group.trials],
             "trials": [trial.as_dict()]}

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from diffusion.errors import ConfigError
 from orchestrator.preflight import check_resources
-from orchestrator.runner import trial_dirname
+from orchestrator.tuning import trial_dirname
 from orchestrator.sweepfile import load_sweep
 from orchestrator.tracking import LocalServer, check_tracking_access, free_port
 from smallsweep import small_sweep

@@ -10,7 +10,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from diffusion.errors import ConfigError
 from orchestrator.scheduler import TIME_ATTR, Scheduler
 from orchestrator.sweepfile import load_sweep
-from orchestrator.taskqueue import early_stopping
+from orchestrator.taskqueue import early_stopping, replay
 
 
 def write(tmp_path, scheduler: dict, every: int = 20, steps: int = 100, **base) -> str:
@@ -91,3 +91,23 @@ def test_a_stop_goes_to_the_training_and_tune_is_told_to_continue(name):
     assert tune.on_trial_result(controller, poor, {TIME_ATTR: 10, "fid": 50.0}) == TrialScheduler.CONTINUE
     assert stops == [("poor", 10)]
     assert tune.__getstate__()["on_stop"] is None  # Tune pickles it with the experiment: the driver's hook stays out
+
+
+@pytest.mark.parametrize("name", ["asha", "median"])
+def test_a_resumed_sweep_judges_new_trainings_against_the_replayed_ones(name):
+    """``replay`` gives the scheduler what trainings of an earlier run reported (read back from MLflow when a sweep
+    is resumed): a new training worse than them is stopped at its first judgement, as it would have been had the
+    driver not died; a replayed training the scheduler would have stopped is not "stopped" again."""
+    scheduler = Scheduler(name=name, metric="fid", grace_period=10, reduction_factor=2, max_t=100,
+                          min_samples_required=1)
+    register_trainable("fake", lambda config: None)
+    for replayed in (False, True):
+        stops = []
+        tune = early_stopping(scheduler, lambda trial_id, result: stops.append(trial_id))
+        if replayed:
+            replay(tune, {"good": [{TIME_ATTR: 10, "fid": 5.0}, {TIME_ATTR: 20, "fid": 4.0}],
+                          "worse": [{TIME_ATTR: 10, "fid": 60.0}]})
+        poor = Trial("fake", trial_id="poor")
+        tune.on_trial_add(None, poor)
+        tune.on_trial_result(Controller([poor]), poor, {TIME_ATTR: 10, "fid": 50.0})
+        assert stops == (["poor"] if replayed else [])
