@@ -92,6 +92,9 @@ def start_ray(sweep: Sweep, address: Optional[str]) -> bool:
     # Ray Train (data-parallel trials) watches its controller through the state API, which the dashboard serves
     # (on 127.0.0.1); other sweeps do without it
     parallel = any(trial.config.resources.workers > 1 for trial in sweep.trials)
+    if not remote:  # a local raylet prestarts one idle worker per CPU, which no trial uses (an actor gets a process of
+        # its own): on a small machine they take the CPU the launch needs (2 s of 15 to the first step on 2 cores)
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     ray.init(address=address, include_dashboard=parallel, log_to_driver=True, configure_logging=True,
              logging_level="WARNING")
     if not remote:
