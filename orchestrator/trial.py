@@ -219,8 +219,11 @@ def train_model(cfg: SweepTrialConfig, key: str, group: list[str], context: Tria
     (``locks.LockTimeout``, naming the entry and the holder): the task's trials are recorded FAILED with it."""
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     previous = find_run(client, context, TRAIN, **{TRAINING_HASH_TAG: key})
-    if previous is not None and previous.info.status == "FINISHED" and cache.has(key):
-        return previous.info.run_id
+    if previous is not None and previous.info.status == "FINISHED":
+        if cache.has(key):
+            return previous.info.run_id
+        if stop_of(previous) is not None:  # stopped by the scheduler in an earlier run of this sweep: not continued
+            raise Stopped(stop_of(previous))
     with cache.lock(key, "train", note=f"sweep {context.sweep_name}, parent run {context.parent_run_id}"):
         model = cache.model(key)
         if model is not None:
