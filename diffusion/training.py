@@ -62,8 +62,8 @@ def select_device(name: str = "auto") -> torch.device:
 
 def amp_enabled(amp, device: torch.device) -> bool:
     """Whether training and sampling run under bfloat16 autocast: ``amp`` (``resources.amp``) ``auto`` on CUDA
-    only, ``true`` on CUDA and CPU (bf16 needs no loss scaling; on a CPU without AMX or AVX512-BF16 it is emulated
-    and trains 17-20x slower, docs/BENCHMARKS.md), ``false`` never."""
+    only, ``true`` on CUDA and CPU (bf16 needs no loss scaling; on this AVX2 CPU the demo's DDPM trains as fast as
+    in float32, docs/BENCHMARKS.md), ``false`` never."""
     if not (amp == "auto" if isinstance(amp, str) else isinstance(amp, bool)):
         raise ConfigError("resources.amp", amp, "auto (bf16 autocast on CUDA only), true (also on CPU) or false")
     if amp == "auto":
