@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from orchestrator.scheduler import Scheduler  # noqa: E402
 from report import output_options, publish  # noqa: E402  (benchmarks/report.py)
 
 BEGIN, END = "<!-- adaptive:begin -->", "<!-- adaptive:end -->"
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     print(f"asha: {asha['wall']:.0f} s", file=sys.stderr, flush=True)
     steps = {name: sum(t["steps"] for t in sweep["trials"]) for name, sweep in (("grid", grid), ("asha", asha))}
     top = {name: best(sweep["trials"]) for name, sweep in (("grid", grid), ("asha", asha))}
+    rungs = Scheduler(name="asha", grace_period=args.grace, reduction_factor=args.reduction_factor,
+                      max_t=args.steps).milestones()  # Tune's, as the sweep's scheduler makes them
     z = (top["asha"]["fid"] - top["grid"]["fid"]) / math.hypot(top["asha"]["stderr"], top["grid"]["stderr"])
     command = " ".join(["python benchmarks/adaptive.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         f"{args.steps} steps each, FID during training every {args.every} steps (128 samples, DDIM 25 steps), final "
         "FID of 512 DDIM samples at 50 steps (classifier features), two trials at a time; ASHA: grace period "
         f"{args.grace}, reduction factor {args.reduction_factor:g} (rungs at steps "
-        f"{', '.join(str(int(args.grace * args.reduction_factor ** k)) for k in range(8) if args.grace * args.reduction_factor ** k < args.steps)}).",
+        f"{', '.join(f'{m:g}' for m in rungs if m < args.steps)}).",
         "",
         "| method | training steps | of the grid's | wall time (s) | best configuration | its final FID ± stderr |",
         "|---|---|---|---|---|---|",

@@ -14,7 +14,7 @@ from diffusion.errors import ConfigError
 from diffusion.evaluation import SAMPLES_IMAGE
 
 from .compare import SEED_AXIS, TrialRecord, variant_label
-from .scheduler import STOPPED_STEP_TAG, STOPPED_TAG
+from .scheduler import STOPPED_STEP_TAG, STOPPED_TAG, stopped_line
 from .trial import FAILURE_TAG, STAGE_TAG, TRAIN, TRAINING_RUN_TAG
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -106,7 +106,7 @@ def _record(run, name: str, varying: list[str]) -> TrialRecord:
     status, error = run.info.status, tags.get(FAILURE_TAG, "")
     if STOPPED_TAG in tags:  # by the sweep's scheduler (orchestrator.scheduler): trained part of the way, not evaluated
         status, eval_seconds = "STOPPED", None
-        error = f"stopped by {tags[STOPPED_TAG]} at step {tags.get(STOPPED_STEP_TAG)} of {params.get('train.steps')}"
+        error = stopped_line({"by": tags[STOPPED_TAG], "step": tags.get(STOPPED_STEP_TAG)}, params.get("train.steps"))
     return TrialRecord(
         name=name, variant=variant_label(tags.get("variant", name), axes), seed=int(seed) if seed else None,
         status=status, metrics=dict(run.data.metrics), error=error,

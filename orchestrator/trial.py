@@ -222,8 +222,9 @@ def train_model(cfg: SweepTrialConfig, key: str, group: list[str], context: Tria
     if previous is not None and previous.info.status == "FINISHED":
         if cache.has(key):
             return previous.info.run_id
-        if stop_of(previous) is not None:  # stopped by the scheduler in an earlier run of this sweep: not continued
-            raise Stopped(stop_of(previous))
+        stop = stop_of(previous)
+        if stop is not None:  # stopped by the scheduler in an earlier run of this sweep: not continued
+            raise Stopped(stop)
     with cache.lock(key, "train", note=f"sweep {context.sweep_name}, parent run {context.parent_run_id}"):
         model = cache.model(key)
         if model is not None:
